@@ -1,3 +1,41 @@
-fn main() {
-    println!("Hello, world!");
+use clap::Parser;
+
+use batchgen::config::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Generate(args) => rt.block_on(async {
+            batchgen::client::generate(&args).await.map_err(|e| anyhow::anyhow!("{e}"))
+        }),
+    }
+}
+
+async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let listen = args.server.listen;
+    let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await??;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!("serving on {} (ready {:.2?} after start)", listener.local_addr()?, started.elapsed());
+    batchgen::server::serve(listener, loaded.state, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
 }

@@ -1,0 +1,45 @@
+//! `batchgen generate`: the reference client, streaming text to a terminal.
+use std::io::Write;
+
+use crate::config::GenerateArgs;
+use crate::pb::{self, generation_client::GenerationClient};
+
+pub async fn generate(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut client = GenerationClient::connect(args.target.clone()).await?;
+    let request = pb::GenerateRequest {
+        prompt: args.prompt.clone(),
+        stopping: Some(pb::Stopping {
+            max_new_tokens: args.max_new_tokens,
+            ignore_eos: args.ignore_eos,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client.generate_stream(request).await?.into_inner();
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    let mut tokens = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        write!(out, "{}", msg.text)?;
+        out.flush()?;
+        tokens.extend(msg.tokens);
+        if let Some(u) = msg.usage {
+            let reason = pb::FinishReason::try_from(msg.finish_reason).unwrap_or(pb::FinishReason::Unspecified);
+            writeln!(out)?;
+            eprintln!(
+                "[{} tokens, {}, first token after {:.3} s, {:.3} s in all, {:.1} tokens/s]",
+                u.generated_tokens,
+                reason.as_str_name(),
+                u.time_to_first_token_seconds,
+                u.total_seconds,
+                f64::from(u.generated_tokens) / u.total_seconds.max(1e-9)
+            );
+        }
+    }
+    if args.show_tokens {
+        for t in tokens {
+            eprintln!("{:>6} {:>10.4} {:?}", t.id, t.logprob, t.text);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Command-line and environment configuration: one clap struct, grouped.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "batchgen", version, about = "GPT-2 text generation over gRPC, on ONNX Runtime")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over gRPC.
+    Serve(ServeArgs),
+    /// Stream a generation from a running server to the terminal.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A directory exported by `optimum-cli export onnx --task text-generation-with-past`,
+    /// or a Hugging Face hub id (owner/name) to download.
+    #[arg(long, env = "BATCHGEN_MODEL")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a hub id.
+    #[arg(long, env = "BATCHGEN_REVISION")]
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Path to libonnxruntime.so (1.32). Default: next to the executable, the
+    /// user cache, the Python onnxruntime package, else downloaded with pip.
+    #[arg(long = "onnxruntime", env = "ORT_DYLIB_PATH")]
+    pub onnxruntime: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads. 0 lets ONNX Runtime use every core.
+    #[arg(long, env = "BATCHGEN_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "BATCHGEN_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Requests allowed to wait for the engine; beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BATCHGEN_MAX_QUEUE", default_value_t = 128)]
+    pub max_queue: usize,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "BATCHGEN_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub max_new_tokens: u32,
+    /// max_new_tokens for requests that leave it 0.
+    #[arg(long, env = "BATCHGEN_DEFAULT_MAX_NEW_TOKENS", default_value_t = 64)]
+    pub default_max_new_tokens: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// The server's address.
+    #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// The prompt.
+    pub prompt: String,
+    /// Tokens to generate (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    pub max_new_tokens: u32,
+    /// Keep generating after the end-of-text token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print each token's id and log-probability after the text.
+    #[arg(long)]
+    pub show_tokens: bool,
+}

@@ -1,0 +1,51 @@
+//! The one place errors become gRPC statuses.
+use tonic::{Code, Status};
+
+use crate::engine::{EngineError, QueueError};
+use crate::validation::ValidationError;
+
+/// Everything a request can fail with, across layers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the request's deadline passed")]
+    Deadline,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Short, stable name of the error kind (a metrics label).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Error::Validation(ValidationError::Unimplemented { .. }) => "unimplemented",
+            Error::Validation(_) => "validation",
+            Error::Queue(QueueError::Full { .. }) => "overloaded",
+            Error::Queue(QueueError::Stopped) | Error::ShuttingDown => "unavailable",
+            Error::Engine(_) => "internal",
+            Error::Deadline => "deadline",
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Validation(ValidationError::Unimplemented { .. }) => Code::Unimplemented,
+            Error::Validation(_) => Code::InvalidArgument,
+            Error::Queue(QueueError::Full { .. }) => Code::ResourceExhausted,
+            Error::Queue(QueueError::Stopped) | Error::ShuttingDown => Code::Unavailable,
+            Error::Engine(_) => Code::Internal,
+            Error::Deadline => Code::DeadlineExceeded,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}

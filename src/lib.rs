@@ -1,0 +1,25 @@
+//! batchgen: a gRPC server for GPT-2 text generation on ONNX Runtime.
+//!
+//! Data flows one way: `server` (gRPC) → `validation` → `engine` (one thread
+//! owning the ONNX Runtime session and KV cache) → `sampling` → `stopping` →
+//! `tokenizer::Detokenizer` → the request's stream.
+pub mod app;
+pub mod client;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod runtime;
+pub mod sampling;
+pub mod server;
+pub mod stopping;
+pub mod tokenizer;
+pub mod validation;
+
+/// Code generated from `proto/batchgen/v1/generation.proto`.
+pub mod pb {
+    tonic::include_proto!("batchgen.v1");
+
+    /// Encoded file descriptor set of the API (for server reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("batchgen_descriptor");
+}

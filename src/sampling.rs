@@ -1,0 +1,99 @@
+//! Choosing the next token from one row's logits, and the log-probabilities
+//! reported with it.
+//!
+//! Reported log-probabilities are always of the model's own distribution
+//! (log-softmax of the raw logits); the choice is made on the processed
+//! scores (today: tokens masked by `min_new_tokens`).
+
+/// log(sum(exp(x))) computed stably, in f64.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if max == f64::NEG_INFINITY {
+        return max;
+    }
+    max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// The index of the largest value that is not masked; the lowest index wins ties
+/// (as `torch.argmax`).
+pub fn argmax_unmasked(logits: &[f32], masked: &[u32]) -> u32 {
+    let mut best = (f32::NEG_INFINITY, None::<usize>);
+    for (i, &x) in logits.iter().enumerate() {
+        if (best.1.is_none() || x > best.0) && !masked.contains(&(i as u32)) {
+            best = (x, Some(i));
+        }
+    }
+    best.1.unwrap_or(0) as u32
+}
+
+/// The `k` most likely tokens with their log-probabilities, most likely first
+/// (lower id first on ties).
+pub fn top_logprobs(logits: &[f32], lse: f64, k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        if top.len() == k && x <= top[k - 1].1 {
+            continue;
+        }
+        let at = top.partition_point(|&(_, y)| y >= x);
+        top.insert(at, (i as u32, x));
+        top.truncate(k);
+    }
+    top.into_iter().map(|(i, x)| (i, (x as f64 - lse) as f32)).collect()
+}
+
+/// What the engine reports for one chosen token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Greedy choice with `masked` tokens forbidden, plus reporting.
+pub fn greedy(logits: &[f32], masked: &[u32], top_k: usize) -> Choice {
+    let lse = log_sum_exp(logits);
+    let id = argmax_unmasked(logits, masked);
+    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_probabilities_match_a_hand_computed_softmax() {
+        // softmax([ln 1, ln 2, ln 3, ln 4]) = [0.1, 0.2, 0.3, 0.4]
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|x| x.ln()).collect();
+        let c = greedy(&logits, &[], 3);
+        assert_eq!(c.id, 3);
+        assert!((c.logprob - 0.4f32.ln()).abs() < 1e-6);
+        let ids: Vec<u32> = c.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [3, 2, 1]);
+        for ((_, lp), p) in c.top.iter().zip([0.4f32, 0.3, 0.2]) {
+            assert!((lp - p.ln()).abs() < 1e-6, "{lp} vs {}", p.ln());
+        }
+    }
+
+    #[test]
+    fn masked_tokens_are_never_chosen_but_keep_their_logprob() {
+        let logits = [0.0f32, 5.0, 1.0];
+        let c = greedy(&logits, &[1], 1);
+        assert_eq!(c.id, 2);
+        assert_eq!(c.top[0].0, 1, "top_logprobs are of the model's own distribution");
+    }
+
+    #[test]
+    fn ties_go_to_the_lowest_id() {
+        assert_eq!(argmax_unmasked(&[1.0, 3.0, 3.0], &[]), 1);
+        assert_eq!(top_logprobs(&[1.0, 3.0, 3.0], 0.0, 2), vec![(1, 3.0), (2, 3.0)]);
+    }
+
+    #[test]
+    fn log_sum_exp_is_stable_for_large_logits() {
+        let lse = log_sum_exp(&[1000.0, 1000.0]);
+        assert!((lse - (1000.0 + 2f64.ln())).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,219 @@
+//! The gRPC service: validation at the edge, submission to the engine, and
+//! responses built from the engine's events.
+pub mod stream;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{EngineHandle, Job};
+use crate::error::Error;
+use crate::pb::{self, generation_server::Generation};
+use crate::tokenizer::Tokenizer;
+use crate::validation::{self, Limits, ValidRequest};
+use stream::{Collector, Responder, Step};
+
+/// What every handler shares. Read-only after start-up.
+pub struct AppState {
+    pub model_name: String,
+    pub kv_dtype: String,
+    pub tokenizer: Tokenizer,
+    pub limits: Limits,
+    pub engine: EngineHandle,
+}
+
+#[derive(Clone)]
+pub struct GenerationService {
+    state: Arc<AppState>,
+}
+
+impl GenerationService {
+    pub fn new(state: Arc<AppState>) -> Self {
+        GenerationService { state }
+    }
+}
+
+/// Runs the server on an already-bound listener until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let service = pb::generation_server::GenerationServer::new(GenerationService::new(state))
+        .max_decoding_message_size(16 << 20);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Parses a `grpc-timeout` header value (at most 8 digits and a unit).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The client's deadline. Tonic cancels a unary call at exactly the header's
+/// timeout (as CANCELLED); ending a little earlier lets the client see
+/// DEADLINE_EXCEEDED from us instead.
+fn deadline_of<T>(req: &Request<T>, arrival: Instant) -> Option<Instant> {
+    let timeout = req.metadata().get("grpc-timeout")?.to_str().ok().and_then(parse_grpc_timeout)?;
+    let margin = (timeout / 20).min(Duration::from_millis(20));
+    Some(arrival + timeout - margin)
+}
+
+type EventStream = mpsc::UnboundedReceiver<crate::engine::Event>;
+
+impl GenerationService {
+    /// Validates (tokenizing on a blocking thread) and queues the request.
+    async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(ValidRequest, EventStream), Error> {
+        let arrival = Instant::now();
+        let deadline = deadline_of(&req, arrival);
+        let state = self.state.clone();
+        let body = req.into_inner();
+        let valid = tokio::task::spawn_blocking(move || {
+            validation::validate(body, &state.tokenizer, &state.limits, arrival, deadline)
+        })
+        .await
+        .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let span = tracing::info_span!("request", id = %valid.request_id, prompt_tokens = valid.prompt_ids.len());
+        self.state.engine.submit(Job { request: valid.clone(), events: tx, span })?;
+        Ok((valid, rx))
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (valid, mut events) = self.start(req).await?;
+        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid);
+        let mut collector = Collector::new(&valid.request_id);
+        while let Some(event) = events.recv().await {
+            match responder.on_event(event) {
+                Step::Nothing => {}
+                Step::Message(m) => collector.add(m),
+                Step::Last(m, None) => {
+                    collector.add(m);
+                    return Ok(Response::new(collector.finish()));
+                }
+                Step::Last(_, Some(e)) | Step::Fail(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::ShuttingDown.into())
+    }
+
+    type GenerateStreamStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (valid, mut events) = self.start(req).await?;
+        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid);
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    // The client went away: dropping `events` tells the engine.
+                    _ = tx.closed() => return,
+                };
+                let Some(event) = event else {
+                    let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                    return;
+                };
+                let (msg, status, last) = match responder.on_event(event) {
+                    Step::Nothing => continue,
+                    Step::Message(m) => (Some(m), None, false),
+                    Step::Last(m, status) => (Some(m), status, true),
+                    Step::Fail(e) => (None, Some(e), true),
+                };
+                if let Some(m) = msg {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(e) = status {
+                    let _ = tx.send(Err(e.into())).await;
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let state = self.state.clone();
+        let text = req.into_inner().text;
+        let pieces = tokio::task::spawn_blocking(move || state.tokenizer.encode_pieces(&text).map(|p| (p, text)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
+        let (pieces, text) = pieces;
+        Ok(Response::new(pb::TokenizeResponse {
+            token_ids: pieces.iter().map(|p| p.id).collect(),
+            pieces: pieces
+                .iter()
+                .map(|p| pb::TokenPiece {
+                    id: p.id,
+                    text: text.get(p.start..p.end).unwrap_or_default().to_string(),
+                    start: p.start as u32,
+                    end: p.end as u32,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        let s = &self.state;
+        Ok(Response::new(pb::ModelInfoResponse {
+            model: s.model_name.clone(),
+            vocab_size: s.limits.vocab_size,
+            context_length: s.limits.context_length,
+            eos_token_id: s.limits.eos_token_id,
+            max_new_tokens_limit: s.limits.max_new_tokens,
+            default_max_new_tokens: s.limits.default_max_new_tokens,
+            max_top_logprobs: validation::MAX_TOP_LOGPROBS,
+            decoding_methods: vec!["greedy".into()],
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            kv_dtype: s.kv_dtype.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}

@@ -1,0 +1,152 @@
+//! Turns engine events into response messages: incremental detokenization,
+//! per-token text and log-probabilities, finish reasons and usage.
+//!
+//! `Generate` folds the very messages `GenerateStream` sends, so a unary
+//! answer's text is by construction the concatenation of the streamed texts.
+use std::time::Instant;
+
+use crate::engine::Event;
+use crate::error::Error;
+use crate::pb::{self, FinishReason};
+use crate::sampling::Choice;
+use crate::tokenizer::{Detokenizer, Tokenizer};
+use crate::validation::ValidRequest;
+
+/// Per-request state on the response side.
+pub struct Responder {
+    tokenizer: Tokenizer,
+    request_id: String,
+    prompt_tokens: u32,
+    arrival: Instant,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    generated: u32,
+    detok: Detokenizer,
+    logprob_sum: f64,
+}
+
+/// What one event turns into.
+pub enum Step {
+    /// Send this message; more follow.
+    Message(pb::GenerateStreamResponse),
+    /// Send this message; it is the last one. `Some` error: then end the call
+    /// with that status.
+    Last(pb::GenerateStreamResponse, Option<Error>),
+    /// End the call with this status, no message.
+    Fail(Error),
+    Nothing,
+}
+
+impl Responder {
+    pub fn new(tokenizer: Tokenizer, req: &ValidRequest) -> Self {
+        Responder {
+            tokenizer,
+            request_id: req.request_id.clone(),
+            prompt_tokens: req.prompt_ids.len() as u32,
+            arrival: req.arrival,
+            started: None,
+            first_token: None,
+            generated: 0,
+            detok: Detokenizer::new(),
+            logprob_sum: 0.0,
+        }
+    }
+
+    fn token(&self, c: &Choice) -> pb::Token {
+        let top_logprobs = c
+            .top
+            .iter()
+            .map(|&(id, logprob)| pb::TopLogprob { id, text: self.tokenizer.token_text(id), logprob })
+            .collect();
+        pb::Token {
+            id: c.id,
+            text: self.tokenizer.token_text(c.id),
+            logprob: c.logprob,
+            top_logprobs,
+            special: self.tokenizer.is_special(c.id),
+        }
+    }
+
+    fn usage(&self, now: Instant) -> pb::Usage {
+        let secs = |t: Option<Instant>| t.map_or(0.0, |t| t.duration_since(self.arrival).as_secs_f64());
+        pb::Usage {
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated,
+            queue_seconds: secs(self.started),
+            time_to_first_token_seconds: secs(self.first_token),
+            total_seconds: now.duration_since(self.arrival).as_secs_f64(),
+        }
+    }
+
+    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, reason: FinishReason) {
+        msg.text.push_str(&self.detok.finish(&self.tokenizer).unwrap_or_default());
+        msg.finish_reason = reason as i32;
+        msg.logprob_sum = self.logprob_sum;
+        msg.usage = Some(self.usage(Instant::now()));
+    }
+
+    pub fn on_event(&mut self, event: Event) -> Step {
+        let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
+        match event {
+            Event::Started { at } => {
+                self.started = Some(at);
+                Step::Nothing
+            }
+            Event::Token { index, choice, finish, at } => {
+                self.first_token.get_or_insert(at);
+                self.generated += 1;
+                self.logprob_sum += f64::from(choice.logprob);
+                msg.index = index;
+                msg.text = self.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
+                msg.tokens.push(self.token(&choice));
+                match finish {
+                    Some(reason) => {
+                        self.finish(&mut msg, reason);
+                        Step::Last(msg, None)
+                    }
+                    None => Step::Message(msg),
+                }
+            }
+            Event::Ended { index, reason } => {
+                msg.index = index;
+                self.finish(&mut msg, reason);
+                let status = (reason == FinishReason::Deadline).then_some(Error::Deadline);
+                Step::Last(msg, status)
+            }
+            Event::Failed(e) => Step::Fail(e.into()),
+        }
+    }
+}
+
+/// Folds stream messages into the unary response.
+pub struct Collector {
+    response: pb::GenerateResponse,
+}
+
+impl Collector {
+    pub fn new(request_id: &str) -> Self {
+        Collector { response: pb::GenerateResponse { request_id: request_id.into(), ..Default::default() } }
+    }
+
+    pub fn add(&mut self, msg: pb::GenerateStreamResponse) {
+        let seqs = &mut self.response.sequences;
+        while seqs.len() <= msg.index as usize {
+            seqs.push(pb::Sequence { index: seqs.len() as u32, ..Default::default() });
+        }
+        let seq = &mut seqs[msg.index as usize];
+        seq.text.push_str(&msg.text);
+        seq.tokens.extend(msg.tokens);
+        if msg.finish_reason != 0 {
+            seq.finish_reason = msg.finish_reason;
+            seq.logprob_sum = msg.logprob_sum;
+            seq.score = msg.logprob_sum;
+        }
+        if msg.usage.is_some() {
+            self.response.usage = msg.usage;
+        }
+    }
+
+    pub fn finish(self) -> pb::GenerateResponse {
+        self.response
+    }
+}
