@@ -123,6 +123,12 @@ def main():
             new, lps = greedy(model, ids, 24)
             cases[name] = {"prompt": prompt, "prompt_ids": ids, "max_new_tokens": 24,
                            "output_ids": new, "logprobs": lps, "text": tok.decode(new)}
+        # min_new_tokens where EOS would come early (the emoji case ends by EOS).
+        ids = tok(PROMPTS["emoji"])["input_ids"]
+        new, lps = greedy(model, ids, 30, min_new_tokens=28)
+        cases["emoji_min_new_tokens"] = {"prompt": PROMPTS["emoji"], "prompt_ids": ids, "max_new_tokens": 30,
+                                         "min_new_tokens": 28, "output_ids": new, "logprobs": lps,
+                                         "text": tok.decode(new)}
     # The streaming test needs an output with multi-byte characters split across tokens.
     def split_chars(ids):
         return sum(1 for t in ids if "\ufffd" in tok.decode([t]))

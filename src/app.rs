@@ -32,15 +32,22 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let t0 = Instant::now();
     let l = &args.limits;
     if l.default_max_new_tokens == 0 || l.default_max_new_tokens > l.max_new_tokens {
-        return Err(StartupError::Limits { default: l.default_max_new_tokens, max: l.max_new_tokens });
+        return Err(StartupError::Limits {
+            default: l.default_max_new_tokens,
+            max: l.max_new_tokens,
+        });
     }
     let rt = runtime::init(args.runtime.onnxruntime.as_deref())?;
     tracing::info!(path = %rt.path.display(), source = ?rt.source, "ONNX Runtime loaded");
     let files = ModelFiles::resolve(&args.model.model, args.model.revision.as_deref())?;
     let config = ModelConfig::load(&files)?;
-    let tokenizer = Tokenizer::from_file(&files.tokenizer)
-        .map_err(|e| ModelError::Tokenizer { path: files.tokenizer.clone(), reason: e.0 })?;
-    let options = SessionOptions { intra_op_threads: args.runtime.intra_op_threads };
+    let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| ModelError::Tokenizer {
+        path: files.tokenizer.clone(),
+        reason: e.0,
+    })?;
+    let options = SessionOptions {
+        intra_op_threads: args.runtime.intra_op_threads,
+    };
     let model = Model::load(&rt.env, &files.onnx, config.n_layer, &options)?;
     let sig = &model.signature;
     tracing::info!(
@@ -68,5 +75,8 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         },
         engine,
     };
-    Ok(Loaded { state: Arc::new(state), engine_thread })
+    Ok(Loaded {
+        state: Arc::new(state),
+        engine_thread,
+    })
 }

@@ -14,7 +14,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Generate(args) => rt.block_on(async {
-            batchgen::client::generate(&args).await.map_err(|e| anyhow::anyhow!("{e}"))
+            batchgen::client::generate(&args)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
         }),
     }
 }
@@ -24,7 +26,11 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let listen = args.server.listen;
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await??;
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!("serving on {} (ready {:.2?} after start)", listener.local_addr()?, started.elapsed());
+    tracing::info!(
+        "serving on {} (ready {:.2?} after start)",
+        listener.local_addr()?,
+        started.elapsed()
+    );
     batchgen::server::serve(listener, loaded.state, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

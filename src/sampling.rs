@@ -56,7 +56,11 @@ pub struct Choice {
 pub fn greedy(logits: &[f32], masked: &[u32], top_k: usize) -> Choice {
     let lse = log_sum_exp(logits);
     let id = argmax_unmasked(logits, masked);
-    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
+    Choice {
+        id,
+        logprob: (logits[id as usize] as f64 - lse) as f32,
+        top: top_logprobs(logits, lse, top_k),
+    }
 }
 
 #[cfg(test)]

@@ -59,7 +59,9 @@ impl Tokenizer {
     }
 
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner.get_added_vocabulary().is_special_token(&self.inner.id_to_token(id).unwrap_or_default())
+        self.inner
+            .get_added_vocabulary()
+            .is_special_token(&self.inner.id_to_token(id).unwrap_or_default())
     }
 }
 
@@ -82,7 +84,11 @@ impl Default for Detokenizer {
 
 impl Detokenizer {
     pub fn new() -> Self {
-        Detokenizer { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Detokenizer {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
@@ -129,7 +135,10 @@ mod tests {
         let tok = tokenizer();
         let text = "日本語 🎉🚀 and 你好，世界！ done ✅";
         let ids = tok.encode(text).unwrap();
-        let halves = ids.iter().filter(|&&i| tok.decode(&[i]).unwrap().contains('\u{FFFD}')).count();
+        let halves = ids
+            .iter()
+            .filter(|&&i| tok.decode(&[i]).unwrap().contains('\u{FFFD}'))
+            .count();
         assert!(halves > 4, "the test needs characters split across tokens");
         let parts = stream(&tok, &ids);
         for p in &parts {

@@ -31,7 +31,11 @@ pub enum ValidationError {
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
     #[error("{field} is not implemented yet (value given: {value}); {hint}")]
-    Unimplemented { field: &'static str, value: String, hint: &'static str },
+    Unimplemented {
+        field: &'static str,
+        value: String,
+        hint: &'static str,
+    },
     #[error("prompt could not be tokenized: {0}")]
     Tokenizer(String),
 }
@@ -64,7 +68,13 @@ const GREEDY_ONLY: &str = "this server supports greedy decoding only until the d
 /// Refuses every decoding field that is set to something other than "off",
 /// so that no field is ever silently ignored.
 fn check_decoding(d: &pb::Decoding) -> Result<(), ValidationError> {
-    let unimplemented = |field, value: String| Err(ValidationError::Unimplemented { field, value, hint: GREEDY_ONLY });
+    let unimplemented = |field, value: String| {
+        Err(ValidationError::Unimplemented {
+            field,
+            value,
+            hint: GREEDY_ONLY,
+        })
+    };
     for (field, v) in [
         ("decoding.repetition_penalty", d.repetition_penalty),
         ("decoding.presence_penalty", d.presence_penalty),
@@ -80,7 +90,10 @@ fn check_decoding(d: &pb::Decoding) -> Result<(), ValidationError> {
         Some(pb::decoding::Method::BeamSearch(b)) => return unimplemented("decoding.beam_search", format!("{b:?}")),
     }
     if d.repetition_penalty < 0.0 {
-        return Err(invalid("decoding.repetition_penalty", format!("must be > 0 (0 means off), got {}", d.repetition_penalty)));
+        return Err(invalid(
+            "decoding.repetition_penalty",
+            format!("must be > 0 (0 means off), got {}", d.repetition_penalty),
+        ));
     }
     if d.repetition_penalty != 0.0 && d.repetition_penalty != 1.0 {
         return unimplemented("decoding.repetition_penalty", d.repetition_penalty.to_string());
@@ -112,7 +125,10 @@ pub fn validate(
     if req.request_id.len() > MAX_REQUEST_ID_BYTES {
         return Err(invalid(
             "request_id",
-            format!("must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}", req.request_id.len()),
+            format!(
+                "must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}",
+                req.request_id.len()
+            ),
         ));
     }
     let decoding = req.decoding.unwrap_or_default();
@@ -133,7 +149,10 @@ pub fn validate(
         });
     }
     if req.top_logprobs > MAX_TOP_LOGPROBS {
-        return Err(invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs)));
+        return Err(invalid(
+            "top_logprobs",
+            format!("must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs),
+        ));
     }
 
     let prompt_ids = match (req.prompt.is_empty(), req.prompt_token_ids.is_empty()) {
@@ -141,7 +160,10 @@ pub fn validate(
             return Err(invalid("prompt", "is empty: set prompt or prompt_token_ids".into()));
         }
         (false, false) => {
-            return Err(invalid("prompt", "and prompt_token_ids are both set: set exactly one".into()));
+            return Err(invalid(
+                "prompt",
+                "and prompt_token_ids are both set: set exactly one".into(),
+            ));
         }
         (false, true) => {
             let ids = tokenizer.encode(&req.prompt)?;
@@ -151,10 +173,18 @@ pub fn validate(
             ids
         }
         (true, false) => {
-            if let Some((i, &id)) = req.prompt_token_ids.iter().enumerate().find(|(_, id)| **id >= limits.vocab_size) {
+            if let Some((i, &id)) = req
+                .prompt_token_ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id >= limits.vocab_size)
+            {
                 return Err(invalid(
                     "prompt_token_ids",
-                    format!("[{i}] = {id} is not a token id: must be below the vocabulary size {}", limits.vocab_size),
+                    format!(
+                        "[{i}] = {id} is not a token id: must be below the vocabulary size {}",
+                        limits.vocab_size
+                    ),
                 ));
             }
             req.prompt_token_ids
@@ -165,7 +195,10 @@ pub fn validate(
     if prompt_len >= u64::from(ctx) {
         return Err(invalid(
             "prompt",
-            format!("has {prompt_len} tokens; the model's context length is {ctx}, so at most {} are allowed", ctx - 1),
+            format!(
+                "has {prompt_len} tokens; the model's context length is {ctx}, so at most {} are allowed",
+                ctx - 1
+            ),
         ));
     }
     let room = ctx - prompt_len as u32;
@@ -194,22 +227,40 @@ pub fn validate(
     if stopping.min_new_tokens > max_new_tokens {
         return Err(invalid(
             "stopping.min_new_tokens",
-            format!("must be at most max_new_tokens ({max_new_tokens}), got {}", stopping.min_new_tokens),
+            format!(
+                "must be at most max_new_tokens ({max_new_tokens}), got {}",
+                stopping.min_new_tokens
+            ),
         ));
     }
     if stopping.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
         return Err(invalid(
             "stopping.stop_token_ids",
-            format!("at most {MAX_STOP_TOKEN_IDS} ids, got {}", stopping.stop_token_ids.len()),
+            format!(
+                "at most {MAX_STOP_TOKEN_IDS} ids, got {}",
+                stopping.stop_token_ids.len()
+            ),
         ));
     }
-    if let Some((i, &id)) = stopping.stop_token_ids.iter().enumerate().find(|(_, id)| **id >= limits.vocab_size) {
+    if let Some((i, &id)) = stopping
+        .stop_token_ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id >= limits.vocab_size)
+    {
         return Err(invalid(
             "stopping.stop_token_ids",
-            format!("[{i}] = {id} is not a token id: must be below the vocabulary size {}", limits.vocab_size),
+            format!(
+                "[{i}] = {id} is not a token id: must be below the vocabulary size {}",
+                limits.vocab_size
+            ),
         ));
     }
-    let request_id = if req.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.request_id };
+    let request_id = if req.request_id.is_empty() {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        req.request_id
+    };
     Ok(ValidRequest {
         request_id,
         prompt_ids,
@@ -249,7 +300,10 @@ mod tests {
     }
 
     fn ids(n: usize) -> pb::GenerateRequest {
-        pb::GenerateRequest { prompt_token_ids: vec![1; n], ..Default::default() }
+        pb::GenerateRequest {
+            prompt_token_ids: vec![1; n],
+            ..Default::default()
+        }
     }
 
     fn stopping(s: pb::Stopping) -> Option<pb::Stopping> {
@@ -258,7 +312,11 @@ mod tests {
 
     #[test]
     fn defaults_and_text_prompts() {
-        let v = check(pb::GenerateRequest { prompt: "Hello world".into(), ..Default::default() }).unwrap();
+        let v = check(pb::GenerateRequest {
+            prompt: "Hello world".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(v.prompt_ids.len(), 2);
         assert_eq!(v.stop.max_new_tokens, 64);
         assert_eq!(v.stop.eos_token_id, Some(50256));
@@ -276,50 +334,143 @@ mod tests {
     fn errors_name_the_field_the_limit_and_the_value() {
         let e = check(pb::GenerateRequest::default()).unwrap_err().to_string();
         assert!(e.starts_with("prompt: is empty"), "{e}");
-        let e = check(pb::GenerateRequest { prompt_token_ids: vec![5, 50257], ..Default::default() }).unwrap_err();
-        assert_eq!(e.to_string(), "prompt_token_ids: [1] = 50257 is not a token id: must be below the vocabulary size 50257");
-        let e = check(pb::GenerateRequest { stopping: stopping(pb::Stopping { max_new_tokens: 100, ..Default::default() }), ..ids(200) })
-            .unwrap_err();
+        let e = check(pb::GenerateRequest {
+            prompt_token_ids: vec![5, 50257],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "prompt_token_ids: [1] = 50257 is not a token id: must be below the vocabulary size 50257"
+        );
+        let e = check(pb::GenerateRequest {
+            stopping: stopping(pb::Stopping {
+                max_new_tokens: 100,
+                ..Default::default()
+            }),
+            ..ids(200)
+        })
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "stopping.max_new_tokens: prompt tokens (200) + max_new_tokens (100) = 300 exceeds the model's context length 256"
         );
-        let e = check(pb::GenerateRequest { stopping: stopping(pb::Stopping { max_new_tokens: 201, ..Default::default() }), ..ids(1) })
-            .unwrap_err();
-        assert_eq!(e.to_string(), "stopping.max_new_tokens: must be at most 200, got 201");
-        let e = check(ids(256)).unwrap_err().to_string();
-        assert!(e.contains("256 tokens") && e.contains("255 are allowed"), "{e}");
-        let e = check(pb::GenerateRequest { top_logprobs: 21, ..ids(1) }).unwrap_err().to_string();
-        assert_eq!(e, "top_logprobs: must be at most 20, got 21");
         let e = check(pb::GenerateRequest {
-            stopping: stopping(pb::Stopping { max_new_tokens: 3, min_new_tokens: 4, ..Default::default() }),
+            stopping: stopping(pb::Stopping {
+                max_new_tokens: 201,
+                ..Default::default()
+            }),
             ..ids(1)
         })
         .unwrap_err();
-        assert_eq!(e.to_string(), "stopping.min_new_tokens: must be at most max_new_tokens (3), got 4");
-        let both = pb::GenerateRequest { prompt: "a".into(), ..ids(1) };
+        assert_eq!(e.to_string(), "stopping.max_new_tokens: must be at most 200, got 201");
+        let e = check(ids(256)).unwrap_err().to_string();
+        assert!(e.contains("256 tokens") && e.contains("255 are allowed"), "{e}");
+        let e = check(pb::GenerateRequest {
+            top_logprobs: 21,
+            ..ids(1)
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "top_logprobs: must be at most 20, got 21");
+        let e = check(pb::GenerateRequest {
+            stopping: stopping(pb::Stopping {
+                max_new_tokens: 3,
+                min_new_tokens: 4,
+                ..Default::default()
+            }),
+            ..ids(1)
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "stopping.min_new_tokens: must be at most max_new_tokens (3), got 4"
+        );
+        let both = pb::GenerateRequest {
+            prompt: "a".into(),
+            ..ids(1)
+        };
         assert!(check(both).unwrap_err().to_string().contains("both set"));
     }
 
     #[test]
     fn fields_not_yet_implemented_are_refused_not_ignored() {
-        let with = |d: pb::Decoding| check(pb::GenerateRequest { decoding: Some(d), ..ids(1) }).unwrap_err();
+        let with = |d: pb::Decoding| {
+            check(pb::GenerateRequest {
+                decoding: Some(d),
+                ..ids(1)
+            })
+            .unwrap_err()
+        };
         let field = |e: ValidationError| match e {
             ValidationError::Unimplemented { field, .. } => field,
             other => panic!("{other:?}"),
         };
-        let sampling = pb::decoding::Method::Sampling(pb::Sampling { temperature: 0.7, ..Default::default() });
-        assert_eq!(field(with(pb::Decoding { method: Some(sampling), ..Default::default() })), "decoding.sampling");
-        assert_eq!(field(with(pb::Decoding { repetition_penalty: 1.3, ..Default::default() })), "decoding.repetition_penalty");
-        assert_eq!(field(with(pb::Decoding { no_repeat_ngram_size: 2, ..Default::default() })), "decoding.no_repeat_ngram_size");
-        assert_eq!(field(with(pb::Decoding { logit_bias: [(1, 2.0)].into(), ..Default::default() })), "decoding.logit_bias");
-        let stop = pb::Stopping { stop_sequences: vec!["\n".into()], ..Default::default() };
-        let e = check(pb::GenerateRequest { stopping: Some(stop), ..ids(1) }).unwrap_err();
+        let sampling = pb::decoding::Method::Sampling(pb::Sampling {
+            temperature: 0.7,
+            ..Default::default()
+        });
+        assert_eq!(
+            field(with(pb::Decoding {
+                method: Some(sampling),
+                ..Default::default()
+            })),
+            "decoding.sampling"
+        );
+        assert_eq!(
+            field(with(pb::Decoding {
+                repetition_penalty: 1.3,
+                ..Default::default()
+            })),
+            "decoding.repetition_penalty"
+        );
+        assert_eq!(
+            field(with(pb::Decoding {
+                no_repeat_ngram_size: 2,
+                ..Default::default()
+            })),
+            "decoding.no_repeat_ngram_size"
+        );
+        assert_eq!(
+            field(with(pb::Decoding {
+                logit_bias: [(1, 2.0)].into(),
+                ..Default::default()
+            })),
+            "decoding.logit_bias"
+        );
+        let stop = pb::Stopping {
+            stop_sequences: vec!["\n".into()],
+            ..Default::default()
+        };
+        let e = check(pb::GenerateRequest {
+            stopping: Some(stop),
+            ..ids(1)
+        })
+        .unwrap_err();
         assert_eq!(field(e), "stopping.stop_sequences");
         // Explicit "off" values are accepted.
-        let off = pb::Decoding { repetition_penalty: 1.0, method: Some(pb::decoding::Method::Greedy(pb::Greedy {})), ..Default::default() };
-        assert!(check(pb::GenerateRequest { decoding: Some(off), ..ids(1) }).is_ok());
-        let nan = pb::Decoding { presence_penalty: f32::NAN, ..Default::default() };
-        assert!(matches!(with(nan), ValidationError::Invalid { field: "decoding.presence_penalty", .. }));
+        let off = pb::Decoding {
+            repetition_penalty: 1.0,
+            method: Some(pb::decoding::Method::Greedy(pb::Greedy {})),
+            ..Default::default()
+        };
+        assert!(
+            check(pb::GenerateRequest {
+                decoding: Some(off),
+                ..ids(1)
+            })
+            .is_ok()
+        );
+        let nan = pb::Decoding {
+            presence_penalty: f32::NAN,
+            ..Default::default()
+        };
+        assert!(matches!(
+            with(nan),
+            ValidationError::Invalid {
+                field: "decoding.presence_penalty",
+                ..
+            }
+        ));
     }
 }

@@ -45,7 +45,12 @@ pub enum Event {
     /// Prefill started (the request left the queue).
     Started { at: Instant },
     /// A token was chosen for sequence `index`; `finish` is set on its last.
-    Token { index: u32, choice: Choice, finish: Option<FinishReason>, at: Instant },
+    Token {
+        index: u32,
+        choice: Choice,
+        finish: Option<FinishReason>,
+        at: Instant,
+    },
     /// Sequence `index` ended without a new token (cancelled, deadline).
     Ended { index: u32, reason: FinishReason },
     /// The request failed; nothing follows.
@@ -72,7 +77,9 @@ impl EngineHandle {
     /// Queues `job`, or refuses at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), QueueError> {
         self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => QueueError::Full { capacity: self.capacity },
+            mpsc::error::TrySendError::Full(_) => QueueError::Full {
+                capacity: self.capacity,
+            },
             mpsc::error::TrySendError::Closed(_) => QueueError::Stopped,
         })
     }
@@ -85,7 +92,13 @@ pub fn spawn(model: Model, max_queue: usize) -> (EngineHandle, std::thread::Join
         .name("batchgen-engine".into())
         .spawn(move || Worker { model }.serve(rx))
         .expect("spawning the engine thread");
-    (EngineHandle { tx, capacity: max_queue.max(1) }, thread)
+    (
+        EngineHandle {
+            tx,
+            capacity: max_queue.max(1),
+        },
+        thread,
+    )
 }
 
 struct Worker {
@@ -120,7 +133,10 @@ impl Worker {
         let req = &job.request;
         let send = |e: Event| job.events.send(e).is_ok();
         if req.deadline.is_some_and(|d| Instant::now() >= d) {
-            send(Event::Ended { index: 0, reason: FinishReason::Deadline });
+            send(Event::Ended {
+                index: 0,
+                reason: FinishReason::Deadline,
+            });
             return Ok(());
         }
         send(Event::Started { at: Instant::now() });
@@ -133,7 +149,12 @@ impl Worker {
             generated += 1;
             let id = choice.id;
             let finish = req.stop.check(id, generated);
-            if !send(Event::Token { index: 0, choice, finish, at: Instant::now() }) {
+            if !send(Event::Token {
+                index: 0,
+                choice,
+                finish,
+                at: Instant::now(),
+            }) {
                 tracing::debug!("client left; stopping");
                 return Ok(());
             }
@@ -146,7 +167,10 @@ impl Worker {
                 return Ok(());
             }
             if req.deadline.is_some_and(|d| Instant::now() >= d) {
-                send(Event::Ended { index: 0, reason: FinishReason::Deadline });
+                send(Event::Ended {
+                    index: 0,
+                    reason: FinishReason::Deadline,
+                });
                 return Ok(());
             }
             let input = ForwardInput::single(&[id], cache.len);

@@ -106,7 +106,10 @@ impl Model {
         n_layer: usize,
         options: &SessionOptions,
     ) -> Result<Self, ModelError> {
-        let session_err = |e: ort::Error| ModelError::Session { path: onnx.into(), detail: format!("{e:?}") };
+        let session_err = |e: ort::Error| ModelError::Session {
+            path: onnx.into(),
+            detail: format!("{e:?}"),
+        };
         let session = Session::builder(env)
             .map_err(session_err)?
             .with_optimization_level(GraphOptimizationLevel::All)
@@ -128,8 +131,12 @@ impl Model {
         let tensors = (0..2 * s.layers)
             .map(|_| -> Result<DynValue, ForwardError> {
                 Ok(match s.kv_dtype {
-                    Dtype::F16 => Tensor::<half::f16>::from_array((shape, Vec::new())).map_err(run_err)?.into_dyn(),
-                    _ => Tensor::<f32>::from_array((shape, Vec::new())).map_err(run_err)?.into_dyn(),
+                    Dtype::F16 => Tensor::<half::f16>::from_array((shape, Vec::new()))
+                        .map_err(run_err)?
+                        .into_dyn(),
+                    _ => Tensor::<f32>::from_array((shape, Vec::new()))
+                        .map_err(run_err)?
+                        .into_dyn(),
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -156,10 +163,15 @@ impl Model {
         let sig = &self.signature;
         let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(4 + 2 * sig.layers);
         let i64_tensor = |shape: [usize; 2], data: &Vec<i64>| -> Result<DynValue, ForwardError> {
-            Ok(Tensor::<i64>::from_array((shape, data.clone())).map_err(run_err)?.into_dyn())
+            Ok(Tensor::<i64>::from_array((shape, data.clone()))
+                .map_err(run_err)?
+                .into_dyn())
         };
         feeds.push(("input_ids".into(), i64_tensor([b, seq], &input.input_ids)?.into()));
-        feeds.push(("attention_mask".into(), i64_tensor([b, past + seq], &input.attention_mask)?.into()));
+        feeds.push((
+            "attention_mask".into(),
+            i64_tensor([b, past + seq], &input.attention_mask)?.into(),
+        ));
         if sig.has_position_ids {
             feeds.push(("position_ids".into(), i64_tensor([b, seq], &input.position_ids)?.into()));
         }
@@ -177,10 +189,21 @@ impl Model {
         let mut tensors = Vec::with_capacity(2 * sig.layers);
         for (k, v) in &sig.present {
             for name in [k, v] {
-                tensors.push(outputs.remove(name).ok_or_else(|| run_err(format!("no output {name}")))?);
+                tensors.push(
+                    outputs
+                        .remove(name)
+                        .ok_or_else(|| run_err(format!("no output {name}")))?,
+                );
             }
         }
-        Ok((logits, KvCache { tensors, batch: b, len: past + seq }))
+        Ok((
+            logits,
+            KvCache {
+                tensors,
+                batch: b,
+                len: past + seq,
+            },
+        ))
     }
 }
 
@@ -188,7 +211,9 @@ fn last_position_logits(value: &DynValue, b: usize, seq: usize) -> Result<Logits
     let pick = |shape: &[i64], len: usize| -> Result<usize, ForwardError> {
         let vocab = *shape.last().unwrap_or(&0) as usize;
         if shape.len() != 3 || shape[0] as usize != b || shape[1] as usize != seq || len != b * seq * vocab {
-            return Err(run_err(format!("logits of shape {shape:?}, expected [{b}, {seq}, vocab]")));
+            return Err(run_err(format!(
+                "logits of shape {shape:?}, expected [{b}, {seq}, vocab]"
+            )));
         }
         Ok(vocab)
     };

@@ -18,7 +18,9 @@ const ONNX_CANDIDATES: [&str; 4] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model directory {dir} has no ONNX decoder (looked for {candidates}); export one with `optimum-cli export onnx --task text-generation-with-past`")]
+    #[error(
+        "model directory {dir} has no ONNX decoder (looked for {candidates}); export one with `optimum-cli export onnx --task text-generation-with-past`"
+    )]
     NoOnnx { dir: PathBuf, candidates: String },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
@@ -30,7 +32,9 @@ pub enum ModelError {
     Signature(#[from] SignatureError),
     #[error("ONNX Runtime could not load {path}: {detail}")]
     Session { path: PathBuf, detail: String },
-    #[error("downloading {id} from the Hugging Face hub failed: {reason}. Without network access, pass a local directory to --model")]
+    #[error(
+        "downloading {id} from the Hugging Face hub failed: {reason}. Without network access, pass a local directory to --model"
+    )]
     Hub { id: String, reason: String },
 }
 
@@ -58,7 +62,10 @@ impl ModelFiles {
         }
         Err(ModelError::Read {
             path: dir.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory (and not a hub id like owner/name)"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such directory (and not a hub id like owner/name)",
+            ),
         })
     }
 
@@ -67,7 +74,10 @@ impl ModelFiles {
             .iter()
             .map(|c| dir.join(c))
             .find(|p| p.is_file())
-            .ok_or_else(|| ModelError::NoOnnx { dir: dir.into(), candidates: ONNX_CANDIDATES.join(", ") })?;
+            .ok_or_else(|| ModelError::NoOnnx {
+                dir: dir.into(),
+                candidates: ONNX_CANDIDATES.join(", "),
+            })?;
         let generation_config = Some(dir.join("generation_config.json")).filter(|p| p.is_file());
         Ok(ModelFiles {
             name: name.to_string(),
@@ -108,10 +118,19 @@ fn first_id(v: &serde_json::Value) -> Option<u32> {
 impl ModelConfig {
     pub fn load(files: &ModelFiles) -> Result<Self, ModelError> {
         let read = |path: &Path| -> Result<RawConfig, ModelError> {
-            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Read { path: path.into(), source })?;
-            serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
+            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Read {
+                path: path.into(),
+                source,
+            })?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                path: path.into(),
+                reason: e.to_string(),
+            })
         };
-        let bad = |reason: &str| ModelError::Config { path: files.config.clone(), reason: reason.into() };
+        let bad = |reason: &str| ModelError::Config {
+            path: files.config.clone(),
+            reason: reason.into(),
+        };
         let raw = read(&files.config)?;
         let generation = files.generation_config.as_deref().map(read).transpose()?;
         // generation_config.json wins for eos, as in transformers' generate().
@@ -128,7 +147,9 @@ impl ModelConfig {
             eos_token_id: eos,
         };
         if config.eos_token_id >= config.vocab_size || config.n_positions == 0 || config.n_layer == 0 {
-            return Err(bad("eos_token_id must be below vocab_size and n_positions, n_layer positive"));
+            return Err(bad(
+                "eos_token_id must be below vocab_size and n_positions, n_layer positive",
+            ));
         }
         Ok(config)
     }
@@ -144,7 +165,15 @@ mod tests {
         let files = ModelFiles::in_dir("tiny", &dir).unwrap();
         assert!(files.onnx.ends_with("model.onnx"));
         let c = ModelConfig::load(&files).unwrap();
-        assert_eq!(c, ModelConfig { vocab_size: 50257, n_positions: 256, n_layer: 2, eos_token_id: 50256 });
+        assert_eq!(
+            c,
+            ModelConfig {
+                vocab_size: 50257,
+                n_positions: 256,
+                n_layer: 2,
+                eos_token_id: 50256
+            }
+        );
     }
 
     #[test]

@@ -45,8 +45,8 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let service = pb::generation_server::GenerationServer::new(GenerationService::new(state))
-        .max_decoding_message_size(16 << 20);
+    let service =
+        pb::generation_server::GenerationServer::new(GenerationService::new(state)).max_decoding_message_size(16 << 20);
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
@@ -72,11 +72,17 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// The client's deadline. Tonic cancels a unary call at exactly the header's
-/// timeout (as CANCELLED); ending a little earlier lets the client see
-/// DEADLINE_EXCEEDED from us instead.
+/// timeout (as CANCELLED), and clients enforce it on their side too; ending a
+/// little earlier (a tenth, at most 50 ms) lets the client see
+/// DEADLINE_EXCEEDED from us instead of a race.
 fn deadline_of<T>(req: &Request<T>, arrival: Instant) -> Option<Instant> {
-    let timeout = req.metadata().get("grpc-timeout")?.to_str().ok().and_then(parse_grpc_timeout)?;
-    let margin = (timeout / 20).min(Duration::from_millis(20));
+    let timeout = req
+        .metadata()
+        .get("grpc-timeout")?
+        .to_str()
+        .ok()
+        .and_then(parse_grpc_timeout)?;
+    let margin = (timeout / 10).min(Duration::from_millis(50));
     Some(arrival + timeout - margin)
 }
 
@@ -96,7 +102,11 @@ impl GenerationService {
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("request", id = %valid.request_id, prompt_tokens = valid.prompt_ids.len());
-        self.state.engine.submit(Job { request: valid.clone(), events: tx, span })?;
+        self.state.engine.submit(Job {
+            request: valid.clone(),
+            events: tx,
+            span,
+        })?;
         Ok((valid, rx))
     }
 }
@@ -147,10 +157,10 @@ impl Generation for GenerationService {
                     Step::Last(m, status) => (Some(m), status, true),
                     Step::Fail(e) => (None, Some(e), true),
                 };
-                if let Some(m) = msg {
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
+                if let Some(m) = msg
+                    && tx.send(Ok(m)).await.is_err()
+                {
+                    return;
                 }
                 if let Some(e) = status {
                     let _ = tx.send(Err(e.into())).await;

@@ -56,7 +56,11 @@ impl Responder {
         let top_logprobs = c
             .top
             .iter()
-            .map(|&(id, logprob)| pb::TopLogprob { id, text: self.tokenizer.token_text(id), logprob })
+            .map(|&(id, logprob)| pb::TopLogprob {
+                id,
+                text: self.tokenizer.token_text(id),
+                logprob,
+            })
             .collect();
         pb::Token {
             id: c.id,
@@ -79,20 +83,29 @@ impl Responder {
     }
 
     fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, reason: FinishReason) {
-        msg.text.push_str(&self.detok.finish(&self.tokenizer).unwrap_or_default());
+        msg.text
+            .push_str(&self.detok.finish(&self.tokenizer).unwrap_or_default());
         msg.finish_reason = reason as i32;
         msg.logprob_sum = self.logprob_sum;
         msg.usage = Some(self.usage(Instant::now()));
     }
 
     pub fn on_event(&mut self, event: Event) -> Step {
-        let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
+        let mut msg = pb::GenerateStreamResponse {
+            request_id: self.request_id.clone(),
+            ..Default::default()
+        };
         match event {
             Event::Started { at } => {
                 self.started = Some(at);
                 Step::Nothing
             }
-            Event::Token { index, choice, finish, at } => {
+            Event::Token {
+                index,
+                choice,
+                finish,
+                at,
+            } => {
                 self.first_token.get_or_insert(at);
                 self.generated += 1;
                 self.logprob_sum += f64::from(choice.logprob);
@@ -125,13 +138,21 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(request_id: &str) -> Self {
-        Collector { response: pb::GenerateResponse { request_id: request_id.into(), ..Default::default() } }
+        Collector {
+            response: pb::GenerateResponse {
+                request_id: request_id.into(),
+                ..Default::default()
+            },
+        }
     }
 
     pub fn add(&mut self, msg: pb::GenerateStreamResponse) {
         let seqs = &mut self.response.sequences;
         while seqs.len() <= msg.index as usize {
-            seqs.push(pb::Sequence { index: seqs.len() as u32, ..Default::default() });
+            seqs.push(pb::Sequence {
+                index: seqs.len() as u32,
+                ..Default::default()
+            });
         }
         let seq = &mut seqs[msg.index as usize];
         seq.text.push_str(&msg.text);

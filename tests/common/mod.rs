@@ -1,0 +1,83 @@
+//! Starts the real server in-process on 127.0.0.1:0 with the fixture model.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use batchgen::config::{LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs};
+use batchgen::pb::generation_client::GenerationClient;
+use tonic::transport::Channel;
+
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2")
+}
+
+pub fn expected() -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2-expected.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+pub fn serve_args() -> ServeArgs {
+    ServeArgs {
+        model: ModelArgs {
+            model: fixture_dir().to_string_lossy().into_owned(),
+            revision: None,
+        },
+        runtime: RuntimeArgs {
+            onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+            intra_op_threads: 1,
+        },
+        server: ServerArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+        limits: LimitArgs {
+            max_queue: 64,
+            max_new_tokens: 200,
+            default_max_new_tokens: 16,
+        },
+    }
+}
+
+pub struct TestServer {
+    pub client: GenerationClient<Channel>,
+    pub addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub async fn start() -> TestServer {
+    start_with(serve_args()).await
+}
+
+pub async fn start_with(args: ServeArgs) -> TestServer {
+    let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args))
+        .await
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(batchgen::server::serve(listener, loaded.state, async {
+        let _ = rx.await;
+    }));
+    let client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
+    TestServer {
+        client,
+        addr,
+        shutdown: Some(tx),
+    }
+}
+
+/// Ids of a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
