@@ -1,0 +1,95 @@
+//! The other export layouts optimum has produced (external weights, merged
+//! decoder with `use_cache_branch`, no `position_ids`, float16) are derived
+//! from the fixture by `tests/fixtures/make_variants.py` and must generate
+//! what the fixture generates.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use batchgen::pb;
+use common::{expected, ids};
+
+fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+/// Makes the variants once per build directory, with `onnx` and
+/// `onnxruntime` installed into a private virtual environment.
+fn variants() -> PathBuf {
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let out = target.join("variants");
+    if out.join("float16/model.onnx").is_file() {
+        return out;
+    }
+    let venv = target.join("variants-venv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    }
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "onnx==1.23.*",
+        "onnxruntime==1.32.0",
+    ]));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_variants.py");
+    run(Command::new(&python).arg(script).arg(common::fixture_dir()).arg(&out));
+    out
+}
+
+#[tokio::test]
+async fn every_supported_layout_generates_like_the_fixture() {
+    let dir = tokio::task::spawn_blocking(variants).await.unwrap();
+    let exp = expected();
+    for (variant, kv) in [
+        ("external", "float32"),
+        ("merged", "float32"),
+        ("no-position-ids", "float32"),
+        ("float16", "float16"),
+    ] {
+        let mut args = common::serve_args();
+        args.model.model = dir.join(variant).to_string_lossy().into_owned();
+        let mut server = common::start_with(args).await;
+        let info = server
+            .client
+            .model_info(pb::ModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.kv_dtype, kv, "{variant}");
+        for name in ["short", "long", "cjk", "emoji"] {
+            let case = &exp["greedy"][name];
+            let req = pb::GenerateRequest {
+                prompt_token_ids: ids(&case["prompt_ids"]),
+                stopping: Some(pb::Stopping {
+                    max_new_tokens: 24,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let seq = server
+                .client
+                .generate(req)
+                .await
+                .unwrap()
+                .into_inner()
+                .sequences
+                .remove(0);
+            let got: Vec<u32> = seq.tokens.iter().map(|t| t.id).collect();
+            assert_eq!(got, ids(&case["output_ids"]), "{variant}/{name}");
+            let tol = if kv == "float16" { 2e-2 } else { 1e-4 };
+            for (t, lp) in seq.tokens.iter().zip(case["logprobs"].as_array().unwrap()) {
+                assert!(
+                    (f64::from(t.logprob) - lp.as_f64().unwrap()).abs() < tol,
+                    "{variant}/{name}: {} vs {lp}",
+                    t.logprob
+                );
+            }
+        }
+    }
+}
