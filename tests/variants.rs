@@ -18,9 +18,20 @@ fn run(cmd: &mut Command) {
 /// Makes the variants once per build directory, with `onnx` and
 /// `onnxruntime` installed into a private virtual environment.
 fn variants() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_variants).clone()
+}
+
+/// Reuses an earlier build's variants when they were made by this very
+/// script; writes into a temporary directory first so that an interrupted run
+/// never leaves half a model behind.
+fn make_variants() -> PathBuf {
     let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let out = target.join("variants");
-    if out.join("float16/model.onnx").is_file() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_variants.py");
+    let source = std::fs::read_to_string(&script).unwrap();
+    let marker = out.join("made-by.py");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == source) {
         return out;
     }
     let venv = target.join("variants-venv");
@@ -37,8 +48,12 @@ fn variants() -> PathBuf {
         "onnx==1.23.*",
         "onnxruntime==1.32.0",
     ]));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_variants.py");
-    run(Command::new(&python).arg(script).arg(common::fixture_dir()).arg(&out));
+    let tmp = target.join(format!("variants.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    run(Command::new(&python).arg(&script).arg(common::fixture_dir()).arg(&tmp));
+    std::fs::write(tmp.join("made-by.py"), source).unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::rename(&tmp, &out).unwrap();
     out
 }
 
@@ -92,4 +107,19 @@ async fn every_supported_layout_generates_like_the_fixture() {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn a_graph_that_is_not_a_decoder_is_refused_at_start_up() {
+    let dir = tokio::task::spawn_blocking(variants).await.unwrap();
+    let mut args = common::serve_args();
+    args.model.model = dir.join("not-a-decoder").to_string_lossy().into_owned();
+    let err = match batchgen::app::load(&args) {
+        Ok(_) => panic!("a graph without past_key_values was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("unsupported ONNX model signature"), "{err}");
+    assert!(err.contains("expected inputs: input_ids int64[batch, seq]"), "{err}");
+    assert!(err.contains("found inputs: input_ids int64[?, ?]"), "{err}");
+    assert!(err.contains("found outputs: logits int64[?, ?]"), "{err}");
 }

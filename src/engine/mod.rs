@@ -174,7 +174,9 @@ impl Worker {
                 return Ok(());
             }
             let input = ForwardInput::single(&[id], cache.len);
+            let t = Instant::now();
             (logits, cache) = self.model.forward(&input, cache)?;
+            tracing::trace!(forward_us = t.elapsed().as_micros() as u64, "decode step");
         }
     }
 }
