@@ -28,7 +28,7 @@ const WHEEL_FILE: &str = "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_x86_64.w
 /// sha256 of `WHEEL_FILE` as published on PyPI.
 const WHEEL_SHA256: &str = "5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
     #[error("ONNX Runtime library {path} given by --onnxruntime/ORT_DYLIB_PATH does not exist")]
     GivenPathMissing { path: PathBuf },
@@ -106,24 +106,21 @@ pub struct Runtime {
 /// Finds and loads the library and creates the process-wide ORT environment.
 /// Safe to call more than once (tests do): later calls reuse the first load.
 pub fn init(explicit: Option<&Path>) -> Result<&'static Runtime, RuntimeError> {
-    static LOADED: std::sync::OnceLock<Result<Runtime, String>> = std::sync::OnceLock::new();
+    static LOADED: std::sync::OnceLock<Result<Runtime, RuntimeError>> = std::sync::OnceLock::new();
     let result = LOADED.get_or_init(|| {
-        let (path, source) = locate(explicit).map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&path).map_err(|e| {
-            RuntimeError::Load {
-                path: path.clone(),
-                detail: format!("{e:?}"),
-            }
-            .to_string()
+        let (path, source) = locate(explicit)?;
+        let builder = ort::init_from(&path).map_err(|e| RuntimeError::Load {
+            path: path.clone(),
+            detail: format!("{e:?}"),
         })?;
         let env = builder
             .with_name("batchgen")
             .with_telemetry(false)
             .build()
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| RuntimeError::Environment(format!("{e:?}")))?;
         Ok(Runtime { env, path, source })
     });
-    result.as_ref().map_err(|e| RuntimeError::Environment(e.clone()))
+    result.as_ref().map_err(Clone::clone)
 }
 
 /// `onnxruntime/capi/libonnxruntime.so.*` of the Python package, if one is

@@ -22,8 +22,8 @@ pub enum ModelError {
         "model directory {dir} has no ONNX decoder (looked for {candidates}); export one with `optimum-cli export onnx --task text-generation-with-past`"
     )]
     NoOnnx { dir: PathBuf, candidates: String },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path} is not a valid GPT-2 config: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error("cannot load the tokenizer {path}: {reason}")]
@@ -62,7 +62,7 @@ impl ModelFiles {
         }
         Err(ModelError::Read {
             path: dir.into(),
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "no such directory (and not a hub id like owner/name)",
             ),
@@ -118,9 +118,9 @@ fn first_id(v: &serde_json::Value) -> Option<u32> {
 impl ModelConfig {
     pub fn load(files: &ModelFiles) -> Result<Self, ModelError> {
         let read = |path: &Path| -> Result<RawConfig, ModelError> {
-            let text = std::fs::read_to_string(path).map_err(|source| ModelError::Read {
+            let text = std::fs::read_to_string(path).map_err(|error| ModelError::Read {
                 path: path.into(),
-                source,
+                error,
             })?;
             serde_json::from_str(&text).map_err(|e| ModelError::Config {
                 path: path.into(),
