@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::ServeArgs;
-use crate::engine::{self, Model, SessionOptions};
+use crate::engine::{self, EngineConfig, Model, SessionOptions, admission};
 use crate::model::{ModelConfig, ModelError, ModelFiles};
 use crate::runtime::{self, RuntimeError};
 use crate::server::AppState;
@@ -23,7 +23,7 @@ pub enum StartupError {
 /// A loaded server, ready to serve.
 pub struct Loaded {
     pub state: Arc<AppState>,
-    pub engine_thread: std::thread::JoinHandle<()>,
+    pub worker_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Loads everything `serve` needs. Blocking (file and network I/O, session
@@ -48,8 +48,10 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let options = SessionOptions {
         intra_op_threads: args.runtime.intra_op_threads,
     };
-    let model = Model::load(&rt.env, &files.onnx, config.n_layer, &options)?;
-    let sig = &model.signature;
+    let models = (0..args.runtime.workers.max(1))
+        .map(|_| Model::load(&rt.env, &files.onnx, config.n_layer, &options))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sig = &models[0].signature;
     tracing::info!(
         onnx = %files.onnx.display(),
         layers = sig.layers,
@@ -61,7 +63,16 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         t0.elapsed()
     );
     let kv_dtype = sig.kv_dtype.to_string();
-    let (engine, engine_thread) = engine::spawn(model, l.max_queue);
+    let engine_config = EngineConfig {
+        limits: admission::Limits {
+            max_batch_size: l.max_batch_size.max(1),
+            max_batch_tokens: l.max_batch_tokens,
+            max_prefill_tokens: l.max_prefill_tokens,
+        },
+        max_queue: l.max_queue,
+        pad_id: config.eos_token_id,
+    };
+    let (engine, worker_threads) = engine::spawn(models, &engine_config);
     let state = AppState {
         model_name: files.name,
         kv_dtype,
@@ -72,11 +83,17 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             eos_token_id: config.eos_token_id,
             max_new_tokens: l.max_new_tokens,
             default_max_new_tokens: l.default_max_new_tokens,
+            max_prompt_tokens: l
+                .max_prompt_tokens
+                .min(config.n_positions - 1)
+                .min(l.max_prefill_tokens as u32),
+            max_batch_tokens: l.max_batch_tokens.min(u32::MAX as usize) as u32,
         },
+        draining: Default::default(),
         engine,
     };
     Ok(Loaded {
         state: Arc::new(state),
-        engine_thread,
+        worker_threads,
     })
 }

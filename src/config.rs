@@ -52,9 +52,12 @@ pub struct RuntimeArgs {
     /// user cache, the Python onnxruntime package, else downloaded with pip.
     #[arg(long = "onnxruntime", env = "ORT_DYLIB_PATH")]
     pub onnxruntime: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads. 0 lets ONNX Runtime use every core.
+    /// ONNX Runtime intra-op threads per worker. 0 lets ONNX Runtime use every core.
     #[arg(long, env = "BATCHGEN_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
+    /// Engine workers, each with its own session and batch.
+    #[arg(long, env = "BATCHGEN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -62,13 +65,31 @@ pub struct ServerArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BATCHGEN_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// On SIGTERM, seconds running requests may take to finish before they
+    /// are ended with FINISH_REASON_CANCELLED.
+    #[arg(long, env = "BATCHGEN_SHUTDOWN_GRACE", default_value_t = 30.0)]
+    pub shutdown_grace: f64,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
-    /// Requests allowed to wait for the engine; beyond it, RESOURCE_EXHAUSTED.
+    /// Requests allowed to wait for a worker; beyond it, RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "BATCHGEN_MAX_QUEUE", default_value_t = 128)]
     pub max_queue: usize,
+    /// Rows (sequences) one worker's batch may hold.
+    #[arg(long, env = "BATCHGEN_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// KV budget per worker, in token slots: rows × the longest row's final
+    /// length (the left-padded layout pays for padding, so it is counted).
+    #[arg(long, env = "BATCHGEN_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+    /// Prompt tokens one prefill may take (rows × longest prompt, padding
+    /// included); bounds how long admitting requests stalls the running ones.
+    #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 2048)]
+    pub max_prefill_tokens: usize,
+    /// Longest prompt accepted, in tokens (also capped by the model's context).
+    #[arg(long, env = "BATCHGEN_MAX_PROMPT_TOKENS", default_value_t = 1024)]
+    pub max_prompt_tokens: u32,
     /// Largest max_new_tokens a request may ask for.
     #[arg(long, env = "BATCHGEN_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: u32,

@@ -32,6 +32,7 @@ fn run() -> anyhow::Result<()> {
 async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let listen = args.server.listen;
+    let grace = std::time::Duration::from_secs_f64(args.server.shutdown_grace.max(0.0));
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await??;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(
@@ -39,7 +40,12 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
         listener.local_addr()?,
         started.elapsed()
     );
-    batchgen::server::serve(listener, loaded.state, shutdown_signal()).await?;
+    let state = loaded.state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        batchgen::server::drain(&state, grace).await;
+    };
+    batchgen::server::serve(listener, loaded.state, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

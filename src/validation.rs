@@ -24,6 +24,11 @@ pub struct Limits {
     pub max_new_tokens: u32,
     /// `max_new_tokens` when a request leaves it 0.
     pub default_max_new_tokens: u32,
+    /// Longest prompt accepted (`--max-prompt-tokens`, at most context - 1).
+    pub max_prompt_tokens: u32,
+    /// A worker's KV budget (`--max-batch-tokens`): prompt + max_new_tokens
+    /// beyond it can never run.
+    pub max_batch_tokens: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -192,6 +197,15 @@ pub fn validate(
     };
     let ctx = limits.context_length;
     let prompt_len = prompt_ids.len() as u64;
+    if prompt_len > u64::from(limits.max_prompt_tokens) && limits.max_prompt_tokens < ctx - 1 {
+        return Err(invalid(
+            "prompt",
+            format!(
+                "has {prompt_len} tokens; at most {} are allowed (--max-prompt-tokens)",
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
     if prompt_len >= u64::from(ctx) {
         return Err(invalid(
             "prompt",
@@ -224,6 +238,17 @@ pub fn validate(
         }
         n => (n, false),
     };
+    if prompt_len + u64::from(max_new_tokens) > u64::from(limits.max_batch_tokens) {
+        return Err(invalid(
+            "stopping.max_new_tokens",
+            format!(
+                "prompt tokens ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {} exceeds the server's KV budget \
+                 per worker of {} tokens (--max-batch-tokens), so the request could never run",
+                prompt_len + u64::from(max_new_tokens),
+                limits.max_batch_tokens
+            ),
+        ));
+    }
     if stopping.min_new_tokens > max_new_tokens {
         return Err(invalid(
             "stopping.min_new_tokens",
@@ -290,6 +315,8 @@ mod tests {
             eos_token_id: 50256,
             max_new_tokens: 200,
             default_max_new_tokens: 64,
+            max_prompt_tokens: 255,
+            max_batch_tokens: 4096,
         };
         (Tokenizer::from_file(&p).unwrap(), limits)
     }
@@ -391,6 +418,34 @@ mod tests {
             ..ids(1)
         };
         assert!(check(both).unwrap_err().to_string().contains("both set"));
+    }
+
+    #[test]
+    fn prompt_and_budget_limits_of_the_server() {
+        let (tok, limits) = setup();
+        let small = Limits {
+            max_prompt_tokens: 10,
+            max_batch_tokens: 50,
+            ..limits
+        };
+        let e = validate(ids(11), &tok, &small, Instant::now(), None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "prompt: has 11 tokens; at most 10 are allowed (--max-prompt-tokens)");
+        let req = pb::GenerateRequest {
+            stopping: stopping(pb::Stopping {
+                max_new_tokens: 45,
+                ..Default::default()
+            }),
+            ..ids(10)
+        };
+        let e = validate(req, &tok, &small, Instant::now(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("= 55 exceeds the server's KV budget per worker of 50 tokens (--max-batch-tokens)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -385,6 +385,7 @@ async fn a_passed_deadline_ends_the_stream_with_deadline_exceeded() {
 async fn a_full_queue_is_refused_at_once() {
     let mut args = common::serve_args();
     args.limits.max_queue = 1;
+    args.limits.max_batch_size = 1;
     let server = common::start_with(args).await;
     let mut req = request(vec![464; 20], 200);
     req.stopping.as_mut().unwrap().ignore_eos = true;

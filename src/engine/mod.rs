@@ -1,20 +1,22 @@
-//! The engine: one OS thread that owns the ONNX Runtime session and the KV
-//! cache, fed through a bounded channel. Handlers never touch the session.
-//!
-//! Today the thread serves one request at a time, in arrival order, with a
-//! KV cache kept across decode steps; the continuous-batching scheduler will
-//! replace `Worker::serve` and keep the same `Job`/`Event` interface.
+//! The engine: worker threads that each own an ONNX Runtime session and a
+//! continuously batched KV cache, fed through channels. Handlers never touch
+//! a session; they submit a `Job` and read its `Event`s.
+pub mod admission;
+pub mod layout;
 pub mod model;
+mod worker;
 
-use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use dashmap::DashMap;
 use tokio::sync::mpsc;
 
 pub use model::{ForwardError, ForwardInput, KvCache, Logits, Model, SessionOptions};
 
 use crate::pb::FinishReason;
-use crate::sampling::{self, Choice};
+use crate::sampling::Choice;
 use crate::validation::ValidRequest;
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -37,6 +39,8 @@ pub enum QueueError {
     Full { capacity: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("request_id {0:?} is already in flight; use a unique id or leave it empty")]
+    DuplicateId(String),
 }
 
 /// What the engine tells a request's task, in order.
@@ -59,126 +63,202 @@ pub enum Event {
 
 /// A validated request and the channel its events go to. The request's task
 /// drops the receiver when the client goes away; the engine notices before
-/// its next step and stops.
+/// its next step and evicts the row.
 pub struct Job {
     pub request: ValidRequest,
     pub events: mpsc::UnboundedSender<Event>,
     pub span: tracing::Span,
+    /// Set by `Cancel` or by shutdown: the row ends with CANCELLED.
+    pub cancel: Arc<AtomicBool>,
+    /// Budget reserved on the worker (token slots), released when it leaves.
+    reserved: usize,
+}
+
+impl Job {
+    pub fn new(request: ValidRequest, events: mpsc::UnboundedSender<Event>, span: tracing::Span) -> Self {
+        Job {
+            request,
+            events,
+            span,
+            cancel: Arc::new(AtomicBool::new(false)),
+            reserved: 0,
+        }
+    }
+}
+
+/// Counters a worker keeps for benchmarks and metrics (monotonic).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub steps: AtomicU64,
+    /// Sum over decode steps of the rows in the step.
+    pub step_rows: AtomicU64,
+    /// Time inside `Session::run` for decode steps.
+    pub run_ns: AtomicU64,
+    /// Time of whole iterations (admit + evict + decode + sampling + sending).
+    pub iteration_ns: AtomicU64,
+    pub prefill_ns: AtomicU64,
+    pub prefill_tokens: AtomicU64,
+    pub joins: AtomicU64,
+    pub join_bytes: AtomicU64,
+    pub join_ns: AtomicU64,
+    /// Rows evicted, and the copies that removing them cost.
+    pub evictions: AtomicU64,
+    pub evict_copies: AtomicU64,
+    pub evict_bytes: AtomicU64,
+    pub evict_ns: AtomicU64,
+    pub restarts: AtomicU64,
+}
+
+/// What a worker shares with the router.
+#[derive(Debug, Default)]
+pub struct WorkerShared {
+    pub id: usize,
+    /// Token slots reserved by its queued and running requests (routing).
+    pub load: AtomicUsize,
+    /// Requests waiting on any worker (the `--max-queue` bound).
+    pub waiting: Arc<AtomicUsize>,
+    pub running_rows: AtomicUsize,
+    pub queued: AtomicUsize,
+    pub stats: WorkerStats,
+}
+
+impl WorkerShared {
+    fn publish(&self, rows: usize, queued: usize) {
+        self.running_rows.store(rows, Ordering::Relaxed);
+        self.queued.store(queued, Ordering::Relaxed);
+    }
+}
+
+/// Engine settings (from the command line).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub limits: admission::Limits,
+    pub max_queue: usize,
+    /// Token id used to left-pad prompts (masked out; any id works).
+    pub pad_id: u32,
+}
+
+/// A request in flight, for `Cancel` and for observing the server.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub cancel: Arc<AtomicBool>,
+    pub worker: usize,
+}
+
+struct WorkerSlot {
+    tx: mpsc::UnboundedSender<Job>,
+    shared: Arc<WorkerShared>,
 }
 
 /// The cloneable handle request handlers submit jobs through.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Job>,
-    capacity: usize,
+    workers: Arc<Vec<WorkerSlot>>,
+    waiting: Arc<AtomicUsize>,
+    max_queue: usize,
+    /// Requests submitted and not yet finished, by request id.
+    pub in_flight: Arc<DashMap<String, InFlight>>,
 }
 
 impl EngineHandle {
-    /// Queues `job`, or refuses at once when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), QueueError> {
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => QueueError::Full {
-                capacity: self.capacity,
-            },
-            mpsc::error::TrySendError::Closed(_) => QueueError::Stopped,
-        })
-    }
-}
-
-/// Starts the engine thread; it ends when every handle is dropped.
-pub fn spawn(model: Model, max_queue: usize) -> (EngineHandle, std::thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(max_queue.max(1));
-    let thread = std::thread::Builder::new()
-        .name("batchgen-engine".into())
-        .spawn(move || Worker { model }.serve(rx))
-        .expect("spawning the engine thread");
-    (
-        EngineHandle {
-            tx,
-            capacity: max_queue.max(1),
-        },
-        thread,
-    )
-}
-
-struct Worker {
-    model: Model,
-}
-
-impl Worker {
-    fn serve(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
-            if job.events.is_closed() {
-                tracing::debug!(parent: &job.span, "client left before prefill");
-                continue;
-            }
-            let _enter = job.span.clone().entered();
-            let events = job.events.clone();
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.generate(&job)));
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(panic) => Some(EngineError::Panic(panic_text(&panic))),
-            };
-            if let Some(e) = failure {
-                tracing::error!("request failed in the engine: {e}");
-                let _ = events.send(Event::Failed(e));
-            }
-        }
-    }
-
-    /// Prefills the prompt and decodes greedily until a stop condition, the
-    /// client leaving or the deadline.
-    fn generate(&mut self, job: &Job) -> Result<(), EngineError> {
-        let req = &job.request;
-        let send = |e: Event| job.events.send(e).is_ok();
-        if req.deadline.is_some_and(|d| Instant::now() >= d) {
-            send(Event::Ended {
-                index: 0,
-                reason: FinishReason::Deadline,
+    /// Queues `job` on the worker with the most free budget, or refuses at
+    /// once when the waiting queue is full. The caller must call `finished`
+    /// with the request id when the request ends.
+    pub fn submit(&self, mut job: Job) -> Result<(), QueueError> {
+        let id = job.request.request_id.clone();
+        let entry = match self.in_flight.entry(id.clone()) {
+            dashmap::Entry::Occupied(_) => return Err(QueueError::DuplicateId(id)),
+            dashmap::Entry::Vacant(v) => v,
+        };
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(QueueError::Full {
+                capacity: self.max_queue,
             });
-            return Ok(());
         }
-        send(Event::Started { at: Instant::now() });
-        let cache = self.model.empty_cache(1)?;
-        let (mut logits, mut cache) = self.model.forward(&ForwardInput::single(&req.prompt_ids, 0), cache)?;
-        let mut generated = 0u32;
-        loop {
-            let masked = req.stop.masked(generated);
-            let choice = sampling::greedy(logits.row(0), &masked, req.top_logprobs as usize);
-            generated += 1;
-            let id = choice.id;
-            let finish = req.stop.check(id, generated);
-            if !send(Event::Token {
-                index: 0,
-                choice,
-                finish,
-                at: Instant::now(),
-            }) {
-                tracing::debug!("client left; stopping");
-                return Ok(());
-            }
-            if finish.is_some() {
-                return Ok(());
-            }
-            // Checked before paying for the next step.
-            if job.events.is_closed() {
-                tracing::debug!("client left; stopping");
-                return Ok(());
-            }
-            if req.deadline.is_some_and(|d| Instant::now() >= d) {
-                send(Event::Ended {
-                    index: 0,
-                    reason: FinishReason::Deadline,
-                });
-                return Ok(());
-            }
-            let input = ForwardInput::single(&[id], cache.len);
-            let t = Instant::now();
-            (logits, cache) = self.model.forward(&input, cache)?;
-            tracing::trace!(forward_us = t.elapsed().as_micros() as u64, "decode step");
+        let (worker, slot) = self
+            .workers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| w.shared.load.load(Ordering::Relaxed))
+            .ok_or(QueueError::Stopped)?;
+        job.reserved = admission::alone(admission::Candidate {
+            prompt_len: job.request.prompt_ids.len(),
+            max_new_tokens: job.request.stop.max_new_tokens as usize,
+        });
+        slot.shared.load.fetch_add(job.reserved, Ordering::Relaxed);
+        entry.insert(InFlight {
+            cancel: job.cancel.clone(),
+            worker,
+        });
+        let reserved = job.reserved;
+        if slot.tx.send(job).is_err() {
+            self.in_flight.remove(&id);
+            slot.shared.load.fetch_sub(reserved, Ordering::Relaxed);
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(QueueError::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Forgets a finished request.
+    pub fn finished(&self, request_id: &str) {
+        self.in_flight.remove(request_id);
+    }
+
+    /// Asks the engine to end a request with CANCELLED; false if unknown.
+    pub fn cancel(&self, request_id: &str) -> bool {
+        self.in_flight
+            .get(request_id)
+            .map(|f| f.cancel.store(true, Ordering::Relaxed))
+            .is_some()
+    }
+
+    /// Cancels everything in flight (shutdown after the grace period).
+    pub fn cancel_all(&self) {
+        for f in self.in_flight.iter() {
+            f.cancel.store(true, Ordering::Relaxed);
         }
     }
+
+    /// Requests waiting for a worker.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Each worker's shared state (rows, queue, statistics).
+    pub fn workers(&self) -> Vec<Arc<WorkerShared>> {
+        self.workers.iter().map(|w| w.shared.clone()).collect()
+    }
+}
+
+/// Starts one worker thread per model; they end when every handle is dropped.
+pub fn spawn(models: Vec<Model>, config: &EngineConfig) -> (EngineHandle, Vec<std::thread::JoinHandle<()>>) {
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let mut slots = Vec::new();
+    let mut threads = Vec::new();
+    for (id, model) in models.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(WorkerShared {
+            id,
+            waiting: waiting.clone(),
+            ..Default::default()
+        });
+        let w = worker::Worker::new(model, config.limits, config.pad_id, shared.clone(), rx);
+        let thread = std::thread::Builder::new()
+            .name(format!("batchgen-worker-{id}"))
+            .spawn(move || w.run())
+            .expect("spawning a worker thread");
+        slots.push(WorkerSlot { tx, shared });
+        threads.push(thread);
+    }
+    let handle = EngineHandle {
+        workers: Arc::new(slots),
+        waiting,
+        max_queue: config.max_queue.max(1),
+        in_flight: Arc::new(DashMap::new()),
+    };
+    (handle, threads)
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

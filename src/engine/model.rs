@@ -10,6 +10,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
+use super::layout::{self, KvShape};
 use crate::model::{Dtype, ModelError, Port, Signature};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +59,153 @@ impl ForwardInput {
     }
 }
 
+impl ForwardInput {
+    /// Prompts of several rows, left-padded with `pad_id` to the longest.
+    pub fn prefill(prompts: &[&[u32]], pad_id: u32) -> Self {
+        let seq = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut input_ids = Vec::with_capacity(prompts.len() * seq);
+        let mut position_ids = Vec::with_capacity(prompts.len() * seq);
+        for p in prompts {
+            let pad = seq - p.len();
+            input_ids.extend(std::iter::repeat_n(i64::from(pad_id), pad));
+            input_ids.extend(p.iter().map(|&t| i64::from(t)));
+            position_ids.extend(std::iter::repeat_n(0, pad));
+            position_ids.extend(0..p.len() as i64);
+        }
+        ForwardInput {
+            batch: prompts.len(),
+            seq,
+            input_ids,
+            attention_mask: layout::attention_mask(&lens, seq),
+            position_ids,
+        }
+    }
+
+    /// One new token per row; row `r` has `lens[r]` real tokens in a cache
+    /// of `width` columns.
+    pub fn decode(tokens: &[u32], lens: &[usize], width: usize) -> Self {
+        let with_new: Vec<usize> = lens.iter().map(|n| n + 1).collect();
+        ForwardInput {
+            batch: tokens.len(),
+            seq: 1,
+            input_ids: tokens.iter().map(|&t| i64::from(t)).collect(),
+            attention_mask: layout::attention_mask(&with_new, width + 1),
+            position_ids: lens.iter().map(|&n| n as i64).collect(),
+        }
+    }
+}
+
 /// The KV cache of one batch: `[batch, heads, len, head_dim]` per layer,
 /// ordered key, value, key, value, … as in `Signature::past`.
 pub struct KvCache {
     tensors: Vec<DynValue>,
     pub batch: usize,
     pub len: usize,
+}
+
+fn kv_shape(shape: &[i64]) -> Result<KvShape, ForwardError> {
+    match shape {
+        &[b, h, l, d] => Ok(KvShape {
+            batch: b as usize,
+            heads: h as usize,
+            len: l as usize,
+            head_dim: d as usize,
+        }),
+        other => Err(run_err(format!("KV tensor of shape {other:?}"))),
+    }
+}
+
+/// Applies `f` to the data of a float32 or float16 tensor and wraps the result.
+fn rebuild(
+    value: &DynValue,
+    f: &dyn Fn(KvShape) -> KvShape,
+    f32_op: &dyn Fn(&[f32], KvShape) -> Vec<f32>,
+    f16_op: &dyn Fn(&[half::f16], KvShape) -> Vec<half::f16>,
+) -> Result<DynValue, ForwardError> {
+    if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
+        let s = kv_shape(shape)?;
+        let o = f(s);
+        let t = Tensor::from_array(([o.batch, o.heads, o.len, o.head_dim], f32_op(data, s))).map_err(run_err)?;
+        return Ok(t.into_dyn());
+    }
+    let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(run_err)?;
+    let s = kv_shape(shape)?;
+    let o = f(s);
+    let t = Tensor::from_array(([o.batch, o.heads, o.len, o.head_dim], f16_op(data, s))).map_err(run_err)?;
+    Ok(t.into_dyn())
+}
+
+impl KvCache {
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(tensor_bytes).sum()
+    }
+
+    /// Keeps `rows` (in that order) and the last `len` columns of each (see
+    /// `layout::select`).
+    pub fn select(&self, rows: &[usize], len: usize) -> Result<KvCache, ForwardError> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| {
+                rebuild(
+                    t,
+                    &|s| KvShape {
+                        batch: rows.len(),
+                        len,
+                        ..s
+                    },
+                    &|d, s| layout::select(d, s, rows, len),
+                    &|d, s| layout::select(d, s, rows, len),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KvCache {
+            tensors,
+            batch: rows.len(),
+            len,
+        })
+    }
+
+    /// Stacks `self` over `other`, both left-padded to `len` (see `layout::concat`).
+    pub fn concat(&self, other: &KvCache, len: usize) -> Result<KvCache, ForwardError> {
+        let batch = self.batch + other.batch;
+        let tensors = self
+            .tensors
+            .iter()
+            .zip(&other.tensors)
+            .map(|(a, b)| -> Result<DynValue, ForwardError> {
+                if let (Ok((sa, da)), Ok((sb, db))) = (a.try_extract_tensor::<f32>(), b.try_extract_tensor::<f32>()) {
+                    let (sa, sb) = (kv_shape(sa)?, kv_shape(sb)?);
+                    let data = layout::concat(da, sa, db, sb, len);
+                    return Ok(Tensor::from_array(([batch, sa.heads, len, sa.head_dim], data))
+                        .map_err(run_err)?
+                        .into_dyn());
+                }
+                let (sa, da) = a.try_extract_tensor::<half::f16>().map_err(run_err)?;
+                let (sb, db) = b.try_extract_tensor::<half::f16>().map_err(run_err)?;
+                let (sa, sb) = (kv_shape(sa)?, kv_shape(sb)?);
+                let data = layout::concat(da, sa, db, sb, len);
+                Ok(Tensor::from_array(([batch, sa.heads, len, sa.head_dim], data))
+                    .map_err(run_err)?
+                    .into_dyn())
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(KvCache { tensors, batch, len })
+    }
+}
+
+fn tensor_bytes(value: &DynValue) -> usize {
+    let elements: i64 = match value.dtype() {
+        ValueType::Tensor { shape, .. } => shape.iter().product(),
+        _ => 0,
+    };
+    let width = match value.dtype().tensor_type() {
+        Some(TensorElementType::Float16) => 2,
+        _ => 4,
+    };
+    elements.max(0) as usize * width
 }
 
 /// Each row's logits at its last position, `batch * vocab` floats.

@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::pb::{self, generation_server::Generation};
 use crate::tokenizer::Tokenizer;
 use crate::validation::{self, Limits, ValidRequest};
+use std::sync::atomic::{AtomicBool, Ordering};
 use stream::{Collector, Responder, Step};
 
 /// What every handler shares. Read-only after start-up.
@@ -26,6 +27,42 @@ pub struct AppState {
     pub tokenizer: Tokenizer,
     pub limits: Limits,
     pub engine: EngineHandle,
+    /// Set on SIGTERM: new calls get UNAVAILABLE while running ones finish.
+    pub draining: AtomicBool,
+}
+
+/// Stops admitting, lets requests in flight finish for up to `grace`, then
+/// cancels the rest (they end with FINISH_REASON_CANCELLED) and waits for
+/// them to leave. Returns when nothing is in flight.
+pub async fn drain(state: &AppState, grace: Duration) {
+    state.draining.store(true, Ordering::SeqCst);
+    let in_flight = || state.engine.in_flight.len();
+    tracing::info!("draining: {} requests in flight, grace {:.1?}", in_flight(), grace);
+    let deadline = Instant::now() + grace;
+    while in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if in_flight() > 0 {
+        tracing::warn!("grace period over: cancelling {} requests", in_flight());
+        state.engine.cancel_all();
+        let hard = Instant::now() + Duration::from_secs(10);
+        while in_flight() > 0 && Instant::now() < hard {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Removes a request from the in-flight table when its handler ends, however
+/// it ends (finished, failed, or dropped because the client went away).
+struct InFlightGuard {
+    engine: EngineHandle,
+    id: String,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.engine.finished(&self.id);
+    }
 }
 
 #[derive(Clone)]
@@ -90,8 +127,14 @@ type EventStream = mpsc::UnboundedReceiver<crate::engine::Event>;
 
 impl GenerationService {
     /// Validates (tokenizing on a blocking thread) and queues the request.
-    async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<(ValidRequest, EventStream), Error> {
+    async fn start(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<(ValidRequest, EventStream, InFlightGuard), Error> {
         let arrival = Instant::now();
+        if self.state.draining.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
         let deadline = deadline_of(&req, arrival);
         let state = self.state.clone();
         let body = req.into_inner();
@@ -102,19 +145,19 @@ impl GenerationService {
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("request", id = %valid.request_id, prompt_tokens = valid.prompt_ids.len());
-        self.state.engine.submit(Job {
-            request: valid.clone(),
-            events: tx,
-            span,
-        })?;
-        Ok((valid, rx))
+        self.state.engine.submit(Job::new(valid.clone(), tx, span))?;
+        let guard = InFlightGuard {
+            engine: self.state.engine.clone(),
+            id: valid.request_id.clone(),
+        };
+        Ok((valid, rx, guard))
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (valid, mut events) = self.start(req).await?;
+        let (valid, mut events, _guard) = self.start(req).await?;
         let mut responder = Responder::new(self.state.tokenizer.clone(), &valid);
         let mut collector = Collector::new(&valid.request_id);
         while let Some(event) = events.recv().await {
@@ -137,10 +180,11 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (valid, mut events) = self.start(req).await?;
+        let (valid, mut events, guard) = self.start(req).await?;
         let mut responder = Responder::new(self.state.tokenizer.clone(), &valid);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 let event = tokio::select! {
                     event = events.recv() => event,
@@ -193,6 +237,11 @@ impl Generation for GenerationService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let found = self.state.engine.cancel(&req.into_inner().request_id);
+        Ok(Response::new(pb::CancelResponse { found }))
     }
 
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {

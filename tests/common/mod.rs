@@ -24,12 +24,18 @@ pub fn serve_args() -> ServeArgs {
         runtime: RuntimeArgs {
             onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
             intra_op_threads: 1,
+            workers: 1,
         },
         server: ServerArgs {
             listen: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace: 1.0,
         },
         limits: LimitArgs {
             max_queue: 64,
+            max_batch_size: 16,
+            max_batch_tokens: 4096,
+            max_prefill_tokens: 1024,
+            max_prompt_tokens: 1024,
             max_new_tokens: 200,
             default_max_new_tokens: 16,
         },

@@ -1,0 +1,169 @@
+//! Admission policy, as pure code: which waiting requests join the running
+//! batch now.
+//!
+//! - Strict FIFO: requests are admitted from the head of the queue only, so a
+//!   large request at the head is never overtaken; it waits until the batch
+//!   has room for it, and since nothing else is admitted meanwhile, the batch
+//!   drains until it does (no starvation).
+//! - The KV budget counts what the left-padded layout really holds: every row
+//!   is as long as the longest, so a batch of `B` rows peaks at
+//!   `B * max_r(L + remaining_r)` token slots, where `L` is the current cache
+//!   length and `remaining_r` the tokens row `r` may still add.
+//! - One prefill takes at most `max_prefill_tokens` (rows × longest prompt,
+//!   padding included), which bounds how long it stalls the running rows.
+
+/// Limits the policy enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_batch_size: usize,
+    /// KV budget in token slots (rows × columns).
+    pub max_batch_tokens: usize,
+    pub max_prefill_tokens: usize,
+}
+
+/// What the policy needs to know of a waiting request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub prompt_len: usize,
+    pub max_new_tokens: usize,
+}
+
+/// What the policy needs to know of the running batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Running {
+    /// Current cache length `L`.
+    pub len: usize,
+    /// Per row, tokens it may still add.
+    pub remaining: Vec<usize>,
+}
+
+impl Running {
+    /// Peak token slots of this batch if nothing leaves early.
+    pub fn peak(&self) -> usize {
+        self.remaining.len() * self.remaining.iter().map(|r| self.len + r).max().unwrap_or(0)
+    }
+}
+
+/// Peak token slots a request needs alone; more than `max_batch_tokens` and
+/// it can never run.
+pub fn alone(c: Candidate) -> usize {
+    c.prompt_len + c.max_new_tokens
+}
+
+/// How many requests from the head of `queue` to admit now.
+pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item = Candidate>) -> usize {
+    let mut rows = running.remaining.len();
+    let mut len = running.len;
+    let mut farthest = running.remaining.iter().map(|r| running.len + r).max().unwrap_or(0);
+    let mut longest_prompt = 0;
+    let mut admitted = 0;
+    for c in queue {
+        if rows + 1 > limits.max_batch_size {
+            break;
+        }
+        let prompt = longest_prompt.max(c.prompt_len);
+        if admitted > 0 && (admitted + 1) * prompt > limits.max_prefill_tokens {
+            break;
+        }
+        // After the join the cache is max(L, longest new prompt) long, and
+        // every row already there moves right by the difference.
+        let joined_len = len.max(prompt);
+        let reach = (farthest + joined_len - len).max(joined_len + c.max_new_tokens);
+        if (rows + 1) * reach > limits.max_batch_tokens {
+            break;
+        }
+        rows += 1;
+        len = joined_len;
+        farthest = reach;
+        longest_prompt = prompt;
+        admitted += 1;
+    }
+    admitted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_batch_size: 4,
+        max_batch_tokens: 1000,
+        max_prefill_tokens: 300,
+    };
+
+    fn c(prompt_len: usize, max_new_tokens: usize) -> Candidate {
+        Candidate {
+            prompt_len,
+            max_new_tokens,
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_admits_up_to_the_batch_size() {
+        assert_eq!(admit(&LIMITS, &Running::default(), vec![c(10, 10); 6]), 4);
+    }
+
+    #[test]
+    fn the_budget_counts_padding_to_the_longest_row() {
+        // Two rows reaching 100 + 100 = 200 columns: 400 slots; a third
+        // makes it 600, a fourth 800; all fit in 1000.
+        let wide_prefill = Limits {
+            max_prefill_tokens: 1000,
+            ..LIMITS
+        };
+        assert_eq!(admit(&wide_prefill, &Running::default(), vec![c(100, 100); 4]), 4);
+        let tight = Limits {
+            max_batch_tokens: 799,
+            ..wide_prefill
+        };
+        assert_eq!(admit(&tight, &Running::default(), vec![c(100, 100); 4]), 3);
+        // A row whose prompt is 300 long pads everyone to 300 + 100.
+        assert_eq!(
+            admit(&LIMITS, &Running::default(), [c(100, 100), c(300, 100), c(10, 10)]),
+            1
+        );
+        let running = Running {
+            len: 150,
+            remaining: vec![50, 200],
+        };
+        assert_eq!(running.peak(), 2 * 350);
+        // Joining makes 3 rows reaching 350: 1050 > 1000.
+        assert_eq!(admit(&LIMITS, &running, [c(10, 10)]), 0);
+        let running = Running {
+            len: 150,
+            remaining: vec![50, 100],
+        };
+        assert_eq!(admit(&LIMITS, &running, [c(10, 10), c(10, 10)]), 2);
+        assert_eq!(admit(&LIMITS, &running, [c(10, 10), c(10, 300)]), 1);
+    }
+
+    #[test]
+    fn fifo_a_large_head_is_not_overtaken() {
+        let running = Running {
+            len: 10,
+            remaining: vec![100],
+        };
+        // The head needs 2 * (10 + 600) > 1000: nothing behind it may pass.
+        assert_eq!(admit(&LIMITS, &running, [c(10, 600), c(1, 1), c(1, 1)]), 0);
+        // Once the batch is empty it runs.
+        assert_eq!(admit(&LIMITS, &Running::default(), [c(10, 600), c(1, 1)]), 1);
+    }
+
+    #[test]
+    fn one_prefill_is_bounded_but_a_long_prompt_alone_still_runs() {
+        // 3 rows of 100 = 300 prefill tokens; a fourth would be 400.
+        assert_eq!(admit(&LIMITS, &Running::default(), vec![c(100, 1); 4]), 3);
+        // A single prompt over the prefill bound is admitted alone.
+        let wide = Limits {
+            max_batch_tokens: 10_000,
+            ..LIMITS
+        };
+        assert_eq!(admit(&wide, &Running::default(), [c(500, 1), c(1, 1)]), 1);
+    }
+
+    #[test]
+    fn never_fits_is_detectable_up_front() {
+        assert!(alone(c(600, 500)) > LIMITS.max_batch_tokens);
+        assert_eq!(admit(&LIMITS, &Running::default(), [c(600, 500)]), 0);
+    }
+}

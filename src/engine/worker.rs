@@ -1,0 +1,364 @@
+//! One worker: an OS thread that owns an ONNX Runtime session and a running
+//! batch. Each iteration it admits waiting requests (one padded prefill, then
+//! a join), evicts rows that finished, were cancelled or ran past their
+//! deadline, and runs one decode step for every remaining row in a single
+//! `Session::run`.
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::admission::{self, Candidate, Running};
+use super::model::{ForwardInput, KvCache, Logits, Model};
+use super::{EngineError, Event, Job, WorkerShared};
+use crate::pb::FinishReason;
+use crate::sampling;
+
+struct Row {
+    job: Job,
+    /// Real tokens of this row in the cache (right-aligned).
+    len: usize,
+    generated: u32,
+    /// The token to feed at the next decode step.
+    next: u32,
+    /// Finished, or its client is gone: evicted before the next step.
+    done: bool,
+}
+
+pub(super) struct Worker {
+    pub model: Model,
+    pub limits: admission::Limits,
+    pub pad_id: u32,
+    pub shared: Arc<WorkerShared>,
+    pub rx: mpsc::UnboundedReceiver<Job>,
+    queue: VecDeque<Job>,
+    rows: Vec<Row>,
+    cache: Option<KvCache>,
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+impl Worker {
+    pub fn new(
+        model: Model,
+        limits: admission::Limits,
+        pad_id: u32,
+        shared: Arc<WorkerShared>,
+        rx: mpsc::UnboundedReceiver<Job>,
+    ) -> Self {
+        Worker {
+            model,
+            limits,
+            pad_id,
+            shared,
+            rx,
+            queue: VecDeque::new(),
+            rows: Vec::new(),
+            cache: None,
+        }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            if self.rows.is_empty() && self.queue.is_empty() {
+                self.shared.publish(0, 0);
+                match self.rx.blocking_recv() {
+                    Some(job) => self.queue.push_back(job),
+                    None => return,
+                }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.queue.push_back(job);
+            }
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.iteration()));
+            if let Err(panic) = result {
+                let e = EngineError::Panic(super::panic_text(&panic));
+                tracing::error!(
+                    worker = self.shared.id,
+                    "worker panicked; failing its running requests and restarting: {e}"
+                );
+                self.shared.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                self.fail_running(e);
+            }
+            self.shared.publish(self.rows.len(), self.queue.len());
+        }
+    }
+
+    fn iteration(&mut self) {
+        let t0 = now();
+        self.drop_abandoned();
+        self.admit();
+        self.evict();
+        if !self.rows.is_empty() {
+            self.decode();
+        }
+        self.shared
+            .stats
+            .iteration_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Releases a job's budget reservation once it leaves this worker.
+    fn release(&self, job: &Job) {
+        self.shared.load.fetch_sub(job.reserved, Ordering::Relaxed);
+    }
+
+    /// Waiting requests whose client left, that were cancelled, or whose
+    /// deadline passed never reach a prefill.
+    fn drop_abandoned(&mut self) {
+        let t = now();
+        let queue = std::mem::take(&mut self.queue);
+        let mut kept = VecDeque::with_capacity(queue.len());
+        for job in queue {
+            let reason = job.ended_reason(t);
+            if reason.is_none() {
+                kept.push_back(job);
+                continue;
+            }
+            if let Some(reason) = reason.flatten() {
+                let _ = job.events.send(Event::Ended { index: 0, reason });
+            }
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.release(&job);
+        }
+        self.queue = kept;
+    }
+
+    fn running(&self) -> Running {
+        Running {
+            len: self.cache.as_ref().map_or(0, |c| c.len),
+            remaining: self
+                .rows
+                .iter()
+                .map(|r| (r.job.request.stop.max_new_tokens - r.generated) as usize)
+                .collect(),
+        }
+    }
+
+    fn admit(&mut self) {
+        let candidates = self.queue.iter().map(|j| Candidate {
+            prompt_len: j.request.prompt_ids.len(),
+            max_new_tokens: j.request.stop.max_new_tokens as usize,
+        });
+        let n = admission::admit(&self.limits, &self.running(), candidates);
+        if n == 0 {
+            return;
+        }
+        let jobs: Vec<Job> = self.queue.drain(..n).collect();
+        for job in &jobs {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            let _ = job.events.send(Event::Started { at: now() });
+        }
+        let t = now();
+        let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.request.prompt_ids.as_slice()).collect();
+        let input = ForwardInput::prefill(&prompts, self.pad_id);
+        let result = self
+            .model
+            .empty_cache(jobs.len())
+            .and_then(|c| self.model.forward(&input, c));
+        let stats = &self.shared.stats;
+        stats
+            .prefill_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats
+            .prefill_tokens
+            .fetch_add((input.batch * input.seq) as u64, Ordering::Relaxed);
+        let (logits, new_cache) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(worker = self.shared.id, "prefill failed: {e}");
+                let e = EngineError::from(e);
+                for job in jobs {
+                    let _ = job.events.send(Event::Failed(e.clone()));
+                    self.release(&job);
+                }
+                return;
+            }
+        };
+        let mut new_rows: Vec<Row> = jobs
+            .into_iter()
+            .map(|job| Row {
+                len: job.request.prompt_ids.len(),
+                job,
+                generated: 0,
+                next: 0,
+                done: false,
+            })
+            .collect();
+        choose(&mut new_rows, &logits);
+        self.cache = Some(match self.cache.take() {
+            None => new_cache,
+            Some(old) => {
+                let t = now();
+                let len = old.len.max(new_cache.len);
+                match old.concat(&new_cache, len) {
+                    Ok(joined) => {
+                        let stats = &self.shared.stats;
+                        stats.joins.fetch_add(1, Ordering::Relaxed);
+                        stats.join_bytes.fetch_add(joined.bytes() as u64, Ordering::Relaxed);
+                        stats
+                            .join_ns
+                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        joined
+                    }
+                    Err(e) => {
+                        // Keep the running batch; only the new rows fail.
+                        tracing::error!(worker = self.shared.id, "join failed: {e}");
+                        let e = EngineError::from(e);
+                        for row in new_rows {
+                            let _ = row.job.events.send(Event::Failed(e.clone()));
+                            self.release(&row.job);
+                        }
+                        self.cache = Some(old);
+                        return;
+                    }
+                }
+            }
+        });
+        self.rows.extend(new_rows);
+    }
+
+    /// Removes finished, cancelled, abandoned and expired rows with one copy
+    /// of the rows that stay (trimming columns that became padding for all).
+    fn evict(&mut self) {
+        let t = now();
+        let mut keep = Vec::with_capacity(self.rows.len());
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            if !row.done {
+                match row.job.ended_reason(t) {
+                    None => {}
+                    Some(reason) => {
+                        if let Some(reason) = reason {
+                            let _ = row.job.events.send(Event::Ended { index: 0, reason });
+                        }
+                        row.done = true;
+                    }
+                }
+            }
+            if !row.done {
+                keep.push(i);
+            }
+        }
+        if keep.len() == self.rows.len() {
+            return;
+        }
+        let removed = self.rows.len() - keep.len();
+        let old = std::mem::take(&mut self.rows);
+        let mut kept_rows = Vec::with_capacity(keep.len());
+        for (i, row) in old.into_iter().enumerate() {
+            if keep.binary_search(&i).is_ok() {
+                kept_rows.push(row);
+            } else {
+                self.release(&row.job);
+            }
+        }
+        self.rows = kept_rows;
+        let stats = &self.shared.stats;
+        stats.evictions.fetch_add(removed as u64, Ordering::Relaxed);
+        let Some(cache) = self.cache.take() else { return };
+        if self.rows.is_empty() {
+            return;
+        }
+        let len = self.rows.iter().map(|r| r.len).max().unwrap_or(0);
+        match cache.select(&keep, len) {
+            Ok(c) => {
+                stats.evict_copies.fetch_add(1, Ordering::Relaxed);
+                stats.evict_bytes.fetch_add(c.bytes() as u64, Ordering::Relaxed);
+                stats
+                    .evict_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                self.cache = Some(c);
+            }
+            Err(e) => {
+                tracing::error!(worker = self.shared.id, "evict failed: {e}");
+                self.fail_running(e.into());
+            }
+        }
+    }
+
+    fn decode(&mut self) {
+        let Some(cache) = self.cache.take() else { return };
+        let tokens: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
+        let lens: Vec<usize> = self.rows.iter().map(|r| r.len).collect();
+        let input = ForwardInput::decode(&tokens, &lens, cache.len);
+        let t = now();
+        let result = self.model.forward(&input, cache);
+        let stats = &self.shared.stats;
+        stats.run_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.step_rows.fetch_add(self.rows.len() as u64, Ordering::Relaxed);
+        match result {
+            Ok((logits, cache)) => {
+                self.cache = Some(cache);
+                for row in &mut self.rows {
+                    row.len += 1;
+                }
+                choose(&mut self.rows, &logits);
+            }
+            Err(e) => {
+                tracing::error!(worker = self.shared.id, "decode step failed: {e}");
+                self.fail_running(e.into());
+            }
+        }
+    }
+
+    /// Fails every running row (the queue is kept) and resets the batch.
+    fn fail_running(&mut self, e: EngineError) {
+        for row in std::mem::take(&mut self.rows) {
+            if !row.done {
+                let _ = row.job.events.send(Event::Failed(e.clone()));
+            }
+            self.release(&row.job);
+        }
+        self.cache = None;
+    }
+}
+
+/// Picks each live row's next token from its logits and tells its client.
+fn choose(rows: &mut [Row], logits: &Logits) {
+    let at = now();
+    for (i, row) in rows.iter_mut().enumerate() {
+        if row.done {
+            continue;
+        }
+        let req = &row.job.request;
+        let masked = req.stop.masked(row.generated);
+        let choice = sampling::greedy(logits.row(i), &masked, req.top_logprobs as usize);
+        row.generated += 1;
+        row.next = choice.id;
+        let finish = req.stop.check(choice.id, row.generated);
+        let sent = row
+            .job
+            .events
+            .send(Event::Token {
+                index: 0,
+                choice,
+                finish,
+                at,
+            })
+            .is_ok();
+        row.done = finish.is_some() || !sent;
+    }
+}
+
+impl Job {
+    /// Why this job must stop now: `Some(Some(reason))` to tell the client,
+    /// `Some(None)` when the client is gone, `None` to go on.
+    fn ended_reason(&self, now: Instant) -> Option<Option<FinishReason>> {
+        if self.events.is_closed() {
+            return Some(None);
+        }
+        if self.cancel.load(Ordering::Relaxed) {
+            return Some(Some(FinishReason::Cancelled));
+        }
+        if self.request.deadline.is_some_and(|d| now >= d) {
+            return Some(Some(FinishReason::Deadline));
+        }
+        None
+    }
+}
