@@ -52,12 +52,13 @@ pub fn alone(c: Candidate) -> usize {
 
 /// How many requests from the head of `queue` to admit now.
 pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item = Candidate>) -> usize {
-    let mut rows = running.remaining.len();
+    let running_rows = running.remaining.len();
     let mut len = running.len;
     let mut farthest = running.remaining.iter().map(|r| running.len + r).max().unwrap_or(0);
     let mut longest_prompt = 0;
     let mut admitted = 0;
     for c in queue {
+        let rows = running_rows + admitted;
         if rows + 1 > limits.max_batch_size {
             break;
         }
@@ -72,7 +73,6 @@ pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item =
         if (rows + 1) * reach > limits.max_batch_tokens {
             break;
         }
-        rows += 1;
         len = joined_len;
         farthest = reach;
         longest_prompt = prompt;
