@@ -44,6 +44,7 @@ pub fn serve_args() -> ServeArgs {
 
 pub struct TestServer {
     pub client: GenerationClient<Channel>,
+    pub state: std::sync::Arc<batchgen::server::AppState>,
     pub addr: std::net::SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -68,12 +69,14 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = loaded.state.clone();
     tokio::spawn(batchgen::server::serve(listener, loaded.state, async {
         let _ = rx.await;
     }));
     let client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
     TestServer {
         client,
+        state,
         addr,
         shutdown: Some(tx),
     }
@@ -86,4 +89,13 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// Waits (polling the server's own state, at most 30 s) until `cond` holds.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed().as_secs() < 30, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
