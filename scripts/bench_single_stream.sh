@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single-stream tokens/s: batchgen (through gRPC, as a client sees it) against
-# batchgen's engine loop without gRPC, and a plain ONNX Runtime loop in Python
+# a plain ORT loop in Rust (examples/ort_loop.rs), and one in Python
 # on the same model, library and threads,
 # alternating so both see the same machine state.
 #   scripts/bench_single_stream.sh MODEL_DIR [THREADS] [ROUNDS]
@@ -23,8 +23,8 @@ echo "batchgen ready in $(echo "$(date +%s.%N) - $start" | bc) s (process start 
 for r in $(seq "$rounds"); do
   echo "== round $r: batchgen"
   ./target/release/examples/single_stream http://127.0.0.1:$port 32 128 2
-  echo "== round $r: batchgen's engine forward loop alone (no gRPC; server idle)"
-  ./target/release/examples/engine_loop "$model" "$threads" 128 2
+  echo "== round $r: plain ORT loop in Rust (examples/ort_loop.rs; server idle)"
+  ./target/release/examples/ort_loop "$model" "$threads" 128 2
   echo "== round $r: plain ONNX Runtime loop (Python)"
   "$python" scripts/ort_loop.py "$model" --prompt-tokens 32 --new-tokens 128 --threads "$threads" --runs 2 | grep run
 done

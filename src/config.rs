@@ -21,6 +21,38 @@ pub enum Command {
     Serve(ServeArgs),
     /// Stream a generation from a running server to the terminal.
     Generate(GenerateArgs),
+    /// Load-test a running server: closed loop at fixed concurrencies and
+    /// open loop at Poisson rates, with a sequential baseline in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The server's address.
+    #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// Closed-loop concurrency levels (clients each sending one request after
+    /// another). 1 (the sequential baseline) is always run first.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub concurrency: Vec<usize>,
+    /// Open-loop Poisson arrival rates, in requests per second (none by default).
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<f64>,
+    /// Requests per level (0: 4 × concurrency, at least 8; for rates, 8 s worth, at least 8).
+    #[arg(long, default_value_t = 0)]
+    pub requests: usize,
+    /// Prompt length in tokens (prompts are distinct per request).
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: u32,
+    /// Tokens generated per request (EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: u32,
+    /// Seed of the prompts and of the Poisson arrivals.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

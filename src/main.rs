@@ -21,6 +21,15 @@ fn run() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Bench(args) => rt.block_on(async {
+            let levels = batchgen::bench::run(&args).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&levels)?);
+            } else {
+                print!("{}", batchgen::bench::table(&levels));
+            }
+            Ok(())
+        }),
         Command::Generate(args) => rt.block_on(async {
             batchgen::client::generate(&args)
                 .await

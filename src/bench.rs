@@ -1,0 +1,280 @@
+//! `batchgen bench`: a load generator that drives a running server over gRPC
+//! (like TGI's benchmark tool) and reports throughput and latency per level.
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::config::BenchArgs;
+use crate::pb::{self, generation_client::GenerationClient};
+
+/// What one request saw.
+#[derive(Debug, Clone)]
+struct Sample {
+    tokens: usize,
+    ttft: f64,
+    e2e: f64,
+    /// Gaps between consecutive tokens' arrivals.
+    itl: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles {
+            p50: 0.0,
+            p90: 0.0,
+            p99: 0.0,
+        };
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
+    Percentiles {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+    }
+}
+
+/// Results of one level (a concurrency or a rate).
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    /// "concurrency" or "rate".
+    pub mode: &'static str,
+    pub value: f64,
+    pub requests: usize,
+    pub failed: usize,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub tokens_per_second: f64,
+    /// tokens_per_second divided by the sequential baseline's.
+    pub speedup_vs_sequential: f64,
+    pub ttft_seconds: Percentiles,
+    pub itl_seconds: Percentiles,
+    pub e2e_seconds: Percentiles,
+}
+
+/// Prompt `i`: distinct per request, reproducible from the seed.
+fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 50_000) as u32
+        })
+        .collect()
+}
+
+async fn one(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+    let request = pb::GenerateRequest {
+        prompt_token_ids: prompt(args.seed, i, args.prompt_tokens),
+        stopping: Some(pb::Stopping {
+            max_new_tokens: args.new_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut stream = client.generate_stream(request).await?.into_inner();
+    let mut arrivals = Vec::with_capacity(args.new_tokens as usize);
+    while let Some(msg) = stream.message().await? {
+        let t = start.elapsed().as_secs_f64();
+        arrivals.extend(std::iter::repeat_n(t, msg.tokens.len()));
+    }
+    Ok(Sample {
+        tokens: arrivals.len(),
+        ttft: arrivals.first().copied().unwrap_or(0.0),
+        e2e: start.elapsed().as_secs_f64(),
+        itl: arrivals.windows(2).map(|w| w[1] - w[0]).collect(),
+    })
+}
+
+fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<Sample, tonic::Status>>) -> Level {
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        eprintln!(
+            "{mode} {value}: {failed} requests failed, e.g. {:?}: {}",
+            e.code(),
+            e.message()
+        );
+    }
+    let ok: Vec<Sample> = results.into_iter().filter_map(Result::ok).collect();
+    let tokens: usize = ok.iter().map(|s| s.tokens).sum();
+    Level {
+        mode,
+        value,
+        requests: ok.len(),
+        failed,
+        seconds,
+        requests_per_second: ok.len() as f64 / seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        speedup_vs_sequential: 0.0,
+        ttft_seconds: percentiles(ok.iter().map(|s| s.ttft).collect()),
+        itl_seconds: percentiles(ok.iter().flat_map(|s| s.itl.iter().copied()).collect()),
+        e2e_seconds: percentiles(ok.iter().map(|s| s.e2e).collect()),
+    }
+}
+
+/// `concurrency` clients, each sending requests back to back, `total` in all.
+async fn closed_loop(client: &GenerationClient<Channel>, args: &BenchArgs, concurrency: usize, first: usize) -> Level {
+    let total = if args.requests > 0 {
+        args.requests
+    } else {
+        (4 * concurrency).max(8)
+    };
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, args, next) = (client.clone(), args.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return out;
+                }
+                out.push(one(client.clone(), &args, first + i).await);
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.extend(t.await.expect("bench task"));
+    }
+    summarize(
+        "concurrency",
+        concurrency as f64,
+        start.elapsed().as_secs_f64(),
+        results,
+    )
+}
+
+/// Requests arriving as a Poisson process at `rate` per second.
+async fn open_loop(client: &GenerationClient<Channel>, args: &BenchArgs, rate: f64, first: usize) -> Level {
+    let total = if args.requests > 0 {
+        args.requests
+    } else {
+        ((8.0 * rate) as usize).max(8)
+    };
+    let mut x = args.seed.wrapping_add(0x2545_F491_4F6C_DD1D) | 1;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let start = Instant::now();
+    let mut at = 0.0;
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        at += -uniform().ln() / rate;
+        tokio::time::sleep_until((start + Duration::from_secs_f64(at)).into()).await;
+        let (client, args) = (client.clone(), args.clone());
+        tasks.push(tokio::spawn(async move { one(client, &args, first + i).await }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("bench task"));
+    }
+    summarize("rate", rate, start.elapsed().as_secs_f64(), results)
+}
+
+pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Error>> {
+    let client = GenerationClient::connect(args.target.clone()).await?;
+    let mut levels: Vec<usize> = vec![1];
+    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
+    // Warm-up: the first request pays for lazy initialisation in ORT.
+    one(client.clone(), args, usize::MAX / 2).await?;
+    let mut out = Vec::new();
+    let mut first = 0;
+    for c in levels {
+        let level = closed_loop(&client, args, c, first).await;
+        first += level.requests + level.failed;
+        if !args.json {
+            eprintln!("concurrency {c}: {:.1} tokens/s", level.tokens_per_second);
+        }
+        out.push(level);
+    }
+    for &r in &args.rate {
+        let level = open_loop(&client, args, r, first).await;
+        first += level.requests + level.failed;
+        out.push(level);
+    }
+    let base = out[0].tokens_per_second;
+    for l in &mut out {
+        l.speedup_vs_sequential = if base > 0.0 { l.tokens_per_second / base } else { 0.0 };
+    }
+    Ok(out)
+}
+
+pub fn table(levels: &[Level]) -> String {
+    let ms = |p: &Percentiles| format!("{:>7.1} {:>7.1} {:>7.1}", p.p50 * 1e3, p.p90 * 1e3, p.p99 * 1e3);
+    let mut s = format!(
+        "{:<16} {:>5} {:>7} {:>9} {:>8} | {:^23} | {:^23} | {:^23}\n{:<16} {:>5} {:>7} {:>9} {:>8} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7}\n",
+        "level",
+        "reqs",
+        "req/s",
+        "tokens/s",
+        "speedup",
+        "TTFT ms",
+        "inter-token ms",
+        "end-to-end ms",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "p50",
+        "p90",
+        "p99",
+        "p50",
+        "p90",
+        "p99",
+        "p50",
+        "p90",
+        "p99"
+    );
+    for l in levels {
+        let name = format!("{} {}", l.mode, l.value);
+        s += &format!(
+            "{:<16} {:>5} {:>7.2} {:>9.1} {:>7.2}x | {} | {} | {}\n",
+            name,
+            l.requests,
+            l.requests_per_second,
+            l.tokens_per_second,
+            l.speedup_vs_sequential,
+            ms(&l.ttft_seconds),
+            ms(&l.itl_seconds),
+            ms(&l.e2e_seconds)
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_distinct_and_reproducible() {
+        assert_eq!(prompt(1, 3, 32), prompt(1, 3, 32));
+        assert_ne!(prompt(1, 3, 32), prompt(1, 4, 32));
+        assert!(prompt(1, 3, 32).iter().all(|&t| t < 50_000));
+    }
+
+    #[test]
+    fn percentiles_of_a_known_sample() {
+        let p = percentiles((1..=101).map(f64::from).collect());
+        assert_eq!((p.p50, p.p90, p.p99), (51.0, 91.0, 100.0));
+    }
+}
