@@ -6,19 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use batchgen::pb::{self, FinishReason};
-use common::{expected, ids, start, start_with, wait_until};
+use common::{expected, ids, last_message, request, start, start_with, wait_until};
 use tonic::Code;
-
-fn request(prompt_ids: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt_token_ids: prompt_ids,
-        stopping: Some(pb::Stopping {
-            max_new_tokens,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn token_ids(resp: &pb::GenerateResponse) -> Vec<u32> {
     resp.sequences[0].tokens.iter().map(|t| t.id).collect()
@@ -139,31 +128,13 @@ async fn cancel_by_request_id_from_another_connection() {
     let mut other = batchgen::pb::generation_client::GenerationClient::connect(format!("http://{}", server.addr))
         .await
         .unwrap();
-    let found = other
-        .cancel(pb::CancelRequest {
-            request_id: "job-42".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .found;
+    let found = cancel(&mut other, "job-42").await;
     assert!(found);
-    let mut last = None;
-    while let Some(m) = stream.message().await.unwrap() {
-        last = Some(m);
-    }
-    let last = last.unwrap();
+    let last = last_message(&mut stream).await;
     assert_eq!(last.finish_reason, FinishReason::Cancelled as i32);
     assert!(last.usage.unwrap().generated_tokens < 200);
     wait_until("the id is released", || server.state.engine.in_flight.is_empty()).await;
-    let found = other
-        .cancel(pb::CancelRequest {
-            request_id: "job-42".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .found;
+    let found = cancel(&mut other, "job-42").await;
     assert!(!found);
 }
 
@@ -230,11 +201,7 @@ async fn shutdown_cancels_what_outlasts_the_grace_period() {
     stream.message().await.unwrap().unwrap();
     batchgen::server::drain(&server.state, Duration::ZERO).await;
     assert!(server.state.engine.in_flight.is_empty());
-    let mut last = None;
-    while let Some(m) = stream.message().await.unwrap() {
-        last = Some(m);
-    }
-    let last = last.unwrap();
+    let last = last_message(&mut stream).await;
     assert_eq!(last.finish_reason, FinishReason::Cancelled as i32);
     assert!(last.usage.unwrap().generated_tokens < 200);
     let refused = server.client.generate(request(vec![464], 2)).await.unwrap_err();
@@ -262,4 +229,12 @@ async fn two_workers_share_the_load_and_agree() {
     for w in workers {
         assert!(w.stats.steps.load(Ordering::Relaxed) > 0, "worker {} got no work", w.id);
     }
+}
+
+async fn cancel(
+    client: &mut batchgen::pb::generation_client::GenerationClient<tonic::transport::Channel>,
+    id: &str,
+) -> bool {
+    let req = pb::CancelRequest { request_id: id.into() };
+    client.cancel(req).await.unwrap().into_inner().found
 }

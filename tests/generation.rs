@@ -2,19 +2,8 @@
 mod common;
 
 use batchgen::pb::{self, FinishReason};
-use common::{expected, ids, start};
+use common::{expected, ids, request, start};
 use tonic::Code;
-
-fn request(prompt_ids: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt_token_ids: prompt_ids,
-        stopping: Some(pb::Stopping {
-            max_new_tokens,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// Greedy output equals transformers' generate() on the same weights, token
 /// for token, with the same log-probabilities.
@@ -200,14 +189,7 @@ async fn top_logprobs_are_sorted_and_consistent_with_the_chosen_token() {
     let mut server = start().await;
     let mut req = request(vec![464, 2068, 7586, 21831], 8);
     req.top_logprobs = 5;
-    let seq = server
-        .client
-        .generate(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .sequences
-        .remove(0);
+    let seq = server.sequence(req).await;
     for t in &seq.tokens {
         assert_eq!(t.top_logprobs.len(), 5);
         assert!(t.top_logprobs.windows(2).all(|w| w[0].logprob >= w[1].logprob));
@@ -231,14 +213,7 @@ async fn eos_handling_stop_token_ids_and_ignore_eos() {
     // ignore_eos: the same tokens up to EOS, then it goes on to max_new_tokens.
     let mut req = request(prompt.clone(), 40);
     req.stopping.as_mut().unwrap().ignore_eos = true;
-    let seq = server
-        .client
-        .generate(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .sequences
-        .remove(0);
+    let seq = server.sequence(req).await;
     let got: Vec<u32> = seq.tokens.iter().map(|t| t.id).collect();
     assert_eq!(got.len(), 40);
     assert_eq!(&got[..want.len()], &want[..]);
@@ -249,14 +224,7 @@ async fn eos_handling_stop_token_ids_and_ignore_eos() {
     let stop_at = want[3];
     let mut req = request(prompt.clone(), 40);
     req.stopping.as_mut().unwrap().stop_token_ids = vec![stop_at];
-    let seq = server
-        .client
-        .generate(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .sequences
-        .remove(0);
+    let seq = server.sequence(req).await;
     let got: Vec<u32> = seq.tokens.iter().map(|t| t.id).collect();
     let first = want.iter().position(|&t| t == stop_at).unwrap();
     assert_eq!(got, want[..=first].to_vec());
@@ -269,14 +237,7 @@ async fn the_default_length_is_capped_by_the_context() {
     // 250 prompt tokens, context 256, default max_new_tokens 16: 6 tokens.
     let mut req = request(vec![464; 250], 0);
     req.stopping.as_mut().unwrap().ignore_eos = true;
-    let seq = server
-        .client
-        .generate(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .sequences
-        .remove(0);
+    let seq = server.sequence(req).await;
     assert_eq!(seq.tokens.len(), 6);
     assert_eq!(seq.finish_reason, FinishReason::ContextFull as i32);
 }

@@ -87,14 +87,7 @@ async fn every_supported_layout_generates_like_the_fixture() {
                 }),
                 ..Default::default()
             };
-            let seq = server
-                .client
-                .generate(req)
-                .await
-                .unwrap()
-                .into_inner()
-                .sequences
-                .remove(0);
+            let seq = server.sequence(req).await;
             let got: Vec<u32> = seq.tokens.iter().map(|t| t.id).collect();
             assert_eq!(got, ids(&case["output_ids"]), "{variant}/{name}");
             let tol = if kv == "float16" { 2e-2 } else { 1e-4 };

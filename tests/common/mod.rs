@@ -99,3 +99,39 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
+
+/// A greedy request for `prompt_ids` and `max_new_tokens`.
+pub fn request(prompt_ids: Vec<u32>, max_new_tokens: u32) -> batchgen::pb::GenerateRequest {
+    batchgen::pb::GenerateRequest {
+        prompt_token_ids: prompt_ids,
+        stopping: Some(batchgen::pb::Stopping {
+            max_new_tokens,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl TestServer {
+    /// Runs a unary request and returns its one sequence.
+    pub async fn sequence(&mut self, req: batchgen::pb::GenerateRequest) -> batchgen::pb::Sequence {
+        self.client
+            .generate(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .sequences
+            .remove(0)
+    }
+}
+
+/// Reads a stream to its end and returns its last message.
+pub async fn last_message(
+    stream: &mut tonic::Streaming<batchgen::pb::GenerateStreamResponse>,
+) -> batchgen::pb::GenerateStreamResponse {
+    let mut last = None;
+    while let Some(m) = stream.message().await.unwrap() {
+        last = Some(m);
+    }
+    last.expect("the stream sent no message")
+}
