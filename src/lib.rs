@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod logits;
 pub mod model;
 pub mod runtime;
 pub mod sampling;

@@ -65,6 +65,19 @@ fn log_sum_exp_from(logits: &[f32], max: f32) -> f64 {
     f64::from(max) + sum.ln()
 }
 
+/// Reporting for a token chosen by other means (after processors or by
+/// sampling): its log-probability and the alternatives, under the model's own
+/// distribution.
+pub fn report(logits: &[f32], id: u32, top_k: usize) -> Choice {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = log_sum_exp_from(logits, max);
+    Choice {
+        id,
+        logprob: (logits[id as usize] as f64 - lse) as f32,
+        top: top_logprobs(logits, lse, top_k),
+    }
+}
+
 /// Greedy choice with `masked` tokens forbidden, plus reporting.
 pub fn greedy(logits: &[f32], masked: &[u32], top_k: usize) -> Choice {
     let id = argmax_unmasked(logits, masked);

@@ -2,6 +2,7 @@
 //! field, the limit and the value. Nothing downstream re-checks these limits.
 use std::time::Instant;
 
+use crate::logits::{Processors, Warpers};
 use crate::pb;
 use crate::stopping::StopCriteria;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -61,6 +62,7 @@ pub struct ValidRequest {
     pub request_id: String,
     pub prompt_ids: Vec<u32>,
     pub stop: StopCriteria,
+    pub decoding: DecodingPlan,
     pub top_logprobs: u32,
     /// When the request arrived (for queue time and time to first token).
     pub arrival: Instant,
@@ -68,54 +70,162 @@ pub struct ValidRequest {
     pub deadline: Option<Instant>,
 }
 
-const GREEDY_ONLY: &str = "this server supports greedy decoding only until the decoding issue lands";
+/// Most samples one request may ask for (each is a row of the batch).
+pub const MAX_SAMPLES: u32 = 16;
+/// Most logit_bias entries.
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Largest no_repeat_ngram_size.
+pub const MAX_NO_REPEAT_NGRAM: u32 = 64;
 
-/// Refuses every decoding field that is set to something other than "off",
-/// so that no field is ever silently ignored.
-fn check_decoding(d: &pb::Decoding) -> Result<(), ValidationError> {
-    let unimplemented = |field, value: String| {
-        Err(ValidationError::Unimplemented {
-            field,
-            value,
-            hint: GREEDY_ONLY,
-        })
-    };
-    for (field, v) in [
-        ("decoding.repetition_penalty", d.repetition_penalty),
-        ("decoding.presence_penalty", d.presence_penalty),
-        ("decoding.frequency_penalty", d.frequency_penalty),
-    ] {
-        if !v.is_finite() {
-            return Err(invalid(field, format!("must be a finite number, got {v}")));
-        }
+/// Random sampling, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingPlan {
+    pub warpers: Warpers,
+    /// Seed of sample 0; sample i uses `seed + i`.
+    pub seed: u64,
+    pub num_samples: u32,
+}
+
+/// How the request chooses tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodingPlan {
+    pub processors: Processors,
+    /// `None`: greedy search.
+    pub sampling: Option<SamplingPlan>,
+}
+
+impl DecodingPlan {
+    /// Rows of the batch the request occupies.
+    pub fn rows(&self) -> u32 {
+        self.sampling.as_ref().map_or(1, |s| s.num_samples)
     }
-    match &d.method {
-        None | Some(pb::decoding::Method::Greedy(_)) => {}
-        Some(pb::decoding::Method::Sampling(s)) => return unimplemented("decoding.sampling", format!("{s:?}")),
-        Some(pb::decoding::Method::BeamSearch(b)) => return unimplemented("decoding.beam_search", format!("{b:?}")),
-    }
-    if d.repetition_penalty < 0.0 {
-        return Err(invalid(
-            "decoding.repetition_penalty",
-            format!("must be > 0 (0 means off), got {}", d.repetition_penalty),
-        ));
-    }
-    if d.repetition_penalty != 0.0 && d.repetition_penalty != 1.0 {
-        return unimplemented("decoding.repetition_penalty", d.repetition_penalty.to_string());
-    }
-    if d.presence_penalty != 0.0 {
-        return unimplemented("decoding.presence_penalty", d.presence_penalty.to_string());
-    }
-    if d.frequency_penalty != 0.0 {
-        return unimplemented("decoding.frequency_penalty", d.frequency_penalty.to_string());
-    }
-    if d.no_repeat_ngram_size != 0 {
-        return unimplemented("decoding.no_repeat_ngram_size", d.no_repeat_ngram_size.to_string());
-    }
-    if !d.logit_bias.is_empty() {
-        return unimplemented("decoding.logit_bias", format!("{} entries", d.logit_bias.len()));
+}
+
+fn finite_in(field: &'static str, v: f32, lo: f32, hi: f32, what: &str) -> Result<(), ValidationError> {
+    if !v.is_finite() || v < lo || v > hi {
+        return Err(invalid(field, format!("must be {what}, got {v}")));
     }
     Ok(())
+}
+
+fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, ValidationError> {
+    finite_in(
+        "decoding.repetition_penalty",
+        d.repetition_penalty,
+        0.0,
+        10.0,
+        "in (0, 10] (0 means off)",
+    )?;
+    finite_in(
+        "decoding.presence_penalty",
+        d.presence_penalty,
+        -2.0,
+        2.0,
+        "in [-2, 2] (0 means off)",
+    )?;
+    finite_in(
+        "decoding.frequency_penalty",
+        d.frequency_penalty,
+        -2.0,
+        2.0,
+        "in [-2, 2] (0 means off)",
+    )?;
+    if d.no_repeat_ngram_size > MAX_NO_REPEAT_NGRAM {
+        return Err(invalid(
+            "decoding.no_repeat_ngram_size",
+            format!(
+                "must be at most {MAX_NO_REPEAT_NGRAM} (0 means off), got {}",
+                d.no_repeat_ngram_size
+            ),
+        ));
+    }
+    if d.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(
+            "decoding.logit_bias",
+            format!("at most {MAX_LOGIT_BIAS} entries, got {}", d.logit_bias.len()),
+        ));
+    }
+    let mut logit_bias: Vec<(u32, f32)> = d.logit_bias.into_iter().collect();
+    logit_bias.sort_by_key(|b| b.0);
+    for &(id, bias) in &logit_bias {
+        if id >= vocab_size {
+            return Err(invalid(
+                "decoding.logit_bias",
+                format!("key {id} is not a token id: must be below the vocabulary size {vocab_size}"),
+            ));
+        }
+        if !bias.is_finite() || bias.abs() > 100.0 {
+            return Err(invalid(
+                "decoding.logit_bias",
+                format!("[{id}] must be in [-100, 100], got {bias}"),
+            ));
+        }
+    }
+    let processors = Processors {
+        logit_bias,
+        repetition_penalty: d.repetition_penalty,
+        presence_penalty: d.presence_penalty,
+        frequency_penalty: d.frequency_penalty,
+        no_repeat_ngram_size: d.no_repeat_ngram_size as usize,
+    };
+    let sampling = match d.method {
+        None | Some(pb::decoding::Method::Greedy(_)) => None,
+        Some(pb::decoding::Method::BeamSearch(b)) => {
+            return Err(ValidationError::Unimplemented {
+                field: "decoding.beam_search",
+                value: format!("{b:?}"),
+                hint: "use greedy or sampling until beam search lands",
+            });
+        }
+        Some(pb::decoding::Method::Sampling(s)) => {
+            finite_in(
+                "decoding.sampling.temperature",
+                s.temperature,
+                0.0,
+                100.0,
+                "in [0, 100] (0 means greedy)",
+            )?;
+            finite_in("decoding.sampling.top_p", s.top_p, 0.0, 1.0, "in (0, 1] (0 means off)")?;
+            finite_in(
+                "decoding.sampling.typical_p",
+                s.typical_p,
+                0.0,
+                1.0,
+                "in (0, 1] (0 means off)",
+            )?;
+            finite_in("decoding.sampling.min_p", s.min_p, 0.0, 1.0, "in [0, 1] (0 means off)")?;
+            if s.top_k > vocab_size {
+                return Err(invalid(
+                    "decoding.sampling.top_k",
+                    format!(
+                        "must be at most the vocabulary size {vocab_size} (0 means off), got {}",
+                        s.top_k
+                    ),
+                ));
+            }
+            if s.num_samples > MAX_SAMPLES {
+                return Err(invalid(
+                    "decoding.sampling.num_samples",
+                    format!("must be at most {MAX_SAMPLES} (0 means 1), got {}", s.num_samples),
+                ));
+            }
+            let num_samples = s.num_samples.max(1);
+            let warpers = Warpers {
+                temperature: s.temperature,
+                top_k: s.top_k as usize,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                typical_p: s.typical_p,
+            };
+            // Temperature 0 is greedy: the warpers do not change an argmax.
+            (s.temperature > 0.0).then(|| SamplingPlan {
+                warpers,
+                seed: s.seed.unwrap_or_else(rand::random),
+                num_samples,
+            })
+        }
+    };
+    Ok(DecodingPlan { processors, sampling })
 }
 
 /// Validates `req`; `tokenizer` turns a text prompt into ids (this runs on a
@@ -136,8 +246,7 @@ pub fn validate(
             ),
         ));
     }
-    let decoding = req.decoding.unwrap_or_default();
-    check_decoding(&decoding)?;
+    let decoding = check_decoding(req.decoding.unwrap_or_default(), limits.vocab_size)?;
     let stopping = req.stopping.unwrap_or_default();
     if !stopping.stop_sequences.is_empty() {
         return Err(ValidationError::Unimplemented {
@@ -238,13 +347,19 @@ pub fn validate(
         }
         n => (n, false),
     };
-    if prompt_len + u64::from(max_new_tokens) > u64::from(limits.max_batch_tokens) {
+    let rows = u64::from(decoding.rows());
+    if rows * (prompt_len + u64::from(max_new_tokens)) > u64::from(limits.max_batch_tokens) {
+        let times = if rows > 1 {
+            format!("{rows} rows × ")
+        } else {
+            String::new()
+        };
         return Err(invalid(
             "stopping.max_new_tokens",
             format!(
-                "prompt tokens ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {} exceeds the server's KV budget \
-                 per worker of {} tokens (--max-batch-tokens), so the request could never run",
-                prompt_len + u64::from(max_new_tokens),
+                "{times}prompt tokens ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {} exceeds the server's \
+                 KV budget per worker of {} tokens (--max-batch-tokens), so the request could never run",
+                rows * (prompt_len + u64::from(max_new_tokens)),
                 limits.max_batch_tokens
             ),
         ));
@@ -296,6 +411,7 @@ pub fn validate(
             stop_token_ids: stopping.stop_token_ids,
             length_is_context,
         },
+        decoding,
         top_logprobs: req.top_logprobs,
         arrival,
         deadline,
@@ -449,52 +565,110 @@ mod tests {
     }
 
     #[test]
-    fn fields_not_yet_implemented_are_refused_not_ignored() {
+    fn decoding_fields_are_checked_and_kept() {
         let with = |d: pb::Decoding| {
             check(pb::GenerateRequest {
                 decoding: Some(d),
                 ..ids(1)
             })
-            .unwrap_err()
         };
-        let field = |e: ValidationError| match e {
-            ValidationError::Unimplemented { field, .. } => field,
-            other => panic!("{other:?}"),
-        };
-        let sampling = pb::decoding::Method::Sampling(pb::Sampling {
-            temperature: 0.7,
+        let sampling = |s: pb::Sampling| pb::Decoding {
+            method: Some(pb::decoding::Method::Sampling(s)),
             ..Default::default()
-        });
+        };
+        let s = pb::Sampling {
+            temperature: 0.7,
+            top_k: 5,
+            seed: Some(3),
+            num_samples: 2,
+            ..Default::default()
+        };
+        let plan = with(sampling(s)).unwrap().decoding.sampling.unwrap();
+        assert_eq!((plan.seed, plan.num_samples, plan.warpers.top_k), (3, 2, 5));
+        // Without a seed one is drawn, so the output can be reproduced.
+        let a = with(sampling(pb::Sampling {
+            temperature: 1.0,
+            ..Default::default()
+        }))
+        .unwrap();
+        assert!(a.decoding.sampling.is_some());
+        // Temperature 0 is greedy.
+        assert!(
+            with(sampling(pb::Sampling::default()))
+                .unwrap()
+                .decoding
+                .sampling
+                .is_none()
+        );
+        let err = |d| with(d).unwrap_err().to_string();
         assert_eq!(
-            field(with(pb::Decoding {
-                method: Some(sampling),
+            err(sampling(pb::Sampling {
+                temperature: -1.0,
                 ..Default::default()
             })),
-            "decoding.sampling"
+            "decoding.sampling.temperature: must be in [0, 100] (0 means greedy), got -1"
         );
         assert_eq!(
-            field(with(pb::Decoding {
-                repetition_penalty: 1.3,
+            err(sampling(pb::Sampling {
+                temperature: 1.0,
+                top_p: 1.5,
                 ..Default::default()
             })),
-            "decoding.repetition_penalty"
+            "decoding.sampling.top_p: must be in (0, 1] (0 means off), got 1.5"
         );
         assert_eq!(
-            field(with(pb::Decoding {
-                no_repeat_ngram_size: 2,
+            err(sampling(pb::Sampling {
+                temperature: 1.0,
+                top_k: 60000,
                 ..Default::default()
             })),
-            "decoding.no_repeat_ngram_size"
+            "decoding.sampling.top_k: must be at most the vocabulary size 50257 (0 means off), got 60000"
         );
         assert_eq!(
-            field(with(pb::Decoding {
-                logit_bias: [(1, 2.0)].into(),
+            err(sampling(pb::Sampling {
+                temperature: 1.0,
+                num_samples: 17,
                 ..Default::default()
             })),
-            "decoding.logit_bias"
+            "decoding.sampling.num_samples: must be at most 16 (0 means 1), got 17"
         );
+        assert_eq!(
+            err(pb::Decoding {
+                presence_penalty: f32::NAN,
+                ..Default::default()
+            }),
+            "decoding.presence_penalty: must be in [-2, 2] (0 means off), got NaN"
+        );
+        assert_eq!(
+            err(pb::Decoding {
+                logit_bias: [(60000, 1.0)].into(),
+                ..Default::default()
+            }),
+            "decoding.logit_bias: key 60000 is not a token id: must be below the vocabulary size 50257"
+        );
+        assert_eq!(
+            err(pb::Decoding {
+                logit_bias: [(5, 101.0)].into(),
+                ..Default::default()
+            }),
+            "decoding.logit_bias: [5] must be in [-100, 100], got 101"
+        );
+        let beam = pb::Decoding {
+            method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch {
+                num_beams: 2,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert!(matches!(
+            with(beam),
+            Err(ValidationError::Unimplemented {
+                field: "decoding.beam_search",
+                ..
+            })
+        ));
         let stop = pb::Stopping {
-            stop_sequences: vec!["\n".into()],
+            stop_sequences: vec!["\\n".into()],
             ..Default::default()
         };
         let e = check(pb::GenerateRequest {
@@ -502,30 +676,19 @@ mod tests {
             ..ids(1)
         })
         .unwrap_err();
-        assert_eq!(field(e), "stopping.stop_sequences");
-        // Explicit "off" values are accepted.
-        let off = pb::Decoding {
-            repetition_penalty: 1.0,
-            method: Some(pb::decoding::Method::Greedy(pb::Greedy {})),
-            ..Default::default()
-        };
-        assert!(
-            check(pb::GenerateRequest {
-                decoding: Some(off),
-                ..ids(1)
-            })
-            .is_ok()
-        );
-        let nan = pb::Decoding {
-            presence_penalty: f32::NAN,
-            ..Default::default()
-        };
         assert!(matches!(
-            with(nan),
-            ValidationError::Invalid {
-                field: "decoding.presence_penalty",
+            e,
+            ValidationError::Unimplemented {
+                field: "stopping.stop_sequences",
                 ..
             }
         ));
+        let v = with(pb::Decoding {
+            repetition_penalty: 1.3,
+            no_repeat_ngram_size: 3,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(v.decoding.processors.repetition_penalty, 1.3);
     }
 }

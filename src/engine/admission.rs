@@ -26,6 +26,8 @@ pub struct Limits {
 pub struct Candidate {
     pub prompt_len: usize,
     pub max_new_tokens: usize,
+    /// Rows the request occupies (its samples); its prompt is prefilled once.
+    pub rows: usize,
 }
 
 /// What the policy needs to know of the running batch.
@@ -47,19 +49,18 @@ impl Running {
 /// Peak token slots a request needs alone; more than `max_batch_tokens` and
 /// it can never run.
 pub fn alone(c: Candidate) -> usize {
-    c.prompt_len + c.max_new_tokens
+    c.rows * (c.prompt_len + c.max_new_tokens)
 }
 
 /// How many requests from the head of `queue` to admit now.
 pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item = Candidate>) -> usize {
-    let running_rows = running.remaining.len();
+    let mut rows = running.remaining.len();
     let mut len = running.len;
     let mut farthest = running.remaining.iter().map(|r| running.len + r).max().unwrap_or(0);
     let mut longest_prompt = 0;
     let mut admitted = 0;
     for c in queue {
-        let rows = running_rows + admitted;
-        if rows + 1 > limits.max_batch_size {
+        if rows + c.rows > limits.max_batch_size {
             break;
         }
         let prompt = longest_prompt.max(c.prompt_len);
@@ -70,9 +71,10 @@ pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item =
         // every row already there moves right by the difference.
         let joined_len = len.max(prompt);
         let reach = (farthest + joined_len - len).max(joined_len + c.max_new_tokens);
-        if (rows + 1) * reach > limits.max_batch_tokens {
+        if (rows + c.rows) * reach > limits.max_batch_tokens {
             break;
         }
+        rows += c.rows;
         len = joined_len;
         farthest = reach;
         longest_prompt = prompt;
@@ -95,6 +97,7 @@ mod tests {
         Candidate {
             prompt_len,
             max_new_tokens,
+            rows: 1,
         }
     }
 
@@ -159,6 +162,18 @@ mod tests {
             ..LIMITS
         };
         assert_eq!(admit(&wide, &Running::default(), [c(500, 1), c(1, 1)]), 1);
+    }
+
+    #[test]
+    fn samples_take_one_row_each() {
+        let c4 = Candidate {
+            prompt_len: 10,
+            max_new_tokens: 10,
+            rows: 3,
+        };
+        // 3 + 3 rows > 4.
+        assert_eq!(admit(&LIMITS, &Running::default(), [c4, c4]), 1);
+        assert_eq!(alone(c4), 60);
     }
 
     #[test]

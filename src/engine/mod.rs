@@ -75,6 +75,15 @@ pub struct Job {
 }
 
 impl Job {
+    /// What the admission policy needs to know of this job.
+    pub fn candidate(&self) -> admission::Candidate {
+        admission::Candidate {
+            prompt_len: self.request.prompt_ids.len(),
+            max_new_tokens: self.request.stop.max_new_tokens as usize,
+            rows: self.request.decoding.rows() as usize,
+        }
+    }
+
     pub fn new(request: ValidRequest, events: mpsc::UnboundedSender<Event>, span: tracing::Span) -> Self {
         Job {
             request,
@@ -182,10 +191,7 @@ impl EngineHandle {
             .enumerate()
             .min_by_key(|(_, w)| w.shared.load.load(Ordering::Relaxed))
             .ok_or(QueueError::Stopped)?;
-        job.reserved = admission::alone(admission::Candidate {
-            prompt_len: job.request.prompt_ids.len(),
-            max_new_tokens: job.request.stop.max_new_tokens as usize,
-        });
+        job.reserved = admission::alone(job.candidate());
         slot.shared.load.fetch_add(job.reserved, Ordering::Relaxed);
         entry.insert(InFlight {
             cancel: job.cancel.clone(),

@@ -11,14 +11,20 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::admission::{self, Candidate, Running};
+use super::admission::{self, Running};
 use super::model::{ForwardInput, KvCache, Logits, Model};
 use super::{EngineError, Event, Job, WorkerShared};
+use crate::logits::{self, History};
 use crate::pb::FinishReason;
 use crate::sampling;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 struct Row {
-    job: Job,
+    /// Shared by the rows of one request (its samples).
+    job: Arc<Job>,
+    /// Which of the request's sequences this row is.
+    index: u32,
     /// Real tokens of this row in the cache (right-aligned).
     len: usize,
     generated: u32,
@@ -26,6 +32,10 @@ struct Row {
     next: u32,
     /// Finished, or its client is gone: evicted before the next step.
     done: bool,
+    /// Prompt and generated tokens, for the penalties.
+    history: History,
+    /// This row's own generator when sampling (seeded `seed + index`).
+    rng: Option<ChaCha8Rng>,
 }
 
 pub(super) struct Worker {
@@ -34,7 +44,7 @@ pub(super) struct Worker {
     pub pad_id: u32,
     pub shared: Arc<WorkerShared>,
     pub rx: mpsc::UnboundedReceiver<Job>,
-    queue: VecDeque<Job>,
+    queue: VecDeque<Arc<Job>>,
     rows: Vec<Row>,
     cache: Option<KvCache>,
 }
@@ -74,12 +84,12 @@ impl Worker {
                     since = now;
                 }
                 match self.rx.blocking_recv() {
-                    Some(job) => self.queue.push_back(job),
+                    Some(job) => self.queue.push_back(Arc::new(job)),
                     None => return,
                 }
             }
             while let Ok(job) = self.rx.try_recv() {
-                self.queue.push_back(job);
+                self.queue.push_back(Arc::new(job));
             }
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.iteration()));
             if let Err(panic) = result {
@@ -109,9 +119,11 @@ impl Worker {
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Releases a job's budget reservation once it leaves this worker.
-    fn release(&self, job: &Job) {
-        self.shared.load.fetch_sub(job.reserved, Ordering::Relaxed);
+    /// Releases a job's budget reservation once its last row leaves.
+    fn release(&self, job: &Arc<Job>) {
+        if Arc::strong_count(job) == 1 {
+            self.shared.load.fetch_sub(job.reserved, Ordering::Relaxed);
+        }
     }
 
     /// Waiting requests whose client left, that were cancelled, or whose
@@ -127,7 +139,9 @@ impl Worker {
                 continue;
             }
             if let Some(reason) = reason.flatten() {
-                let _ = job.events.send(Event::Ended { index: 0, reason });
+                for index in 0..job.request.decoding.rows() {
+                    let _ = job.events.send(Event::Ended { index, reason });
+                }
             }
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             self.release(&job);
@@ -147,15 +161,12 @@ impl Worker {
     }
 
     fn admit(&mut self) {
-        let candidates = self.queue.iter().map(|j| Candidate {
-            prompt_len: j.request.prompt_ids.len(),
-            max_new_tokens: j.request.stop.max_new_tokens as usize,
-        });
+        let candidates = self.queue.iter().map(|j| j.candidate());
         let n = admission::admit(&self.limits, &self.running(), candidates);
         if n == 0 {
             return;
         }
-        let jobs: Vec<Job> = self.queue.drain(..n).collect();
+        let jobs: Vec<Arc<Job>> = self.queue.drain(..n).collect();
         for job in &jobs {
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = job.events.send(Event::Started { at: now() });
@@ -186,17 +197,41 @@ impl Worker {
                 return;
             }
         };
-        let mut new_rows: Vec<Row> = jobs
-            .into_iter()
-            .map(|job| Row {
-                len: job.request.prompt_ids.len(),
-                job,
-                generated: 0,
-                next: 0,
-                done: false,
-            })
-            .collect();
-        choose(&mut new_rows, &logits);
+        // One prefilled row per request; its samples are copies of it.
+        let mut from = Vec::new();
+        let mut new_rows: Vec<Row> = Vec::new();
+        for (j, job) in jobs.into_iter().enumerate() {
+            let sampling = job.request.decoding.sampling.as_ref();
+            for index in 0..job.request.decoding.rows() {
+                from.push(j);
+                new_rows.push(Row {
+                    len: job.request.prompt_ids.len(),
+                    index,
+                    generated: 0,
+                    next: 0,
+                    done: false,
+                    history: History::new(&job.request.prompt_ids),
+                    rng: sampling.map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(u64::from(index)))),
+                    job: job.clone(),
+                });
+            }
+        }
+        let new_cache = if from.len() > new_cache.batch {
+            match new_cache.select(&from, new_cache.len) {
+                Ok(c) => c,
+                Err(e) => {
+                    let e = EngineError::from(e);
+                    for row in new_rows {
+                        let _ = row.job.events.send(Event::Failed(e.clone()));
+                        self.release(&row.job);
+                    }
+                    return;
+                }
+            }
+        } else {
+            new_cache
+        };
+        choose(&mut new_rows, &logits, &from);
         self.cache = Some(match self.cache.take() {
             None => new_cache,
             Some(old) => {
@@ -218,6 +253,7 @@ impl Worker {
                         let e = EngineError::from(e);
                         for row in new_rows {
                             let _ = row.job.events.send(Event::Failed(e.clone()));
+                            drop(row.history);
                             self.release(&row.job);
                         }
                         self.cache = Some(old);
@@ -240,7 +276,10 @@ impl Worker {
                     None => {}
                     Some(reason) => {
                         if let Some(reason) = reason {
-                            let _ = row.job.events.send(Event::Ended { index: 0, reason });
+                            let _ = row.job.events.send(Event::Ended {
+                                index: row.index,
+                                reason,
+                            });
                         }
                         row.done = true;
                     }
@@ -304,7 +343,8 @@ impl Worker {
                 for row in &mut self.rows {
                     row.len += 1;
                 }
-                choose(&mut self.rows, &logits);
+                let from: Vec<usize> = (0..self.rows.len()).collect();
+                choose(&mut self.rows, &logits, &from);
             }
             Err(e) => {
                 tracing::error!(worker = self.shared.id, "decode step failed: {e}");
@@ -325,24 +365,41 @@ impl Worker {
     }
 }
 
-/// Picks each live row's next token from its logits and tells its client.
-fn choose(rows: &mut [Row], logits: &Logits) {
+/// Picks each live row's next token and tells its client. Row `i` reads
+/// logits row `from[i]` (prefill: its request's prompt row).
+fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) {
     let at = now();
+    let mut scratch = Vec::new();
     for (i, row) in rows.iter_mut().enumerate() {
         if row.done {
             continue;
         }
         let req = &row.job.request;
         let masked = req.stop.masked(row.generated);
-        let choice = sampling::greedy(logits.row(i), &masked, req.top_logprobs as usize);
+        let raw = logits.row(from[i]);
+        let top = req.top_logprobs as usize;
+        let plan = &req.decoding;
+        let choice = if plan.sampling.is_none() && plan.processors.is_off() {
+            sampling::greedy(raw, &masked, top)
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(raw);
+            plan.processors.apply(&mut scratch, &row.history, &masked);
+            let id = match (&plan.sampling, row.rng.as_mut()) {
+                (Some(s), Some(rng)) => logits::sample(&logits::distribution(&scratch, &s.warpers), rng),
+                _ => sampling::argmax_unmasked(&scratch, &[]),
+            };
+            sampling::report(raw, id, top)
+        };
         row.generated += 1;
         row.next = choice.id;
+        row.history.push(choice.id);
         let finish = req.stop.check(choice.id, row.generated);
         let sent = row
             .job
             .events
             .send(Event::Token {
-                index: 0,
+                index: row.index,
                 choice,
                 finish,
                 at,

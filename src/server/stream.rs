@@ -12,6 +12,14 @@ use crate::sampling::Choice;
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use crate::validation::ValidRequest;
 
+/// Per-sequence state on the response side.
+struct SequenceState {
+    detok: Detokenizer,
+    logprob_sum: f64,
+    finished: bool,
+    seed: Option<u64>,
+}
+
 /// Per-request state on the response side.
 pub struct Responder {
     tokenizer: Tokenizer,
@@ -21,8 +29,7 @@ pub struct Responder {
     started: Option<Instant>,
     first_token: Option<Instant>,
     generated: u32,
-    detok: Detokenizer,
-    logprob_sum: f64,
+    sequences: Vec<SequenceState>,
 }
 
 /// What one event turns into.
@@ -39,6 +46,7 @@ pub enum Step {
 
 impl Responder {
     pub fn new(tokenizer: Tokenizer, req: &ValidRequest) -> Self {
+        let seed = req.decoding.sampling.as_ref().map(|s| s.seed);
         Responder {
             tokenizer,
             request_id: req.request_id.clone(),
@@ -47,8 +55,14 @@ impl Responder {
             started: None,
             first_token: None,
             generated: 0,
-            detok: Detokenizer::new(),
-            logprob_sum: 0.0,
+            sequences: (0..req.decoding.rows())
+                .map(|i| SequenceState {
+                    detok: Detokenizer::new(),
+                    logprob_sum: 0.0,
+                    finished: false,
+                    seed: seed.map(|s| s.wrapping_add(u64::from(i))),
+                })
+                .collect(),
         }
     }
 
@@ -82,12 +96,20 @@ impl Responder {
         }
     }
 
-    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, reason: FinishReason) {
+    /// Ends sequence `index` in `msg`; true when it was the request's last.
+    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, reason: FinishReason) -> bool {
+        let seq = &mut self.sequences[msg.index as usize];
         msg.text
-            .push_str(&self.detok.finish(&self.tokenizer).unwrap_or_default());
+            .push_str(&seq.detok.finish(&self.tokenizer).unwrap_or_default());
         msg.finish_reason = reason as i32;
-        msg.logprob_sum = self.logprob_sum;
-        msg.usage = Some(self.usage(Instant::now()));
+        msg.logprob_sum = seq.logprob_sum;
+        msg.seed = seq.seed;
+        seq.finished = true;
+        let last = self.sequences.iter().all(|s| s.finished);
+        if last {
+            msg.usage = Some(self.usage(Instant::now()));
+        }
+        last
     }
 
     pub fn on_event(&mut self, event: Event) -> Step {
@@ -95,39 +117,44 @@ impl Responder {
             request_id: self.request_id.clone(),
             ..Default::default()
         };
-        match event {
+        let (index, finish) = match event {
             Event::Started { at } => {
-                self.started = Some(at);
-                Step::Nothing
+                self.started.get_or_insert(at);
+                return Step::Nothing;
             }
+            Event::Failed(e) => return Step::Fail(e.into()),
             Event::Token {
                 index,
                 choice,
                 finish,
                 at,
             } => {
+                let Some(seq) = self.sequences.get_mut(index as usize).filter(|s| !s.finished) else {
+                    return Step::Nothing;
+                };
                 self.first_token.get_or_insert(at);
                 self.generated += 1;
-                self.logprob_sum += f64::from(choice.logprob);
-                msg.index = index;
-                msg.text = self.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
+                seq.logprob_sum += f64::from(choice.logprob);
+                msg.text = seq.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
                 msg.tokens.push(self.token(&choice));
-                match finish {
-                    Some(reason) => {
-                        self.finish(&mut msg, reason);
-                        Step::Last(msg, None)
-                    }
-                    None => Step::Message(msg),
-                }
+                (index, finish)
             }
             Event::Ended { index, reason } => {
-                msg.index = index;
-                self.finish(&mut msg, reason);
-                let status = (reason == FinishReason::Deadline).then_some(Error::Deadline);
-                Step::Last(msg, status)
+                if self.sequences.get(index as usize).is_none_or(|s| s.finished) {
+                    return Step::Nothing;
+                }
+                (index, Some(reason))
             }
-            Event::Failed(e) => Step::Fail(e.into()),
+        };
+        msg.index = index;
+        let Some(reason) = finish else {
+            return Step::Message(msg);
+        };
+        if !self.finish(&mut msg, reason) {
+            return Step::Message(msg);
         }
+        let status = (reason == FinishReason::Deadline).then_some(Error::Deadline);
+        Step::Last(msg, status)
     }
 }
 
@@ -161,6 +188,7 @@ impl Collector {
             seq.finish_reason = msg.finish_reason;
             seq.logprob_sum = msg.logprob_sum;
             seq.score = msg.logprob_sum;
+            seq.seed = msg.seed;
         }
         if msg.usage.is_some() {
             self.response.usage = msg.usage;
