@@ -12,18 +12,12 @@ use ort::value::{DynValue, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = std::path::PathBuf::from(
-        args.get(1)
-            .ok_or("usage: ort_loop MODEL_DIR [THREADS] [NEW_TOKENS] [RUNS]")?,
-    );
+    let dir = std::path::PathBuf::from(args.get(1).ok_or("usage: ort_loop MODEL_DIR [THREADS] [NEW_TOKENS] [RUNS]")?);
     let threads: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
     let new_tokens: usize = args.get(3).map_or(Ok(128), |s| s.parse())?;
     let runs: usize = args.get(4).map_or(Ok(3), |s| s.parse())?;
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
-    let (layers, heads) = (
-        config["n_layer"].as_u64().unwrap() as usize,
-        config["n_head"].as_u64().unwrap() as usize,
-    );
+    let (layers, heads) = (config["n_layer"].as_u64().unwrap() as usize, config["n_head"].as_u64().unwrap() as usize);
     let head_dim = config["n_embd"].as_u64().unwrap() as usize / heads;
     let rt = batchgen::runtime::init(None)?;
     let mut session = Session::builder(&rt.env)?
@@ -44,21 +38,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let seq = ids.len();
             let mut feeds: Vec<(String, DynValue)> = vec![
-                (
-                    "input_ids".into(),
-                    Tensor::from_array(([1usize, seq], ids.clone()))?.into_dyn(),
-                ),
+                ("input_ids".into(), Tensor::from_array(([1usize, seq], ids.clone()))?.into_dyn()),
                 (
                     "attention_mask".into(),
                     Tensor::from_array(([1usize, n_past + seq], vec![1i64; n_past + seq]))?.into_dyn(),
                 ),
                 (
                     "position_ids".into(),
-                    Tensor::from_array((
-                        [1usize, seq],
-                        (n_past as i64..(n_past + seq) as i64).collect::<Vec<_>>(),
-                    ))?
-                    .into_dyn(),
+                    Tensor::from_array(([1usize, seq], (n_past as i64..(n_past + seq) as i64).collect::<Vec<_>>()))?
+                        .into_dyn(),
                 ),
             ];
             for (i, v) in past.drain(..).enumerate() {
@@ -70,10 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let last = &logits[(seq - 1) * vocab..seq * vocab];
             let next = (0..vocab).fold(0, |b, i| if last[i] > last[b] { i } else { b });
             for i in 0..2 * layers {
-                past.push(
-                    out.remove(format!("present.{}.{}", i / 2, ["key", "value"][i % 2]))
-                        .unwrap(),
-                );
+                past.push(out.remove(format!("present.{}.{}", i / 2, ["key", "value"][i % 2])).unwrap());
             }
             n_past += seq;
             ids = vec![next as i64];

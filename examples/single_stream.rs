@@ -18,11 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for run in 0..runs {
         let request = pb::GenerateRequest {
             prompt_token_ids: (0..prompt_tokens).map(|i| i * 7 + 100).collect(),
-            stopping: Some(pb::Stopping {
-                max_new_tokens: new_tokens,
-                ignore_eos: true,
-                ..Default::default()
-            }),
+            stopping: Some(pb::Stopping { max_new_tokens: new_tokens, ignore_eos: true, ..Default::default() }),
             ..Default::default()
         };
         let start = Instant::now();

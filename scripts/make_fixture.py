@@ -87,6 +87,85 @@ def greedy(model, ids, max_new, **kw):
     return new, logprobs
 
 
+def raw_logprob_sum(model, prompt_ids, new_ids):
+    """log-probability of new_ids after prompt_ids under the model, by full recompute."""
+    x = torch.tensor([prompt_ids + new_ids])
+    logp = torch.log_softmax(model(x).logits[0].double(), -1)
+    return sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(new_ids))
+
+
+def beam_cases(model, tok):
+    """Beam search as transformers' generate() does it, with scores."""
+    out = {}
+    configs = [
+        ("beam5", "short", dict(num_beams=5)),
+        ("beam5_no_repeat2", "short", dict(num_beams=5, no_repeat_ngram_size=2)),
+        ("beam4_lp0.5_early", "long", dict(num_beams=4, length_penalty=0.5, early_stopping=True)),
+        ("beam4_lp2_not_early", "long", dict(num_beams=4, length_penalty=2.0, early_stopping=False)),
+        ("beam3_eos", "emoji", dict(num_beams=3)),
+    ]
+    for name, prompt_name, kw in configs:
+        ids = tok(PROMPTS[prompt_name])["input_ids"]
+        x = torch.tensor([ids])
+        n = kw["num_beams"]
+        res = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=16,
+                             num_return_sequences=n, pad_token_id=50256, eos_token_id=50256,
+                             output_scores=True, return_dict_in_generate=True, **kw)
+        seqs = []
+        for i in range(n):
+            new = res.sequences[i, len(ids):].tolist()
+            # Beams that ended early are padded with pad (= EOS) after their EOS.
+            if 50256 in new:
+                new = new[: new.index(50256) + 1]
+            seqs.append({"output_ids": new, "score": res.sequences_scores[i].item(),
+                         "logprob_sum": raw_logprob_sum(model, ids, new), "text": tok.decode(new)})
+        out[name] = {"prompt": PROMPTS[prompt_name], "prompt_ids": ids, "max_new_tokens": 16,
+                     "num_return_sequences": n, **kw, "sequences": seqs}
+    return out
+
+
+def sampling_distributions(model, tok):
+    """The distribution transformers samples from after its warpers, for fixed prompts."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        TypicalLogitsWarper)
+    configs = [
+        {"temperature": 1.5},
+        {"temperature": 2.0, "top_k": 20},
+        {"temperature": 2.0, "top_p": 0.8},
+        {"temperature": 2.0, "min_p": 0.05},
+        {"temperature": 2.0, "typical_p": 0.8},
+        {"temperature": 1.7, "top_k": 50, "top_p": 0.9, "min_p": 0.02},
+    ]
+    out = []
+    for prompt_name in ("long", "cjk"):
+        ids = tok(PROMPTS[prompt_name])["input_ids"]
+        logits = model(torch.tensor([ids])).logits[:, -1, :].float()
+        for cfg in configs:
+            warpers = LogitsProcessorList()
+            # transformers' order (GenerationMixin._get_logits_processor).
+            if "temperature" in cfg:
+                warpers.append(TemperatureLogitsWarper(cfg["temperature"]))
+            if "top_k" in cfg:
+                warpers.append(TopKLogitsWarper(cfg["top_k"]))
+            if "top_p" in cfg:
+                warpers.append(TopPLogitsWarper(cfg["top_p"]))
+            if "min_p" in cfg:
+                warpers.append(MinPLogitsWarper(cfg["min_p"]))
+            if "typical_p" in cfg:
+                warpers.append(TypicalLogitsWarper(cfg["typical_p"]))
+            probs = torch.softmax(warpers(torch.tensor([ids]), logits.clone()), -1)[0]
+            nz = torch.nonzero(probs > 0).flatten().tolist()
+            dist = sorted(((i, probs[i].item()) for i in nz), key=lambda d: -d[1])
+            entropy = -sum(p * __import__("math").log(p) for _, p in dist)
+            print(f"sampling {prompt_name} {cfg}: {len(dist)} tokens, top {dist[0][1]:.3f}, entropy {entropy:.2f}",
+                  file=sys.stderr)
+            out.append({"prompt": PROMPTS[prompt_name], "prompt_ids": ids, "warpers": cfg,
+                        "distribution": dist if len(dist) <= 2000 else None,
+                        "support": len(dist), "top": dist[:200]})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoder", required=True)
@@ -129,6 +208,15 @@ def main():
         cases["emoji_min_new_tokens"] = {"prompt": PROMPTS["emoji"], "prompt_ids": ids, "max_new_tokens": 30,
                                          "min_new_tokens": 28, "output_ids": new, "logprobs": lps,
                                          "text": tok.decode(new)}
+        # Greedy with processors (transformers applies them to the raw logits).
+        ids = tok(PROMPTS["short"])["input_ids"]
+        for name, kw in [("repetition_penalty", {"repetition_penalty": 1.3}),
+                         ("no_repeat_ngram", {"no_repeat_ngram_size": 3})]:
+            new, lps = greedy(model, ids, 24, **kw)
+            cases[f"short_{name}"] = {"prompt": PROMPTS["short"], "prompt_ids": ids, "max_new_tokens": 24,
+                                      **kw, "output_ids": new, "logprobs": lps, "text": tok.decode(new)}
+        beams = beam_cases(model, tok)
+        distributions = sampling_distributions(model, tok)
     # The streaming test needs an output with multi-byte characters split across tokens.
     def split_chars(ids):
         return sum(1 for t in ids if "\ufffd" in tok.decode([t]))
@@ -146,6 +234,8 @@ def main():
         "torch": torch.__version__,
         "utf8_case": best,
         "greedy": cases,
+        "beam": beams,
+        "sampling": distributions,
     }
     path = os.path.join(os.path.dirname(os.path.normpath(args.out)), "tiny-gpt2-expected.json")
     with open(path, "w") as f:

@@ -32,22 +32,15 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let t0 = Instant::now();
     let l = &args.limits;
     if l.default_max_new_tokens == 0 || l.default_max_new_tokens > l.max_new_tokens {
-        return Err(StartupError::Limits {
-            default: l.default_max_new_tokens,
-            max: l.max_new_tokens,
-        });
+        return Err(StartupError::Limits { default: l.default_max_new_tokens, max: l.max_new_tokens });
     }
     let rt = runtime::init(args.runtime.onnxruntime.as_deref())?;
     tracing::info!(path = %rt.path.display(), source = ?rt.source, "ONNX Runtime loaded");
     let files = ModelFiles::resolve(&args.model.model, args.model.revision.as_deref())?;
     let config = ModelConfig::load(&files)?;
-    let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| ModelError::Tokenizer {
-        path: files.tokenizer.clone(),
-        reason: e.0,
-    })?;
-    let options = SessionOptions {
-        intra_op_threads: args.runtime.intra_op_threads,
-    };
+    let tokenizer = Tokenizer::from_file(&files.tokenizer)
+        .map_err(|e| ModelError::Tokenizer { path: files.tokenizer.clone(), reason: e.0 })?;
+    let options = SessionOptions { intra_op_threads: args.runtime.intra_op_threads };
     let models = (0..args.runtime.workers.max(1))
         .map(|_| Model::load(&rt.env, &files.onnx, config.n_layer, &options))
         .collect::<Result<Vec<_>, _>>()?;
@@ -83,17 +76,11 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             eos_token_id: config.eos_token_id,
             max_new_tokens: l.max_new_tokens,
             default_max_new_tokens: l.default_max_new_tokens,
-            max_prompt_tokens: l
-                .max_prompt_tokens
-                .min(config.n_positions - 1)
-                .min(l.max_prefill_tokens as u32),
+            max_prompt_tokens: l.max_prompt_tokens.min(config.n_positions - 1).min(l.max_prefill_tokens as u32),
             max_batch_tokens: l.max_batch_tokens.min(u32::MAX as usize) as u32,
         },
         draining: Default::default(),
         engine,
     };
-    Ok(Loaded {
-        state: Arc::new(state),
-        worker_threads,
-    })
+    Ok(Loaded { state: Arc::new(state), worker_threads })
 }

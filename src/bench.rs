@@ -27,19 +27,11 @@ pub struct Percentiles {
 
 fn percentiles(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
-        return Percentiles {
-            p50: 0.0,
-            p90: 0.0,
-            p99: 0.0,
-        };
+        return Percentiles { p50: 0.0, p90: 0.0, p99: 0.0 };
     }
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
-    Percentiles {
-        p50: at(0.5),
-        p90: at(0.9),
-        p99: at(0.99),
-    }
+    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99) }
 }
 
 /// Results of one level (a concurrency or a rate).
@@ -76,11 +68,7 @@ fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
 async fn one(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
     let request = pb::GenerateRequest {
         prompt_token_ids: prompt(args.seed, i, args.prompt_tokens),
-        stopping: Some(pb::Stopping {
-            max_new_tokens: args.new_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        }),
+        stopping: Some(pb::Stopping { max_new_tokens: args.new_tokens, ignore_eos: true, ..Default::default() }),
         ..Default::default()
     };
     let start = Instant::now();
@@ -101,11 +89,7 @@ async fn one(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) 
 fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<Sample, tonic::Status>>) -> Level {
     let failed = results.iter().filter(|r| r.is_err()).count();
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-        eprintln!(
-            "{mode} {value}: {failed} requests failed, e.g. {:?}: {}",
-            e.code(),
-            e.message()
-        );
+        eprintln!("{mode} {value}: {failed} requests failed, e.g. {:?}: {}", e.code(), e.message());
     }
     let ok: Vec<Sample> = results.into_iter().filter_map(Result::ok).collect();
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
@@ -126,11 +110,7 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
 
 /// `concurrency` clients, each sending requests back to back, `total` in all.
 async fn closed_loop(client: &GenerationClient<Channel>, args: &BenchArgs, concurrency: usize, first: usize) -> Level {
-    let total = if args.requests > 0 {
-        args.requests
-    } else {
-        (4 * concurrency).max(8)
-    };
+    let total = if args.requests > 0 { args.requests } else { (4 * concurrency).max(8) };
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -151,21 +131,12 @@ async fn closed_loop(client: &GenerationClient<Channel>, args: &BenchArgs, concu
     for t in tasks {
         results.extend(t.await.expect("bench task"));
     }
-    summarize(
-        "concurrency",
-        concurrency as f64,
-        start.elapsed().as_secs_f64(),
-        results,
-    )
+    summarize("concurrency", concurrency as f64, start.elapsed().as_secs_f64(), results)
 }
 
 /// Requests arriving as a Poisson process at `rate` per second.
 async fn open_loop(client: &GenerationClient<Channel>, args: &BenchArgs, rate: f64, first: usize) -> Level {
-    let total = if args.requests > 0 {
-        args.requests
-    } else {
-        ((8.0 * rate) as usize).max(8)
-    };
+    let total = if args.requests > 0 { args.requests } else { ((8.0 * rate) as usize).max(8) };
     let mut x = args.seed.wrapping_add(0x2545_F491_4F6C_DD1D) | 1;
     let mut uniform = move || {
         x ^= x << 13;

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "batchgen",
-    version,
-    about = "GPT-2 text generation over gRPC, on ONNX Runtime"
-)]
+#[command(name = "batchgen", version, about = "GPT-2 text generation over gRPC, on ONNX Runtime")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -14,6 +14,7 @@ pub mod model;
 pub mod runtime;
 pub mod sampling;
 pub mod server;
+pub mod stop;
 pub mod stopping;
 pub mod tokenizer;
 pub mod validation;

@@ -46,11 +46,7 @@ pub struct History {
 
 impl History {
     pub fn new(prompt: &[u32]) -> Self {
-        History {
-            tokens: prompt.to_vec(),
-            prompt_len: prompt.len(),
-            generated_counts: HashMap::new(),
-        }
+        History { tokens: prompt.to_vec(), prompt_len: prompt.len(), generated_counts: HashMap::new() }
     }
 
     pub fn push(&mut self, token: u32) {
@@ -104,23 +100,15 @@ pub fn banned_ngram_tokens(tokens: &[u32], n: usize) -> Vec<u32> {
         return Vec::new();
     }
     let prefix = &tokens[tokens.len() + 1 - n..];
-    tokens
-        .windows(n)
-        .filter(|w| &w[..n - 1] == prefix)
-        .map(|w| w[n - 1])
-        .collect()
+    tokens.windows(n).filter(|w| &w[..n - 1] == prefix).map(|w| w[n - 1]).collect()
 }
 
 /// The distribution sampling draws from: `(token, probability)` for every
 /// token the warpers keep, probabilities summing to 1, most likely first.
 pub fn distribution(scores: &[f32], w: &Warpers) -> Vec<(u32, f32)> {
     let t = if w.temperature > 0.0 { w.temperature } else { 1.0 };
-    let mut cand: Vec<(u32, f32)> = scores
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.is_finite())
-        .map(|(i, &s)| (i as u32, s / t))
-        .collect();
+    let mut cand: Vec<(u32, f32)> =
+        scores.iter().enumerate().filter(|(_, s)| s.is_finite()).map(|(i, &s)| (i as u32, s / t)).collect();
     if cand.is_empty() {
         return Vec::new();
     }
@@ -174,10 +162,8 @@ pub fn distribution(scores: &[f32], w: &Warpers) -> Vec<(u32, f32)> {
                 -lp * lp.exp()
             })
             .sum();
-        let mut by_typical: Vec<(f64, u32, f32)> = cand
-            .iter()
-            .map(|c| (((f64::from(c.1) - lse) + ent).abs(), c.0, c.1))
-            .collect();
+        let mut by_typical: Vec<(f64, u32, f32)> =
+            cand.iter().map(|c| (((f64::from(c.1) - lse) + ent).abs(), c.0, c.1)).collect();
         by_typical.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let mut mass = 0.0f64;
         let mut last = by_typical.len() - 1;
@@ -193,21 +179,14 @@ pub fn distribution(scores: &[f32], w: &Warpers) -> Vec<(u32, f32)> {
         cand.retain(|c| kept.contains(&c.0));
     }
     let lse = log_sum_exp(&cand);
-    let mut dist: Vec<(u32, f32)> = cand
-        .iter()
-        .map(|c| (c.0, (f64::from(c.1) - lse).exp() as f32))
-        .collect();
+    let mut dist: Vec<(u32, f32)> = cand.iter().map(|c| (c.0, (f64::from(c.1) - lse).exp() as f32)).collect();
     dist.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     dist
 }
 
 fn log_sum_exp(c: &[(u32, f32)]) -> f64 {
     let max = c.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    f64::from(max)
-        + c.iter()
-            .map(|c| (f64::from(c.1) - f64::from(max)).exp())
-            .sum::<f64>()
-            .ln()
+    f64::from(max) + c.iter().map(|c| (f64::from(c.1) - f64::from(max)).exp()).sum::<f64>().ln()
 }
 
 /// Draws a token from `dist` (as returned by `distribution`).
@@ -244,98 +223,41 @@ mod tests {
 
     #[test]
     fn temperature_sharpens_and_flattens() {
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                temperature: 0.5,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { temperature: 0.5, ..Default::default() });
         // p^2 renormalised: 0.16 / (0.0025 + 0.01 + 0.0225 + 0.09 + 0.16)
         let z = 0.0025 + 0.01 + 0.0225 + 0.09 + 0.16;
-        close(
-            &d,
-            &[
-                (4, 0.16 / z),
-                (3, 0.09 / z),
-                (2, 0.0225 / z),
-                (1, 0.01 / z),
-                (0, 0.0025 / z),
-            ],
-        );
+        close(&d, &[(4, 0.16 / z), (3, 0.09 / z), (2, 0.0225 / z), (1, 0.01 / z), (0, 0.0025 / z)]);
     }
 
     #[test]
     fn top_k_keeps_k_and_ties() {
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                top_k: 2,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { top_k: 2, ..Default::default() });
         close(&d, &[(4, 0.4 / 0.7), (3, 0.3 / 0.7)]);
-        let tied = distribution(
-            &[1.0, 2.0, 2.0, 0.0],
-            &Warpers {
-                top_k: 1,
-                ..Default::default()
-            },
-        );
+        let tied = distribution(&[1.0, 2.0, 2.0, 0.0], &Warpers { top_k: 1, ..Default::default() });
         assert_eq!(tied.len(), 2);
     }
 
     #[test]
     fn top_p_keeps_the_smallest_head_reaching_the_mass() {
         // 0.4 < 0.6, 0.4 + 0.3 >= 0.6: two tokens.
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                top_p: 0.6,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { top_p: 0.6, ..Default::default() });
         close(&d, &[(4, 0.4 / 0.7), (3, 0.3 / 0.7)]);
         // The top token alone when it already holds top_p.
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                top_p: 0.3,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { top_p: 0.3, ..Default::default() });
         close(&d, &[(4, 1.0)]);
         // Mass exactly reached by the head (0.4 + 0.3 = 0.7): transformers
         // removes tokens whose ascending cumulative mass is <= 1 - top_p, the
         // same two tokens.
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                top_p: 0.7,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { top_p: 0.7, ..Default::default() });
         assert_eq!(d.len(), 2);
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                top_p: 0.71,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { top_p: 0.71, ..Default::default() });
         assert_eq!(d.len(), 3);
     }
 
     #[test]
     fn top_p_over_a_large_vocabulary_grows_its_head() {
         let scores: Vec<f32> = (0..1000).map(|i| -(i as f32) * 0.001).collect();
-        let d = distribution(
-            &scores,
-            &Warpers {
-                top_p: 0.5,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&scores, &Warpers { top_p: 0.5, ..Default::default() });
         assert!(d.len() > 64, "needs more than the first head of 64");
         let mass: f32 = d.iter().map(|x| x.1).sum();
         assert!((mass - 1.0).abs() < 1e-4);
@@ -345,13 +267,7 @@ mod tests {
     #[test]
     fn min_p_drops_tokens_below_a_fraction_of_the_top() {
         // 0.4 * 0.5 = 0.2: keeps 0.4 and 0.3.
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                min_p: 0.5,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { min_p: 0.5, ..Default::default() });
         close(&d, &[(4, 0.4 / 0.7), (3, 0.3 / 0.7)]);
     }
 
@@ -370,13 +286,7 @@ mod tests {
                 break;
             }
         }
-        let d = distribution(
-            &ln(&P),
-            &Warpers {
-                typical_p: 0.5,
-                ..Default::default()
-            },
-        );
+        let d = distribution(&ln(&P), &Warpers { typical_p: 0.5, ..Default::default() });
         let mut got: Vec<u32> = d.iter().map(|x| x.0).collect();
         got.sort();
         kept.sort();
@@ -387,11 +297,7 @@ mod tests {
     fn repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() {
         let mut s = vec![2.0, -2.0, 2.0, -2.0];
         let h = History::new(&[0, 1, 1]);
-        Processors {
-            repetition_penalty: 2.0,
-            ..Default::default()
-        }
-        .apply(&mut s, &h, &[]);
+        Processors { repetition_penalty: 2.0, ..Default::default() }.apply(&mut s, &h, &[]);
         assert_eq!(s, vec![1.0, -4.0, 2.0, -2.0]);
     }
 
@@ -402,12 +308,7 @@ mod tests {
         h.push(1);
         h.push(1);
         h.push(2);
-        Processors {
-            presence_penalty: 0.5,
-            frequency_penalty: 0.25,
-            ..Default::default()
-        }
-        .apply(&mut s, &h, &[]);
+        Processors { presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() }.apply(&mut s, &h, &[]);
         assert_eq!(s, vec![0.0, -1.0, -0.75, 0.0]);
     }
 
@@ -424,10 +325,7 @@ mod tests {
     #[test]
     fn logit_bias_and_masks_apply() {
         let mut s = vec![0.0; 3];
-        let p = Processors {
-            logit_bias: vec![(1, 5.0)],
-            ..Default::default()
-        };
+        let p = Processors { logit_bias: vec![(1, 5.0)], ..Default::default() };
         p.apply(&mut s, &History::new(&[]), &[2]);
         assert_eq!(s, vec![0.0, 5.0, f32::NEG_INFINITY]);
     }

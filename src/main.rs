@@ -30,11 +30,9 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }),
-        Command::Generate(args) => rt.block_on(async {
-            batchgen::client::generate(&args)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))
-        }),
+        Command::Generate(args) => {
+            rt.block_on(async { batchgen::client::generate(&args).await.map_err(|e| anyhow::anyhow!("{e}")) })
+        }
     }
 }
 
@@ -44,11 +42,7 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let grace = std::time::Duration::from_secs_f64(args.server.shutdown_grace.max(0.0));
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await??;
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(
-        "serving on {} (ready {:.2?} after start)",
-        listener.local_addr()?,
-        started.elapsed()
-    );
+    tracing::info!("serving on {} (ready {:.2?} after start)", listener.local_addr()?, started.elapsed());
     let state = loaded.state.clone();
     let shutdown = async move {
         shutdown_signal().await;

@@ -75,10 +75,7 @@ pub fn locate(explicit: Option<&Path>) -> Result<(PathBuf, Source), RuntimeError
         }
         return Ok((path.into(), Source::Flag));
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         let p = dir.join(LIB_NAME);
         if p.is_file() {
             return Ok((p, Source::NextToExecutable));
@@ -109,10 +106,8 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static Runtime, RuntimeError> {
     static LOADED: std::sync::OnceLock<Result<Runtime, RuntimeError>> = std::sync::OnceLock::new();
     let result = LOADED.get_or_init(|| {
         let (path, source) = locate(explicit)?;
-        let builder = ort::init_from(&path).map_err(|e| RuntimeError::Load {
-            path: path.clone(),
-            detail: format!("{e:?}"),
-        })?;
+        let builder =
+            ort::init_from(&path).map_err(|e| RuntimeError::Load { path: path.clone(), detail: format!("{e:?}") })?;
         let env = builder
             .with_name("batchgen")
             .with_telemetry(false)
@@ -147,14 +142,7 @@ pub fn download_into(dir: &Path) -> Result<PathBuf, RuntimeError> {
     let tmp = tempdir_in(dir).map_err(|e| err(format!("cannot create a temporary directory: {e}")))?;
     tracing::info!("downloading onnxruntime=={ORT_VERSION} with pip into {}", dir.display());
     let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
         .args(["--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON])
         .args(["--implementation", "cp", "--abi", WHEEL_ABI])
         .arg(format!("onnxruntime=={ORT_VERSION}"))
@@ -164,9 +152,7 @@ pub fn download_into(dir: &Path) -> Result<PathBuf, RuntimeError> {
         .map_err(|e| err(format!("cannot run `python3 -m pip`: {e}")))?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(err(format!(
-            "`pip download onnxruntime=={ORT_VERSION}` failed ({status})"
-        )));
+        return Err(err(format!("`pip download onnxruntime=={ORT_VERSION}` failed ({status})")));
     }
     let result = extract_checked(&tmp.join(WHEEL_FILE), dir);
     let _ = std::fs::remove_dir_all(&tmp);
@@ -184,9 +170,7 @@ fn extract_checked(wheel: &Path, dir: &Path) -> Result<PathBuf, String> {
         .by_name(&format!("onnxruntime/capi/{LIB_NAME}"))
         .map_err(|e| format!("{LIB_NAME} not in the wheel: {e}"))?;
     let mut lib = Vec::with_capacity(entry.size() as usize);
-    entry
-        .read_to_end(&mut lib)
-        .map_err(|e| format!("cannot extract {LIB_NAME}: {e}"))?;
+    entry.read_to_end(&mut lib).map_err(|e| format!("cannot extract {LIB_NAME}: {e}"))?;
     let part = dir.join(format!("{LIB_NAME}.part{}", std::process::id()));
     std::fs::write(&part, &lib).map_err(|e| format!("cannot write {}: {e}", part.display()))?;
     let target = dir.join(LIB_NAME);
@@ -195,11 +179,7 @@ fn extract_checked(wheel: &Path, dir: &Path) -> Result<PathBuf, String> {
 }
 
 fn tempdir_in(dir: &Path) -> std::io::Result<PathBuf> {
-    let p = dir.join(format!(
-        "download-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
+    let p = dir.join(format!("download-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
     std::fs::create_dir(&p)?;
     Ok(p)
 }

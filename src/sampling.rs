@@ -58,10 +58,7 @@ fn log_sum_exp_from(logits: &[f32], max: f32) -> f64 {
     if max == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
-    let sum: f64 = logits
-        .chunks(1024)
-        .map(|c| f64::from(c.iter().map(|&x| (x - max).exp()).sum::<f32>()))
-        .sum();
+    let sum: f64 = logits.chunks(1024).map(|c| f64::from(c.iter().map(|&x| (x - max).exp()).sum::<f32>())).sum();
     f64::from(max) + sum.ln()
 }
 
@@ -71,27 +68,16 @@ fn log_sum_exp_from(logits: &[f32], max: f32) -> f64 {
 pub fn report(logits: &[f32], id: u32, top_k: usize) -> Choice {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = log_sum_exp_from(logits, max);
-    Choice {
-        id,
-        logprob: (logits[id as usize] as f64 - lse) as f32,
-        top: top_logprobs(logits, lse, top_k),
-    }
+    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
 }
 
 /// Greedy choice with `masked` tokens forbidden, plus reporting.
 pub fn greedy(logits: &[f32], masked: &[u32], top_k: usize) -> Choice {
     let id = argmax_unmasked(logits, masked);
-    let max = if masked.is_empty() {
-        logits[id as usize]
-    } else {
-        logits.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-    };
+    let max =
+        if masked.is_empty() { logits[id as usize] } else { logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) };
     let lse = log_sum_exp_from(logits, max);
-    Choice {
-        id,
-        logprob: (logits[id as usize] as f64 - lse) as f32,
-        top: top_logprobs(logits, lse, top_k),
-    }
+    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
 }
 
 #[cfg(test)]

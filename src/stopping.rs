@@ -22,10 +22,7 @@ impl StopCriteria {
         if generated >= self.min_new_tokens {
             return Vec::new();
         }
-        self.eos_token_id
-            .into_iter()
-            .chain(self.stop_token_ids.iter().copied())
-            .collect()
+        self.eos_token_id.into_iter().chain(self.stop_token_ids.iter().copied()).collect()
     }
 
     /// Whether the sequence ends with `token`, `generated` counting it.
@@ -39,11 +36,7 @@ impl StopCriteria {
             }
         }
         if generated >= self.max_new_tokens {
-            return Some(if self.length_is_context {
-                FinishReason::ContextFull
-            } else {
-                FinishReason::Length
-            });
+            return Some(if self.length_is_context { FinishReason::ContextFull } else { FinishReason::Length });
         }
         None
     }
@@ -76,11 +69,7 @@ mod tests {
 
     #[test]
     fn ignore_eos_and_context_cap() {
-        let c = StopCriteria {
-            eos_token_id: None,
-            length_is_context: true,
-            ..criteria()
-        };
+        let c = StopCriteria { eos_token_id: None, length_is_context: true, ..criteria() };
         assert_eq!(c.check(9, 3), None);
         assert_eq!(c.check(9, 5), Some(FinishReason::ContextFull));
     }

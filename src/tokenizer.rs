@@ -40,12 +40,7 @@ impl Tokenizer {
     /// Ids with byte offsets into `text`.
     pub fn encode_pieces(&self, text: &str) -> Result<Vec<Piece>, TokenizerError> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
-        Ok(enc
-            .get_ids()
-            .iter()
-            .zip(enc.get_offsets())
-            .map(|(&id, &(start, end))| Piece { id, start, end })
-            .collect())
+        Ok(enc.get_ids().iter().zip(enc.get_offsets()).map(|(&id, &(start, end))| Piece { id, start, end }).collect())
     }
 
     /// Text of `ids`, special tokens dropped. Invalid UTF-8 becomes U+FFFD.
@@ -59,9 +54,7 @@ impl Tokenizer {
     }
 
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner
-            .get_added_vocabulary()
-            .is_special_token(&self.inner.id_to_token(id).unwrap_or_default())
+        self.inner.get_added_vocabulary().is_special_token(&self.inner.id_to_token(id).unwrap_or_default())
     }
 }
 
@@ -84,11 +77,7 @@ impl Default for Detokenizer {
 
 impl Detokenizer {
     pub fn new() -> Self {
-        Detokenizer {
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        Detokenizer { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
@@ -135,10 +124,7 @@ mod tests {
         let tok = tokenizer();
         let text = "日本語 🎉🚀 and 你好，世界！ done ✅";
         let ids = tok.encode(text).unwrap();
-        let halves = ids
-            .iter()
-            .filter(|&&i| tok.decode(&[i]).unwrap().contains('\u{FFFD}'))
-            .count();
+        let halves = ids.iter().filter(|&&i| tok.decode(&[i]).unwrap().contains('\u{FFFD}')).count();
         assert!(halves > 4, "the test needs characters split across tokens");
         let parts = stream(&tok, &ids);
         for p in &parts {

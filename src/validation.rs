@@ -37,11 +37,7 @@ pub enum ValidationError {
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
     #[error("{field} is not implemented yet (value given: {value}); {hint}")]
-    Unimplemented {
-        field: &'static str,
-        value: String,
-        hint: &'static str,
-    },
+    Unimplemented { field: &'static str, value: String, hint: &'static str },
     #[error("prompt could not be tokenized: {0}")]
     Tokenizer(String),
 }
@@ -63,12 +59,20 @@ pub struct ValidRequest {
     pub prompt_ids: Vec<u32>,
     pub stop: StopCriteria,
     pub decoding: DecodingPlan,
+    /// Stop on these strings (response side, see `stop.rs`).
+    pub stop_sequences: Vec<String>,
+    pub include_stop_sequence: bool,
     pub top_logprobs: u32,
     /// When the request arrived (for queue time and time to first token).
     pub arrival: Instant,
     /// The client's `grpc-timeout`, as an instant.
     pub deadline: Option<Instant>,
 }
+
+/// Most stop sequences per request.
+pub const MAX_STOP_SEQUENCES: usize = 8;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
 
 /// Most samples one request may ask for (each is a row of the batch).
 pub const MAX_SAMPLES: u32 = 16;
@@ -109,34 +113,13 @@ fn finite_in(field: &'static str, v: f32, lo: f32, hi: f32, what: &str) -> Resul
 }
 
 fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, ValidationError> {
-    finite_in(
-        "decoding.repetition_penalty",
-        d.repetition_penalty,
-        0.0,
-        10.0,
-        "in (0, 10] (0 means off)",
-    )?;
-    finite_in(
-        "decoding.presence_penalty",
-        d.presence_penalty,
-        -2.0,
-        2.0,
-        "in [-2, 2] (0 means off)",
-    )?;
-    finite_in(
-        "decoding.frequency_penalty",
-        d.frequency_penalty,
-        -2.0,
-        2.0,
-        "in [-2, 2] (0 means off)",
-    )?;
+    finite_in("decoding.repetition_penalty", d.repetition_penalty, 0.0, 10.0, "in (0, 10] (0 means off)")?;
+    finite_in("decoding.presence_penalty", d.presence_penalty, -2.0, 2.0, "in [-2, 2] (0 means off)")?;
+    finite_in("decoding.frequency_penalty", d.frequency_penalty, -2.0, 2.0, "in [-2, 2] (0 means off)")?;
     if d.no_repeat_ngram_size > MAX_NO_REPEAT_NGRAM {
         return Err(invalid(
             "decoding.no_repeat_ngram_size",
-            format!(
-                "must be at most {MAX_NO_REPEAT_NGRAM} (0 means off), got {}",
-                d.no_repeat_ngram_size
-            ),
+            format!("must be at most {MAX_NO_REPEAT_NGRAM} (0 means off), got {}", d.no_repeat_ngram_size),
         ));
     }
     if d.logit_bias.len() > MAX_LOGIT_BIAS {
@@ -155,10 +138,7 @@ fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, Vali
             ));
         }
         if !bias.is_finite() || bias.abs() > 100.0 {
-            return Err(invalid(
-                "decoding.logit_bias",
-                format!("[{id}] must be in [-100, 100], got {bias}"),
-            ));
+            return Err(invalid("decoding.logit_bias", format!("[{id}] must be in [-100, 100], got {bias}")));
         }
     }
     let processors = Processors {
@@ -178,29 +158,14 @@ fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, Vali
             });
         }
         Some(pb::decoding::Method::Sampling(s)) => {
-            finite_in(
-                "decoding.sampling.temperature",
-                s.temperature,
-                0.0,
-                100.0,
-                "in [0, 100] (0 means greedy)",
-            )?;
+            finite_in("decoding.sampling.temperature", s.temperature, 0.0, 100.0, "in [0, 100] (0 means greedy)")?;
             finite_in("decoding.sampling.top_p", s.top_p, 0.0, 1.0, "in (0, 1] (0 means off)")?;
-            finite_in(
-                "decoding.sampling.typical_p",
-                s.typical_p,
-                0.0,
-                1.0,
-                "in (0, 1] (0 means off)",
-            )?;
+            finite_in("decoding.sampling.typical_p", s.typical_p, 0.0, 1.0, "in (0, 1] (0 means off)")?;
             finite_in("decoding.sampling.min_p", s.min_p, 0.0, 1.0, "in [0, 1] (0 means off)")?;
             if s.top_k > vocab_size {
                 return Err(invalid(
                     "decoding.sampling.top_k",
-                    format!(
-                        "must be at most the vocabulary size {vocab_size} (0 means off), got {}",
-                        s.top_k
-                    ),
+                    format!("must be at most the vocabulary size {vocab_size} (0 means off), got {}", s.top_k),
                 ));
             }
             if s.num_samples > MAX_SAMPLES {
@@ -240,33 +205,29 @@ pub fn validate(
     if req.request_id.len() > MAX_REQUEST_ID_BYTES {
         return Err(invalid(
             "request_id",
-            format!(
-                "must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}",
-                req.request_id.len()
-            ),
+            format!("must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}", req.request_id.len()),
         ));
     }
     let decoding = check_decoding(req.decoding.unwrap_or_default(), limits.vocab_size)?;
-    let stopping = req.stopping.unwrap_or_default();
-    if !stopping.stop_sequences.is_empty() {
-        return Err(ValidationError::Unimplemented {
-            field: "stopping.stop_sequences",
-            value: format!("{:?}", stopping.stop_sequences),
-            hint: "use stopping.stop_token_ids until the decoding issue lands",
-        });
-    }
-    if stopping.include_stop_sequence {
-        return Err(ValidationError::Unimplemented {
-            field: "stopping.include_stop_sequence",
-            value: "true".into(),
-            hint: "stop sequences are not implemented yet",
-        });
-    }
-    if req.top_logprobs > MAX_TOP_LOGPROBS {
+    let mut stopping = req.stopping.unwrap_or_default();
+    if stopping.stop_sequences.len() > MAX_STOP_SEQUENCES {
         return Err(invalid(
-            "top_logprobs",
-            format!("must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs),
+            "stopping.stop_sequences",
+            format!("at most {MAX_STOP_SEQUENCES} sequences, got {}", stopping.stop_sequences.len()),
         ));
+    }
+    if let Some((i, s)) =
+        stopping.stop_sequences.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > MAX_STOP_SEQUENCE_BYTES)
+    {
+        return Err(invalid(
+            "stopping.stop_sequences",
+            format!("[{i}] must be 1 to {MAX_STOP_SEQUENCE_BYTES} bytes long, got {} bytes", s.len()),
+        ));
+    }
+    let stop_sequences = std::mem::take(&mut stopping.stop_sequences);
+    let include_stop_sequence = stopping.include_stop_sequence;
+    if req.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(invalid("top_logprobs", format!("must be at most {MAX_TOP_LOGPROBS}, got {}", req.top_logprobs)));
     }
 
     let prompt_ids = match (req.prompt.is_empty(), req.prompt_token_ids.is_empty()) {
@@ -274,10 +235,7 @@ pub fn validate(
             return Err(invalid("prompt", "is empty: set prompt or prompt_token_ids".into()));
         }
         (false, false) => {
-            return Err(invalid(
-                "prompt",
-                "and prompt_token_ids are both set: set exactly one".into(),
-            ));
+            return Err(invalid("prompt", "and prompt_token_ids are both set: set exactly one".into()));
         }
         (false, true) => {
             let ids = tokenizer.encode(&req.prompt)?;
@@ -287,18 +245,10 @@ pub fn validate(
             ids
         }
         (true, false) => {
-            if let Some((i, &id)) = req
-                .prompt_token_ids
-                .iter()
-                .enumerate()
-                .find(|(_, id)| **id >= limits.vocab_size)
-            {
+            if let Some((i, &id)) = req.prompt_token_ids.iter().enumerate().find(|(_, id)| **id >= limits.vocab_size) {
                 return Err(invalid(
                     "prompt_token_ids",
-                    format!(
-                        "[{i}] = {id} is not a token id: must be below the vocabulary size {}",
-                        limits.vocab_size
-                    ),
+                    format!("[{i}] = {id} is not a token id: must be below the vocabulary size {}", limits.vocab_size),
                 ));
             }
             req.prompt_token_ids
@@ -309,19 +259,13 @@ pub fn validate(
     if prompt_len > u64::from(limits.max_prompt_tokens) && limits.max_prompt_tokens < ctx - 1 {
         return Err(invalid(
             "prompt",
-            format!(
-                "has {prompt_len} tokens; at most {} are allowed (--max-prompt-tokens)",
-                limits.max_prompt_tokens
-            ),
+            format!("has {prompt_len} tokens; at most {} are allowed (--max-prompt-tokens)", limits.max_prompt_tokens),
         ));
     }
     if prompt_len >= u64::from(ctx) {
         return Err(invalid(
             "prompt",
-            format!(
-                "has {prompt_len} tokens; the model's context length is {ctx}, so at most {} are allowed",
-                ctx - 1
-            ),
+            format!("has {prompt_len} tokens; the model's context length is {ctx}, so at most {} are allowed", ctx - 1),
         ));
     }
     let room = ctx - prompt_len as u32;
@@ -349,11 +293,7 @@ pub fn validate(
     };
     let rows = u64::from(decoding.rows());
     if rows * (prompt_len + u64::from(max_new_tokens)) > u64::from(limits.max_batch_tokens) {
-        let times = if rows > 1 {
-            format!("{rows} rows × ")
-        } else {
-            String::new()
-        };
+        let times = if rows > 1 { format!("{rows} rows × ") } else { String::new() };
         return Err(invalid(
             "stopping.max_new_tokens",
             format!(
@@ -367,40 +307,22 @@ pub fn validate(
     if stopping.min_new_tokens > max_new_tokens {
         return Err(invalid(
             "stopping.min_new_tokens",
-            format!(
-                "must be at most max_new_tokens ({max_new_tokens}), got {}",
-                stopping.min_new_tokens
-            ),
+            format!("must be at most max_new_tokens ({max_new_tokens}), got {}", stopping.min_new_tokens),
         ));
     }
     if stopping.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
         return Err(invalid(
             "stopping.stop_token_ids",
-            format!(
-                "at most {MAX_STOP_TOKEN_IDS} ids, got {}",
-                stopping.stop_token_ids.len()
-            ),
+            format!("at most {MAX_STOP_TOKEN_IDS} ids, got {}", stopping.stop_token_ids.len()),
         ));
     }
-    if let Some((i, &id)) = stopping
-        .stop_token_ids
-        .iter()
-        .enumerate()
-        .find(|(_, id)| **id >= limits.vocab_size)
-    {
+    if let Some((i, &id)) = stopping.stop_token_ids.iter().enumerate().find(|(_, id)| **id >= limits.vocab_size) {
         return Err(invalid(
             "stopping.stop_token_ids",
-            format!(
-                "[{i}] = {id} is not a token id: must be below the vocabulary size {}",
-                limits.vocab_size
-            ),
+            format!("[{i}] = {id} is not a token id: must be below the vocabulary size {}", limits.vocab_size),
         ));
     }
-    let request_id = if req.request_id.is_empty() {
-        uuid::Uuid::new_v4().to_string()
-    } else {
-        req.request_id
-    };
+    let request_id = if req.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.request_id };
     Ok(ValidRequest {
         request_id,
         prompt_ids,
@@ -412,6 +334,8 @@ pub fn validate(
             length_is_context,
         },
         decoding,
+        stop_sequences,
+        include_stop_sequence,
         top_logprobs: req.top_logprobs,
         arrival,
         deadline,
@@ -443,10 +367,7 @@ mod tests {
     }
 
     fn ids(n: usize) -> pb::GenerateRequest {
-        pb::GenerateRequest {
-            prompt_token_ids: vec![1; n],
-            ..Default::default()
-        }
+        pb::GenerateRequest { prompt_token_ids: vec![1; n], ..Default::default() }
     }
 
     fn stopping(s: pb::Stopping) -> Option<pb::Stopping> {
@@ -455,11 +376,7 @@ mod tests {
 
     #[test]
     fn defaults_and_text_prompts() {
-        let v = check(pb::GenerateRequest {
-            prompt: "Hello world".into(),
-            ..Default::default()
-        })
-        .unwrap();
+        let v = check(pb::GenerateRequest { prompt: "Hello world".into(), ..Default::default() }).unwrap();
         assert_eq!(v.prompt_ids.len(), 2);
         assert_eq!(v.stop.max_new_tokens, 64);
         assert_eq!(v.stop.eos_token_id, Some(50256));
@@ -477,20 +394,13 @@ mod tests {
     fn errors_name_the_field_the_limit_and_the_value() {
         let e = check(pb::GenerateRequest::default()).unwrap_err().to_string();
         assert!(e.starts_with("prompt: is empty"), "{e}");
-        let e = check(pb::GenerateRequest {
-            prompt_token_ids: vec![5, 50257],
-            ..Default::default()
-        })
-        .unwrap_err();
+        let e = check(pb::GenerateRequest { prompt_token_ids: vec![5, 50257], ..Default::default() }).unwrap_err();
         assert_eq!(
             e.to_string(),
             "prompt_token_ids: [1] = 50257 is not a token id: must be below the vocabulary size 50257"
         );
         let e = check(pb::GenerateRequest {
-            stopping: stopping(pb::Stopping {
-                max_new_tokens: 100,
-                ..Default::default()
-            }),
+            stopping: stopping(pb::Stopping { max_new_tokens: 100, ..Default::default() }),
             ..ids(200)
         })
         .unwrap_err();
@@ -499,196 +409,93 @@ mod tests {
             "stopping.max_new_tokens: prompt tokens (200) + max_new_tokens (100) = 300 exceeds the model's context length 256"
         );
         let e = check(pb::GenerateRequest {
-            stopping: stopping(pb::Stopping {
-                max_new_tokens: 201,
-                ..Default::default()
-            }),
+            stopping: stopping(pb::Stopping { max_new_tokens: 201, ..Default::default() }),
             ..ids(1)
         })
         .unwrap_err();
         assert_eq!(e.to_string(), "stopping.max_new_tokens: must be at most 200, got 201");
         let e = check(ids(256)).unwrap_err().to_string();
         assert!(e.contains("256 tokens") && e.contains("255 are allowed"), "{e}");
-        let e = check(pb::GenerateRequest {
-            top_logprobs: 21,
-            ..ids(1)
-        })
-        .unwrap_err()
-        .to_string();
+        let e = check(pb::GenerateRequest { top_logprobs: 21, ..ids(1) }).unwrap_err().to_string();
         assert_eq!(e, "top_logprobs: must be at most 20, got 21");
         let e = check(pb::GenerateRequest {
-            stopping: stopping(pb::Stopping {
-                max_new_tokens: 3,
-                min_new_tokens: 4,
-                ..Default::default()
-            }),
+            stopping: stopping(pb::Stopping { max_new_tokens: 3, min_new_tokens: 4, ..Default::default() }),
             ..ids(1)
         })
         .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "stopping.min_new_tokens: must be at most max_new_tokens (3), got 4"
-        );
-        let both = pb::GenerateRequest {
-            prompt: "a".into(),
-            ..ids(1)
-        };
+        assert_eq!(e.to_string(), "stopping.min_new_tokens: must be at most max_new_tokens (3), got 4");
+        let both = pb::GenerateRequest { prompt: "a".into(), ..ids(1) };
         assert!(check(both).unwrap_err().to_string().contains("both set"));
     }
 
     #[test]
     fn prompt_and_budget_limits_of_the_server() {
         let (tok, limits) = setup();
-        let small = Limits {
-            max_prompt_tokens: 10,
-            max_batch_tokens: 50,
-            ..limits
-        };
-        let e = validate(ids(11), &tok, &small, Instant::now(), None)
-            .unwrap_err()
-            .to_string();
+        let small = Limits { max_prompt_tokens: 10, max_batch_tokens: 50, ..limits };
+        let e = validate(ids(11), &tok, &small, Instant::now(), None).unwrap_err().to_string();
         assert_eq!(e, "prompt: has 11 tokens; at most 10 are allowed (--max-prompt-tokens)");
         let req = pb::GenerateRequest {
-            stopping: stopping(pb::Stopping {
-                max_new_tokens: 45,
-                ..Default::default()
-            }),
+            stopping: stopping(pb::Stopping { max_new_tokens: 45, ..Default::default() }),
             ..ids(10)
         };
-        let e = validate(req, &tok, &small, Instant::now(), None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("= 55 exceeds the server's KV budget per worker of 50 tokens (--max-batch-tokens)"),
-            "{e}"
-        );
+        let e = validate(req, &tok, &small, Instant::now(), None).unwrap_err().to_string();
+        assert!(e.contains("= 55 exceeds the server's KV budget per worker of 50 tokens (--max-batch-tokens)"), "{e}");
     }
 
     #[test]
     fn decoding_fields_are_checked_and_kept() {
-        let with = |d: pb::Decoding| {
-            check(pb::GenerateRequest {
-                decoding: Some(d),
-                ..ids(1)
-            })
-        };
-        let sampling = |s: pb::Sampling| pb::Decoding {
-            method: Some(pb::decoding::Method::Sampling(s)),
-            ..Default::default()
-        };
-        let s = pb::Sampling {
-            temperature: 0.7,
-            top_k: 5,
-            seed: Some(3),
-            num_samples: 2,
-            ..Default::default()
-        };
+        let with = |d: pb::Decoding| check(pb::GenerateRequest { decoding: Some(d), ..ids(1) });
+        let sampling =
+            |s: pb::Sampling| pb::Decoding { method: Some(pb::decoding::Method::Sampling(s)), ..Default::default() };
+        let s = pb::Sampling { temperature: 0.7, top_k: 5, seed: Some(3), num_samples: 2, ..Default::default() };
         let plan = with(sampling(s)).unwrap().decoding.sampling.unwrap();
         assert_eq!((plan.seed, plan.num_samples, plan.warpers.top_k), (3, 2, 5));
         // Without a seed one is drawn, so the output can be reproduced.
-        let a = with(sampling(pb::Sampling {
-            temperature: 1.0,
-            ..Default::default()
-        }))
-        .unwrap();
+        let a = with(sampling(pb::Sampling { temperature: 1.0, ..Default::default() })).unwrap();
         assert!(a.decoding.sampling.is_some());
         // Temperature 0 is greedy.
-        assert!(
-            with(sampling(pb::Sampling::default()))
-                .unwrap()
-                .decoding
-                .sampling
-                .is_none()
-        );
+        assert!(with(sampling(pb::Sampling::default())).unwrap().decoding.sampling.is_none());
         let err = |d| with(d).unwrap_err().to_string();
         assert_eq!(
-            err(sampling(pb::Sampling {
-                temperature: -1.0,
-                ..Default::default()
-            })),
+            err(sampling(pb::Sampling { temperature: -1.0, ..Default::default() })),
             "decoding.sampling.temperature: must be in [0, 100] (0 means greedy), got -1"
         );
         assert_eq!(
-            err(sampling(pb::Sampling {
-                temperature: 1.0,
-                top_p: 1.5,
-                ..Default::default()
-            })),
+            err(sampling(pb::Sampling { temperature: 1.0, top_p: 1.5, ..Default::default() })),
             "decoding.sampling.top_p: must be in (0, 1] (0 means off), got 1.5"
         );
         assert_eq!(
-            err(sampling(pb::Sampling {
-                temperature: 1.0,
-                top_k: 60000,
-                ..Default::default()
-            })),
+            err(sampling(pb::Sampling { temperature: 1.0, top_k: 60000, ..Default::default() })),
             "decoding.sampling.top_k: must be at most the vocabulary size 50257 (0 means off), got 60000"
         );
         assert_eq!(
-            err(sampling(pb::Sampling {
-                temperature: 1.0,
-                num_samples: 17,
-                ..Default::default()
-            })),
+            err(sampling(pb::Sampling { temperature: 1.0, num_samples: 17, ..Default::default() })),
             "decoding.sampling.num_samples: must be at most 16 (0 means 1), got 17"
         );
         assert_eq!(
-            err(pb::Decoding {
-                presence_penalty: f32::NAN,
-                ..Default::default()
-            }),
+            err(pb::Decoding { presence_penalty: f32::NAN, ..Default::default() }),
             "decoding.presence_penalty: must be in [-2, 2] (0 means off), got NaN"
         );
         assert_eq!(
-            err(pb::Decoding {
-                logit_bias: [(60000, 1.0)].into(),
-                ..Default::default()
-            }),
+            err(pb::Decoding { logit_bias: [(60000, 1.0)].into(), ..Default::default() }),
             "decoding.logit_bias: key 60000 is not a token id: must be below the vocabulary size 50257"
         );
         assert_eq!(
-            err(pb::Decoding {
-                logit_bias: [(5, 101.0)].into(),
-                ..Default::default()
-            }),
+            err(pb::Decoding { logit_bias: [(5, 101.0)].into(), ..Default::default() }),
             "decoding.logit_bias: [5] must be in [-100, 100], got 101"
         );
         let beam = pb::Decoding {
-            method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch {
-                num_beams: 2,
-                ..Default::default()
-            })),
+            method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch { num_beams: 2, ..Default::default() })),
             ..Default::default()
         };
-        assert!(matches!(
-            with(beam),
-            Err(ValidationError::Unimplemented {
-                field: "decoding.beam_search",
-                ..
-            })
-        ));
-        let stop = pb::Stopping {
-            stop_sequences: vec!["\\n".into()],
-            ..Default::default()
-        };
-        let e = check(pb::GenerateRequest {
-            stopping: Some(stop),
-            ..ids(1)
-        })
-        .unwrap_err();
-        assert!(matches!(
-            e,
-            ValidationError::Unimplemented {
-                field: "stopping.stop_sequences",
-                ..
-            }
-        ));
-        let v = with(pb::Decoding {
-            repetition_penalty: 1.3,
-            no_repeat_ngram_size: 3,
-            ..Default::default()
-        })
-        .unwrap();
+        assert!(matches!(with(beam), Err(ValidationError::Unimplemented { field: "decoding.beam_search", .. })));
+        let stop = pb::Stopping { stop_sequences: vec!["".into()], ..Default::default() };
+        let e = check(pb::GenerateRequest { stopping: Some(stop), ..ids(1) }).unwrap_err().to_string();
+        assert_eq!(e, "stopping.stop_sequences: [0] must be 1 to 256 bytes long, got 0 bytes");
+        let stop = pb::Stopping { stop_sequences: vec!["x".into(); 9], ..Default::default() };
+        let e = check(pb::GenerateRequest { stopping: Some(stop), ..ids(1) }).unwrap_err().to_string();
+        assert_eq!(e, "stopping.stop_sequences: at most 8 sequences, got 9");
+        let v = with(pb::Decoding { repetition_penalty: 1.3, no_repeat_ngram_size: 3, ..Default::default() }).unwrap();
         assert_eq!(v.decoding.processors.repetition_penalty, 1.3);
     }
 }

@@ -24,8 +24,7 @@ async fn greedy_output_is_the_same_alone_and_in_a_mixed_batch() {
     for (i, (name, case)) in exp["greedy"].as_object().unwrap().iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         // The transformers case itself, checked against its saved output.
-        let mut r = request(prompt.clone(), case["max_new_tokens"].as_u64().unwrap() as u32);
-        r.stopping.as_mut().unwrap().min_new_tokens = case["min_new_tokens"].as_u64().unwrap_or(0) as u32;
+        let r = common::case_request(case);
         reqs.push((name.to_string(), r, Some(ids(&case["output_ids"]))));
         // Other lengths to go and settings for the same prompt.
         let mut r = request(prompt.clone(), 5 + 7 * i as u32);
@@ -46,10 +45,7 @@ async fn greedy_output_is_the_same_alone_and_in_a_mixed_batch() {
         alone.push(got);
     }
     let stats = &server.state.engine.workers()[0].stats;
-    let (joins0, copies0) = (
-        stats.joins.load(Ordering::Relaxed),
-        stats.evict_copies.load(Ordering::Relaxed),
-    );
+    let (joins0, copies0) = (stats.joins.load(Ordering::Relaxed), stats.evict_copies.load(Ordering::Relaxed));
     // Together, staggered, twice in different orders.
     for round in 0..2 {
         let mut handles = Vec::new();
@@ -64,23 +60,13 @@ async fn greedy_output_is_the_same_alone_and_in_a_mixed_batch() {
         }
         for (h, want) in handles.into_iter().zip(&alone) {
             let (name, resp) = h.await.unwrap();
-            assert_eq!(
-                &token_ids(&resp),
-                want,
-                "{name} in a batch (round {round}) differs from alone"
-            );
+            assert_eq!(&token_ids(&resp), want, "{name} in a batch (round {round}) differs from alone");
         }
     }
     let steps = stats.steps.load(Ordering::Relaxed);
     let rows = stats.step_rows.load(Ordering::Relaxed);
-    assert!(
-        stats.joins.load(Ordering::Relaxed) > joins0,
-        "no request joined a running batch"
-    );
-    assert!(
-        stats.evict_copies.load(Ordering::Relaxed) > copies0,
-        "no row left a running batch"
-    );
+    assert!(stats.joins.load(Ordering::Relaxed) > joins0, "no request joined a running batch");
+    assert!(stats.evict_copies.load(Ordering::Relaxed) > copies0, "no row left a running batch");
     assert!(rows > steps, "steps never held more than one row");
 }
 
@@ -100,18 +86,12 @@ async fn a_cancelled_stream_frees_its_row_before_the_next_steps() {
     wait_until("both rows run", || worker.running_rows.load(Ordering::Relaxed) == 2).await;
     let evicted = worker.stats.evictions.load(Ordering::Relaxed);
     drop(stream);
-    wait_until("the row is evicted", || {
-        worker.running_rows.load(Ordering::Relaxed) == 1
-    })
-    .await;
+    wait_until("the row is evicted", || worker.running_rows.load(Ordering::Relaxed) == 1).await;
     assert_eq!(worker.stats.evictions.load(Ordering::Relaxed), evicted + 1);
     assert!(server.state.engine.in_flight.len() <= 1);
     let resp = other.await.unwrap();
     assert_eq!(resp.sequences[0].tokens.len(), 200, "the other request is unaffected");
-    wait_until("the batch is empty", || {
-        worker.running_rows.load(Ordering::Relaxed) == 0
-    })
-    .await;
+    wait_until("the batch is empty", || worker.running_rows.load(Ordering::Relaxed) == 0).await;
 }
 
 #[tokio::test]
@@ -125,9 +105,8 @@ async fn cancel_by_request_id_from_another_connection() {
     // The same id may not be used twice while in flight.
     let dup = server.client.generate(r).await.unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
-    let mut other = batchgen::pb::generation_client::GenerationClient::connect(format!("http://{}", server.addr))
-        .await
-        .unwrap();
+    let mut other =
+        batchgen::pb::generation_client::GenerationClient::connect(format!("http://{}", server.addr)).await.unwrap();
     let found = cancel(&mut other, "job-42").await;
     assert!(found);
     let last = last_message(&mut stream).await;
@@ -161,10 +140,7 @@ async fn a_request_that_can_never_fit_is_refused_at_once() {
     assert_eq!(first.sequences[0].tokens.len() + second.sequences[0].tokens.len(), 100);
     // 2 rows would need 2 * (40 + 50) = 180 slots: they never ran together.
     let stats = &server.state.engine.workers()[0].stats;
-    assert_eq!(
-        stats.step_rows.load(Ordering::Relaxed),
-        stats.steps.load(Ordering::Relaxed)
-    );
+    assert_eq!(stats.step_rows.load(Ordering::Relaxed), stats.steps.load(Ordering::Relaxed));
 }
 
 #[tokio::test]

@@ -12,62 +12,44 @@ async fn greedy_matches_transformers_generate() {
     let mut server = start().await;
     let exp = expected();
     let cases = exp["greedy"].as_object().unwrap();
-    assert!(cases.len() >= 6);
+    assert!(cases.len() >= 9);
     for (name, case) in cases {
         let prompt_ids = ids(&case["prompt_ids"]);
         let want = ids(&case["output_ids"]);
         let max_new = case["max_new_tokens"].as_u64().unwrap() as u32;
         let min_new = case["min_new_tokens"].as_u64().unwrap_or(0) as u32;
         // Text prompts go through our tokenizer: it must give transformers' ids.
+        let decoding = pb::Decoding {
+            repetition_penalty: case["repetition_penalty"].as_f64().unwrap_or(0.0) as f32,
+            no_repeat_ngram_size: case["no_repeat_ngram_size"].as_u64().unwrap_or(0) as u32,
+            ..Default::default()
+        };
         let mut req = pb::GenerateRequest {
+            decoding: Some(decoding),
             prompt: case["prompt"].as_str().unwrap().into(),
-            stopping: Some(pb::Stopping {
-                max_new_tokens: max_new,
-                min_new_tokens: min_new,
-                ..Default::default()
-            }),
+            stopping: Some(pb::Stopping { max_new_tokens: max_new, min_new_tokens: min_new, ..Default::default() }),
             ..Default::default()
         };
         let by_text = server.client.generate(req.clone()).await.unwrap().into_inner();
         req.prompt.clear();
         req.prompt_token_ids = prompt_ids.clone();
         let by_ids = server.client.generate(req).await.unwrap().into_inner();
-        assert_eq!(
-            by_text.usage.as_ref().unwrap().prompt_tokens as usize,
-            prompt_ids.len(),
-            "{name}"
-        );
+        assert_eq!(by_text.usage.as_ref().unwrap().prompt_tokens as usize, prompt_ids.len(), "{name}");
         for resp in [by_text, by_ids] {
             let seq = &resp.sequences[0];
             let got: Vec<u32> = seq.tokens.iter().map(|t| t.id).collect();
             assert_eq!(got, want, "{name}: token ids differ from transformers");
-            let want_reason = if want.last() == Some(&50256) {
-                FinishReason::Eos
-            } else {
-                FinishReason::Length
-            };
+            let want_reason = if want.last() == Some(&50256) { FinishReason::Eos } else { FinishReason::Length };
             assert_eq!(seq.finish_reason, want_reason as i32, "{name}");
             let lps = case["logprobs"].as_array().unwrap();
             for (t, lp) in seq.tokens.iter().zip(lps) {
-                assert!(
-                    (f64::from(t.logprob) - lp.as_f64().unwrap()).abs() < 1e-4,
-                    "{name}: {} vs {lp}",
-                    t.logprob
-                );
+                assert!((f64::from(t.logprob) - lp.as_f64().unwrap()).abs() < 1e-4, "{name}: {} vs {lp}", t.logprob);
             }
             let sum: f64 = lps.iter().map(|x| x.as_f64().unwrap()).sum();
-            assert!(
-                (seq.logprob_sum - sum).abs() < 1e-4,
-                "{name}: logprob_sum {} vs {sum}",
-                seq.logprob_sum
-            );
+            assert!((seq.logprob_sum - sum).abs() < 1e-4, "{name}: logprob_sum {} vs {sum}", seq.logprob_sum);
             assert_eq!(seq.score, seq.logprob_sum);
             // transformers decodes with the EOS text; ours leaves special tokens out.
-            assert_eq!(
-                seq.text,
-                case["text"].as_str().unwrap().replace("<|endoftext|>", ""),
-                "{name}"
-            );
+            assert_eq!(seq.text, case["text"].as_str().unwrap().replace("<|endoftext|>", ""), "{name}");
             let u = resp.usage.unwrap();
             assert_eq!(u.generated_tokens as usize, want.len());
             assert!(
@@ -104,21 +86,11 @@ async fn streamed_text_is_whole_utf8_and_equals_the_unary_text() {
             usage = m.usage;
         }
     }
-    let split = unary.sequences[0]
-        .tokens
-        .iter()
-        .filter(|t| t.text.contains('\u{FFFD}'))
-        .count();
+    let split = unary.sequences[0].tokens.iter().filter(|t| t.text.contains('\u{FFFD}')).count();
     assert!(split > 4, "the case must split characters across tokens");
-    assert!(
-        texts.iter().filter(|t| t.is_empty()).count() > 0,
-        "some bytes must have been held back"
-    );
+    assert!(texts.iter().filter(|t| t.is_empty()).count() > 0, "some bytes must have been held back");
     assert_eq!(texts.concat(), unary.sequences[0].text);
-    assert_eq!(
-        tokens,
-        unary.sequences[0].tokens.iter().map(|t| t.id).collect::<Vec<_>>()
-    );
+    assert_eq!(tokens, unary.sequences[0].tokens.iter().map(|t| t.id).collect::<Vec<_>>());
     assert_eq!(finals, 1);
     assert_eq!(usage.unwrap().generated_tokens as usize, tokens.len());
 }
@@ -138,26 +110,16 @@ async fn kv_cache_generation_equals_full_recompute() {
         let prompt = ids(&exp["greedy"][name]["prompt_ids"]);
         let mut req = request(prompt.clone(), 20);
         req.stopping.as_mut().unwrap().ignore_eos = true;
-        let served: Vec<u32> = server.client.generate(req).await.unwrap().into_inner().sequences[0]
-            .tokens
-            .iter()
-            .map(|t| t.id)
-            .collect();
+        let served: Vec<u32> =
+            server.client.generate(req).await.unwrap().into_inner().sequences[0].tokens.iter().map(|t| t.id).collect();
         let mut seq: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
         for _ in 0..20 {
             let n = seq.len();
             let mut feeds: Vec<(String, ort::value::DynValue)> = vec![
-                (
-                    "input_ids".into(),
-                    ort::value::Tensor::from_array(([1usize, n], seq.clone()))
-                        .unwrap()
-                        .into_dyn(),
-                ),
+                ("input_ids".into(), ort::value::Tensor::from_array(([1usize, n], seq.clone())).unwrap().into_dyn()),
                 (
                     "attention_mask".into(),
-                    ort::value::Tensor::from_array(([1usize, n], vec![1i64; n]))
-                        .unwrap()
-                        .into_dyn(),
+                    ort::value::Tensor::from_array(([1usize, n], vec![1i64; n])).unwrap().into_dyn(),
                 ),
                 (
                     "position_ids".into(),
@@ -289,30 +251,15 @@ async fn bad_requests_get_precise_errors() {
     .await;
     let mut req = request(vec![10], 4);
     req.top_logprobs = 21;
-    expect_error(
-        s,
-        req,
-        Code::InvalidArgument,
-        "top_logprobs: must be at most 20, got 21",
-    )
-    .await;
+    expect_error(s, req, Code::InvalidArgument, "top_logprobs: must be at most 20, got 21").await;
     let mut req = request(vec![10], 4);
     req.decoding = Some(pb::Decoding {
-        method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch {
-            num_beams: 5,
-            ..Default::default()
-        })),
+        method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch { num_beams: 5, ..Default::default() })),
         ..Default::default()
     });
     let status = s.client.generate(req).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(
-        status
-            .message()
-            .starts_with("decoding.beam_search is not implemented yet"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().starts_with("decoding.beam_search is not implemented yet"), "{}", status.message());
 }
 
 #[tokio::test]
@@ -361,24 +308,13 @@ async fn a_full_queue_is_refused_at_once() {
     for call in calls {
         results.push(call.await.unwrap());
     }
-    let refused = results
-        .iter()
-        .filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted))
-        .count();
+    let refused = results.iter().filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted)).count();
     let served = results.iter().filter(|r| r.is_ok()).count();
-    let codes: Vec<Code> = results
-        .iter()
-        .map(|r| r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok))
-        .collect();
+    let codes: Vec<Code> = results.iter().map(|r| r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok)).collect();
     assert!(refused >= 2, "{codes:?}");
     assert!(served >= 1);
     assert_eq!(refused + served, 4);
-    let msg = results
-        .iter()
-        .find_map(|r| r.as_ref().err())
-        .unwrap()
-        .message()
-        .to_string();
+    let msg = results.iter().find_map(|r| r.as_ref().err()).unwrap().message().to_string();
     assert_eq!(msg, "the queue of waiting requests is full (1 requests); retry later");
 }
 
@@ -394,55 +330,23 @@ async fn a_client_that_leaves_frees_the_engine() {
     }
     // The next request is served at once instead of waiting for 199 tokens.
     let t = std::time::Instant::now();
-    let resp = server
-        .client
-        .generate(request(vec![464], 2))
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = server.client.generate(request(vec![464], 2)).await.unwrap().into_inner();
     let u = resp.usage.unwrap();
     assert_eq!(u.generated_tokens, 2);
-    let full = server
-        .client
-        .generate(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .usage
-        .unwrap()
-        .total_seconds;
-    assert!(
-        u.queue_seconds < full / 2.0,
-        "queued {:.3}s; a whole request takes {full:.3}s",
-        u.queue_seconds
-    );
+    let full = server.client.generate(req).await.unwrap().into_inner().usage.unwrap().total_seconds;
+    assert!(u.queue_seconds < full / 2.0, "queued {:.3}s; a whole request takes {full:.3}s", u.queue_seconds);
     assert!(t.elapsed().as_secs_f64() < 60.0);
 }
 
 #[tokio::test]
 async fn model_info_and_tokenize() {
     let mut server = start().await;
-    let info = server
-        .client
-        .model_info(pb::ModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (info.vocab_size, info.context_length, info.eos_token_id),
-        (50257, 256, 50256)
-    );
+    let info = server.client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.vocab_size, info.context_length, info.eos_token_id), (50257, 256, 50256));
     assert_eq!(info.max_new_tokens_limit, 200);
     assert_eq!(info.decoding_methods, vec!["greedy".to_string()]);
     assert_eq!(info.kv_dtype, "float32");
-    let t = server
-        .client
-        .tokenize(pb::TokenizeRequest {
-            text: "Hello world 🎉".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = server.client.tokenize(pb::TokenizeRequest { text: "Hello world 🎉".into() }).await.unwrap().into_inner();
     let exp = expected();
     assert_eq!(t.token_ids[0], ids(&exp["greedy"]["one_token"]["prompt_ids"])[0]);
     assert_eq!(t.pieces[1].text, " world");

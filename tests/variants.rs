@@ -61,30 +61,19 @@ fn make_variants() -> PathBuf {
 async fn every_supported_layout_generates_like_the_fixture() {
     let dir = tokio::task::spawn_blocking(variants).await.unwrap();
     let exp = expected();
-    for (variant, kv) in [
-        ("external", "float32"),
-        ("merged", "float32"),
-        ("no-position-ids", "float32"),
-        ("float16", "float16"),
-    ] {
+    for (variant, kv) in
+        [("external", "float32"), ("merged", "float32"), ("no-position-ids", "float32"), ("float16", "float16")]
+    {
         let mut args = common::serve_args();
         args.model.model = dir.join(variant).to_string_lossy().into_owned();
         let mut server = common::start_with(args).await;
-        let info = server
-            .client
-            .model_info(pb::ModelInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let info = server.client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
         assert_eq!(info.kv_dtype, kv, "{variant}");
         for name in ["short", "long", "cjk", "emoji"] {
             let case = &exp["greedy"][name];
             let req = pb::GenerateRequest {
                 prompt_token_ids: ids(&case["prompt_ids"]),
-                stopping: Some(pb::Stopping {
-                    max_new_tokens: 24,
-                    ..Default::default()
-                }),
+                stopping: Some(pb::Stopping { max_new_tokens: 24, ..Default::default() }),
                 ..Default::default()
             };
             let seq = server.sequence(req).await;

@@ -87,18 +87,10 @@ pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item =
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_batch_size: 4,
-        max_batch_tokens: 1000,
-        max_prefill_tokens: 300,
-    };
+    const LIMITS: Limits = Limits { max_batch_size: 4, max_batch_tokens: 1000, max_prefill_tokens: 300 };
 
     fn c(prompt_len: usize, max_new_tokens: usize) -> Candidate {
-        Candidate {
-            prompt_len,
-            max_new_tokens,
-            rows: 1,
-        }
+        Candidate { prompt_len, max_new_tokens, rows: 1 }
     }
 
     #[test]
@@ -110,42 +102,24 @@ mod tests {
     fn the_budget_counts_padding_to_the_longest_row() {
         // Two rows reaching 100 + 100 = 200 columns: 400 slots; a third
         // makes it 600, a fourth 800; all fit in 1000.
-        let wide_prefill = Limits {
-            max_prefill_tokens: 1000,
-            ..LIMITS
-        };
+        let wide_prefill = Limits { max_prefill_tokens: 1000, ..LIMITS };
         assert_eq!(admit(&wide_prefill, &Running::default(), vec![c(100, 100); 4]), 4);
-        let tight = Limits {
-            max_batch_tokens: 799,
-            ..wide_prefill
-        };
+        let tight = Limits { max_batch_tokens: 799, ..wide_prefill };
         assert_eq!(admit(&tight, &Running::default(), vec![c(100, 100); 4]), 3);
         // A row whose prompt is 300 long pads everyone to 300 + 100.
-        assert_eq!(
-            admit(&LIMITS, &Running::default(), [c(100, 100), c(300, 100), c(10, 10)]),
-            1
-        );
-        let running = Running {
-            len: 150,
-            remaining: vec![50, 200],
-        };
+        assert_eq!(admit(&LIMITS, &Running::default(), [c(100, 100), c(300, 100), c(10, 10)]), 1);
+        let running = Running { len: 150, remaining: vec![50, 200] };
         assert_eq!(running.peak(), 2 * 350);
         // Joining makes 3 rows reaching 350: 1050 > 1000.
         assert_eq!(admit(&LIMITS, &running, [c(10, 10)]), 0);
-        let running = Running {
-            len: 150,
-            remaining: vec![50, 100],
-        };
+        let running = Running { len: 150, remaining: vec![50, 100] };
         assert_eq!(admit(&LIMITS, &running, [c(10, 10), c(10, 10)]), 2);
         assert_eq!(admit(&LIMITS, &running, [c(10, 10), c(10, 300)]), 1);
     }
 
     #[test]
     fn fifo_a_large_head_is_not_overtaken() {
-        let running = Running {
-            len: 10,
-            remaining: vec![100],
-        };
+        let running = Running { len: 10, remaining: vec![100] };
         // The head needs 2 * (10 + 600) > 1000: nothing behind it may pass.
         assert_eq!(admit(&LIMITS, &running, [c(10, 600), c(1, 1), c(1, 1)]), 0);
         // Once the batch is empty it runs.
@@ -157,20 +131,13 @@ mod tests {
         // 3 rows of 100 = 300 prefill tokens; a fourth would be 400.
         assert_eq!(admit(&LIMITS, &Running::default(), vec![c(100, 1); 4]), 3);
         // A single prompt over the prefill bound is admitted alone.
-        let wide = Limits {
-            max_batch_tokens: 10_000,
-            ..LIMITS
-        };
+        let wide = Limits { max_batch_tokens: 10_000, ..LIMITS };
         assert_eq!(admit(&wide, &Running::default(), [c(500, 1), c(1, 1)]), 1);
     }
 
     #[test]
     fn samples_take_one_row_each() {
-        let c4 = Candidate {
-            prompt_len: 10,
-            max_new_tokens: 10,
-            rows: 3,
-        };
+        let c4 = Candidate { prompt_len: 10, max_new_tokens: 10, rows: 3 };
         // 3 + 3 rows > 4.
         assert_eq!(admit(&LIMITS, &Running::default(), [c4, c4]), 1);
         assert_eq!(alone(c4), 60);

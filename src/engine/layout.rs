@@ -69,12 +69,7 @@ mod tests {
     use super::*;
 
     fn shape(batch: usize, len: usize) -> KvShape {
-        KvShape {
-            batch,
-            heads: 2,
-            len,
-            head_dim: 3,
-        }
+        KvShape { batch, heads: 2, len, head_dim: 3 }
     }
 
     /// Value at [b, h, l, d] encodes its own coordinates.

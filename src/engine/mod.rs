@@ -49,12 +49,7 @@ pub enum Event {
     /// Prefill started (the request left the queue).
     Started { at: Instant },
     /// A token was chosen for sequence `index`; `finish` is set on its last.
-    Token {
-        index: u32,
-        choice: Choice,
-        finish: Option<FinishReason>,
-        at: Instant,
-    },
+    Token { index: u32, choice: Choice, finish: Option<FinishReason>, at: Instant },
     /// Sequence `index` ended without a new token (cancelled, deadline).
     Ended { index: u32, reason: FinishReason },
     /// The request failed; nothing follows.
@@ -70,6 +65,9 @@ pub struct Job {
     pub span: tracing::Span,
     /// Set by `Cancel` or by shutdown: the row ends with CANCELLED.
     pub cancel: Arc<AtomicBool>,
+    /// Per sequence, set by the response side when it has ended the sequence
+    /// (a stop sequence matched): its row is evicted without a word.
+    pub stopped: Arc<[AtomicBool]>,
     /// Budget reserved on the worker (token slots), released when it leaves.
     reserved: usize,
 }
@@ -85,11 +83,13 @@ impl Job {
     }
 
     pub fn new(request: ValidRequest, events: mpsc::UnboundedSender<Event>, span: tracing::Span) -> Self {
+        let request_rows = request.decoding.rows();
         Job {
             request,
             events,
             span,
             cancel: Arc::new(AtomicBool::new(false)),
+            stopped: (0..request_rows).map(|_| AtomicBool::new(false)).collect(),
             reserved: 0,
         }
     }
@@ -181,9 +181,7 @@ impl EngineHandle {
         };
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(QueueError::Full {
-                capacity: self.max_queue,
-            });
+            return Err(QueueError::Full { capacity: self.max_queue });
         }
         let (worker, slot) = self
             .workers
@@ -193,10 +191,7 @@ impl EngineHandle {
             .ok_or(QueueError::Stopped)?;
         job.reserved = admission::alone(job.candidate());
         slot.shared.load.fetch_add(job.reserved, Ordering::Relaxed);
-        entry.insert(InFlight {
-            cancel: job.cancel.clone(),
-            worker,
-        });
+        entry.insert(InFlight { cancel: job.cancel.clone(), worker });
         let reserved = job.reserved;
         if slot.tx.send(job).is_err() {
             self.in_flight.remove(&id);
@@ -214,10 +209,7 @@ impl EngineHandle {
 
     /// Asks the engine to end a request with CANCELLED; false if unknown.
     pub fn cancel(&self, request_id: &str) -> bool {
-        self.in_flight
-            .get(request_id)
-            .map(|f| f.cancel.store(true, Ordering::Relaxed))
-            .is_some()
+        self.in_flight.get(request_id).map(|f| f.cancel.store(true, Ordering::Relaxed)).is_some()
     }
 
     /// Cancels everything in flight (shutdown after the grace period).
@@ -260,11 +252,7 @@ pub fn spawn(models: Vec<Model>, config: &EngineConfig) -> (EngineHandle, Vec<st
     let mut threads = Vec::new();
     for (id, model) in models.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(WorkerShared {
-            id,
-            waiting: waiting.clone(),
-            ..Default::default()
-        });
+        let shared = Arc::new(WorkerShared { id, waiting: waiting.clone(), ..Default::default() });
         let w = worker::Worker::new(model, config.limits, config.pad_id, shared.clone(), rx);
         let thread = std::thread::Builder::new()
             .name(format!("batchgen-worker-{id}"))

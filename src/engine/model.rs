@@ -106,12 +106,7 @@ pub struct KvCache {
 
 fn kv_shape(shape: &[i64]) -> Result<KvShape, ForwardError> {
     match shape {
-        &[b, h, l, d] => Ok(KvShape {
-            batch: b as usize,
-            heads: h as usize,
-            len: l as usize,
-            head_dim: d as usize,
-        }),
+        &[b, h, l, d] => Ok(KvShape { batch: b as usize, heads: h as usize, len: l as usize, head_dim: d as usize }),
         other => Err(run_err(format!("KV tensor of shape {other:?}"))),
     }
 }
@@ -151,21 +146,13 @@ impl KvCache {
             .map(|t| {
                 rebuild(
                     t,
-                    &|s| KvShape {
-                        batch: rows.len(),
-                        len,
-                        ..s
-                    },
+                    &|s| KvShape { batch: rows.len(), len, ..s },
                     &|d, s| layout::select(d, s, rows, len),
                     &|d, s| layout::select(d, s, rows, len),
                 )
             })
             .collect::<Result<_, _>>()?;
-        Ok(KvCache {
-            tensors,
-            batch: rows.len(),
-            len,
-        })
+        Ok(KvCache { tensors, batch: rows.len(), len })
     }
 
     /// Stacks `self` over `other`, both left-padded to `len` (see `layout::concat`).
@@ -187,9 +174,7 @@ impl KvCache {
                 let (sb, db) = b.try_extract_tensor::<half::f16>().map_err(run_err)?;
                 let (sa, sb) = (kv_shape(sa)?, kv_shape(sb)?);
                 let data = layout::concat(da, sa, db, sb, len);
-                Ok(Tensor::from_array(([batch, sa.heads, len, sa.head_dim], data))
-                    .map_err(run_err)?
-                    .into_dyn())
+                Ok(Tensor::from_array(([batch, sa.heads, len, sa.head_dim], data)).map_err(run_err)?.into_dyn())
             })
             .collect::<Result<_, _>>()?;
         Ok(KvCache { tensors, batch, len })
@@ -248,10 +233,7 @@ impl Model {
         n_layer: usize,
         options: &SessionOptions,
     ) -> Result<Self, ModelError> {
-        let session_err = |e: ort::Error| ModelError::Session {
-            path: onnx.into(),
-            detail: format!("{e:?}"),
-        };
+        let session_err = |e: ort::Error| ModelError::Session { path: onnx.into(), detail: format!("{e:?}") };
         let session = Session::builder(env)
             .map_err(session_err)?
             .with_optimization_level(GraphOptimizationLevel::All)
@@ -273,12 +255,8 @@ impl Model {
         let tensors = (0..2 * s.layers)
             .map(|_| -> Result<DynValue, ForwardError> {
                 Ok(match s.kv_dtype {
-                    Dtype::F16 => Tensor::<half::f16>::from_array((shape, Vec::new()))
-                        .map_err(run_err)?
-                        .into_dyn(),
-                    _ => Tensor::<f32>::from_array((shape, Vec::new()))
-                        .map_err(run_err)?
-                        .into_dyn(),
+                    Dtype::F16 => Tensor::<half::f16>::from_array((shape, Vec::new())).map_err(run_err)?.into_dyn(),
+                    _ => Tensor::<f32>::from_array((shape, Vec::new())).map_err(run_err)?.into_dyn(),
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -305,15 +283,10 @@ impl Model {
         let sig = &self.signature;
         let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(4 + 2 * sig.layers);
         let i64_tensor = |shape: [usize; 2], data: &Vec<i64>| -> Result<DynValue, ForwardError> {
-            Ok(Tensor::<i64>::from_array((shape, data.clone()))
-                .map_err(run_err)?
-                .into_dyn())
+            Ok(Tensor::<i64>::from_array((shape, data.clone())).map_err(run_err)?.into_dyn())
         };
         feeds.push(("input_ids".into(), i64_tensor([b, seq], &input.input_ids)?.into()));
-        feeds.push((
-            "attention_mask".into(),
-            i64_tensor([b, past + seq], &input.attention_mask)?.into(),
-        ));
+        feeds.push(("attention_mask".into(), i64_tensor([b, past + seq], &input.attention_mask)?.into()));
         if sig.has_position_ids {
             feeds.push(("position_ids".into(), i64_tensor([b, seq], &input.position_ids)?.into()));
         }
@@ -331,21 +304,10 @@ impl Model {
         let mut tensors = Vec::with_capacity(2 * sig.layers);
         for (k, v) in &sig.present {
             for name in [k, v] {
-                tensors.push(
-                    outputs
-                        .remove(name)
-                        .ok_or_else(|| run_err(format!("no output {name}")))?,
-                );
+                tensors.push(outputs.remove(name).ok_or_else(|| run_err(format!("no output {name}")))?);
             }
         }
-        Ok((
-            logits,
-            KvCache {
-                tensors,
-                batch: b,
-                len: past + seq,
-            },
-        ))
+        Ok((logits, KvCache { tensors, batch: b, len: past + seq }))
     }
 }
 
@@ -353,9 +315,7 @@ fn last_position_logits(value: &DynValue, b: usize, seq: usize) -> Result<Logits
     let pick = |shape: &[i64], len: usize| -> Result<usize, ForwardError> {
         let vocab = *shape.last().unwrap_or(&0) as usize;
         if shape.len() != 3 || shape[0] as usize != b || shape[1] as usize != seq || len != b * seq * vocab {
-            return Err(run_err(format!(
-                "logits of shape {shape:?}, expected [{b}, {seq}, vocab]"
-            )));
+            return Err(run_err(format!("logits of shape {shape:?}, expected [{b}, {seq}, vocab]")));
         }
         Ok(vocab)
     };

@@ -61,16 +61,7 @@ impl Worker {
         shared: Arc<WorkerShared>,
         rx: mpsc::UnboundedReceiver<Job>,
     ) -> Self {
-        Worker {
-            model,
-            limits,
-            pad_id,
-            shared,
-            rx,
-            queue: VecDeque::new(),
-            rows: Vec::new(),
-            cache: None,
-        }
+        Worker { model, limits, pad_id, shared, rx, queue: VecDeque::new(), rows: Vec::new(), cache: None }
     }
 
     pub fn run(mut self) {
@@ -113,10 +104,7 @@ impl Worker {
         if !self.rows.is_empty() {
             self.decode();
         }
-        self.shared
-            .stats
-            .iteration_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.shared.stats.iteration_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Releases a job's budget reservation once its last row leaves.
@@ -152,11 +140,7 @@ impl Worker {
     fn running(&self) -> Running {
         Running {
             len: self.cache.as_ref().map_or(0, |c| c.len),
-            remaining: self
-                .rows
-                .iter()
-                .map(|r| (r.job.request.stop.max_new_tokens - r.generated) as usize)
-                .collect(),
+            remaining: self.rows.iter().map(|r| (r.job.request.stop.max_new_tokens - r.generated) as usize).collect(),
         }
     }
 
@@ -174,17 +158,10 @@ impl Worker {
         let t = now();
         let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.request.prompt_ids.as_slice()).collect();
         let input = ForwardInput::prefill(&prompts, self.pad_id);
-        let result = self
-            .model
-            .empty_cache(jobs.len())
-            .and_then(|c| self.model.forward(&input, c));
+        let result = self.model.empty_cache(jobs.len()).and_then(|c| self.model.forward(&input, c));
         let stats = &self.shared.stats;
-        stats
-            .prefill_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        stats
-            .prefill_tokens
-            .fetch_add((input.batch * input.seq) as u64, Ordering::Relaxed);
+        stats.prefill_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats.prefill_tokens.fetch_add((input.batch * input.seq) as u64, Ordering::Relaxed);
         let (logits, new_cache) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -242,9 +219,7 @@ impl Worker {
                         let stats = &self.shared.stats;
                         stats.joins.fetch_add(1, Ordering::Relaxed);
                         stats.join_bytes.fetch_add(joined.bytes() as u64, Ordering::Relaxed);
-                        stats
-                            .join_ns
-                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        stats.join_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         joined
                     }
                     Err(e) => {
@@ -271,15 +246,15 @@ impl Worker {
         let t = now();
         let mut keep = Vec::with_capacity(self.rows.len());
         for (i, row) in self.rows.iter_mut().enumerate() {
+            if !row.done && row.job.stopped[row.index as usize].load(Ordering::Relaxed) {
+                row.done = true;
+            }
             if !row.done {
                 match row.job.ended_reason(t) {
                     None => {}
                     Some(reason) => {
                         if let Some(reason) = reason {
-                            let _ = row.job.events.send(Event::Ended {
-                                index: row.index,
-                                reason,
-                            });
+                            let _ = row.job.events.send(Event::Ended { index: row.index, reason });
                         }
                         row.done = true;
                     }
@@ -314,9 +289,7 @@ impl Worker {
             Ok(c) => {
                 stats.evict_copies.fetch_add(1, Ordering::Relaxed);
                 stats.evict_bytes.fetch_add(c.bytes() as u64, Ordering::Relaxed);
-                stats
-                    .evict_ns
-                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                stats.evict_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 self.cache = Some(c);
             }
             Err(e) => {
@@ -395,16 +368,7 @@ fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) {
         row.next = choice.id;
         row.history.push(choice.id);
         let finish = req.stop.check(choice.id, row.generated);
-        let sent = row
-            .job
-            .events
-            .send(Event::Token {
-                index: row.index,
-                choice,
-                finish,
-                at,
-            })
-            .is_ok();
+        let sent = row.job.events.send(Event::Token { index: row.index, choice, finish, at }).is_ok();
         row.done = finish.is_some() || !sent;
     }
 }

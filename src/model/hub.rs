@@ -17,22 +17,13 @@ pub fn looks_like_hub_id(s: &str) -> bool {
 /// weights, when the repository has them).
 pub fn download(id: &str, revision: Option<&str>) -> Result<ModelFiles, ModelError> {
     let err = |reason: String| ModelError::Hub { id: id.into(), reason };
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).build().map_err(|e| err(e.to_string()))?;
     let repo = match revision {
-        Some(rev) => api.repo(hf_hub::Repo::with_revision(
-            id.into(),
-            hf_hub::RepoType::Model,
-            rev.into(),
-        )),
+        Some(rev) => api.repo(hf_hub::Repo::with_revision(id.into(), hf_hub::RepoType::Model, rev.into())),
         None => api.model(id.into()),
     };
     let config = repo.get("config.json").map_err(|e| err(format!("config.json: {e}")))?;
-    let tokenizer = repo
-        .get("tokenizer.json")
-        .map_err(|e| err(format!("tokenizer.json: {e}")))?;
+    let tokenizer = repo.get("tokenizer.json").map_err(|e| err(format!("tokenizer.json: {e}")))?;
     let generation_config = repo.get("generation_config.json").ok();
     let mut tried = Vec::new();
     let mut onnx: Option<PathBuf> = None;
@@ -48,13 +39,7 @@ pub fn download(id: &str, revision: Option<&str>) -> Result<ModelFiles, ModelErr
         }
     }
     let onnx = onnx.ok_or_else(|| err(format!("no ONNX decoder in the repository; tried {}", tried.join(", "))))?;
-    Ok(ModelFiles {
-        name: id.into(),
-        onnx,
-        config,
-        generation_config,
-        tokenizer,
-    })
+    Ok(ModelFiles { name: id.into(), onnx, config, generation_config, tokenizer })
 }
 
 #[cfg(test)]

@@ -9,12 +9,8 @@ use serde::Deserialize;
 pub use signature::{Dtype, Port, Signature, SignatureError};
 
 /// ONNX file names tried in a model directory, newest optimum layout first.
-const ONNX_CANDIDATES: [&str; 4] = [
-    "model.onnx",
-    "decoder_model_merged.onnx",
-    "onnx/model.onnx",
-    "onnx/decoder_model_merged.onnx",
-];
+const ONNX_CANDIDATES: [&str; 4] =
+    ["model.onnx", "decoder_model_merged.onnx", "onnx/model.onnx", "onnx/decoder_model_merged.onnx"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -74,10 +70,7 @@ impl ModelFiles {
             .iter()
             .map(|c| dir.join(c))
             .find(|p| p.is_file())
-            .ok_or_else(|| ModelError::NoOnnx {
-                dir: dir.into(),
-                candidates: ONNX_CANDIDATES.join(", "),
-            })?;
+            .ok_or_else(|| ModelError::NoOnnx { dir: dir.into(), candidates: ONNX_CANDIDATES.join(", ") })?;
         let generation_config = Some(dir.join("generation_config.json")).filter(|p| p.is_file());
         Ok(ModelFiles {
             name: name.to_string(),
@@ -118,19 +111,10 @@ fn first_id(v: &serde_json::Value) -> Option<u32> {
 impl ModelConfig {
     pub fn load(files: &ModelFiles) -> Result<Self, ModelError> {
         let read = |path: &Path| -> Result<RawConfig, ModelError> {
-            let text = std::fs::read_to_string(path).map_err(|error| ModelError::Read {
-                path: path.into(),
-                error,
-            })?;
-            serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: path.into(),
-                reason: e.to_string(),
-            })
+            let text = std::fs::read_to_string(path).map_err(|error| ModelError::Read { path: path.into(), error })?;
+            serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.into(), reason: e.to_string() })
         };
-        let bad = |reason: &str| ModelError::Config {
-            path: files.config.clone(),
-            reason: reason.into(),
-        };
+        let bad = |reason: &str| ModelError::Config { path: files.config.clone(), reason: reason.into() };
         let raw = read(&files.config)?;
         let generation = files.generation_config.as_deref().map(read).transpose()?;
         // generation_config.json wins for eos, as in transformers' generate().
@@ -147,9 +131,7 @@ impl ModelConfig {
             eos_token_id: eos,
         };
         if config.eos_token_id >= config.vocab_size || config.n_positions == 0 || config.n_layer == 0 {
-            return Err(bad(
-                "eos_token_id must be below vocab_size and n_positions, n_layer positive",
-            ));
+            return Err(bad("eos_token_id must be below vocab_size and n_positions, n_layer positive"));
         }
         Ok(config)
     }
@@ -165,15 +147,7 @@ mod tests {
         let files = ModelFiles::in_dir("tiny", &dir).unwrap();
         assert!(files.onnx.ends_with("model.onnx"));
         let c = ModelConfig::load(&files).unwrap();
-        assert_eq!(
-            c,
-            ModelConfig {
-                vocab_size: 50257,
-                n_positions: 256,
-                n_layer: 2,
-                eos_token_id: 50256
-            }
-        );
+        assert_eq!(c, ModelConfig { vocab_size: 50257, n_positions: 256, n_layer: 2, eos_token_id: 50256 });
     }
 
     #[test]

@@ -45,21 +45,14 @@ pub struct Port {
 impl Port {
     pub fn new(name: &str, dtype: Dtype, shape: &[i64]) -> Self {
         let shape = shape.iter().map(|&d| (d >= 0).then_some(d)).collect();
-        Port {
-            name: name.into(),
-            dtype,
-            shape,
-        }
+        Port { name: name.into(), dtype, shape }
     }
 }
 
 impl fmt::Display for Port {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dims: Vec<String> = self
-            .shape
-            .iter()
-            .map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string()))
-            .collect();
+        let dims: Vec<String> =
+            self.shape.iter().map(|d| d.map_or_else(|| "?".to_string(), |d| d.to_string())).collect();
         write!(f, "{} {}[{}]", self.name, self.dtype, dims.join(", "))
     }
 }
@@ -136,17 +129,10 @@ impl Signature {
         let mut present = Vec::new();
         let mut kv: Option<(Dtype, Option<i64>, Option<i64>)> = None;
         for layer in 0.. {
-            let (pk, pv) = (
-                format!("past_key_values.{layer}.key"),
-                format!("past_key_values.{layer}.value"),
-            );
+            let (pk, pv) = (format!("past_key_values.{layer}.key"), format!("past_key_values.{layer}.value"));
             let (ok, ov) = (format!("present.{layer}.key"), format!("present.{layer}.value"));
             let Some(k) = find(inputs, &pk) else { break };
-            for (name, port) in [
-                (&pv, find(inputs, &pv)),
-                (&ok, find(outputs, &ok)),
-                (&ov, find(outputs, &ov)),
-            ] {
+            for (name, port) in [(&pv, find(inputs, &pv)), (&ok, find(outputs, &ok)), (&ov, find(outputs, &ov))] {
                 let Some(port) = port else {
                     return Err(fail(format!("{pk} has no matching {name}")));
                 };
@@ -166,9 +152,7 @@ impl Signature {
             present.push((ok, ov));
         }
         let Some((kv_dtype, heads, head_dim)) = kv else {
-            return Err(fail(
-                "no past_key_values.0.key input: export with --task text-generation-with-past".into(),
-            ));
+            return Err(fail("no past_key_values.0.key input: export with --task text-generation-with-past".into()));
         };
         if past.len() != expected_layers {
             return Err(fail(format!(
@@ -236,10 +220,7 @@ mod tests {
         assert_eq!((s.layers, s.heads, s.head_dim), (2, 2, 16));
         assert!(s.has_position_ids && !s.has_use_cache_branch);
         assert_eq!(s.kv_dtype, Dtype::F32);
-        assert_eq!(
-            s.past[1],
-            ("past_key_values.1.key".into(), "past_key_values.1.value".into())
-        );
+        assert_eq!(s.past[1], ("past_key_values.1.key".into(), "past_key_values.1.value".into()));
         assert_eq!(s.present[0], ("present.0.key".into(), "present.0.value".into()));
     }
 
@@ -259,17 +240,11 @@ mod tests {
 
     #[test]
     fn export_without_past_is_refused_with_what_was_found() {
-        let i = vec![
-            Port::new("input_ids", Dtype::I64, &[-1, -1]),
-            Port::new("attention_mask", Dtype::I64, &[-1, -1]),
-        ];
+        let i = vec![Port::new("input_ids", Dtype::I64, &[-1, -1]), Port::new("attention_mask", Dtype::I64, &[-1, -1])];
         let o = vec![Port::new("logits", Dtype::F32, &[-1, -1, 50257])];
         let e = Signature::discover(&i, &o, 2).unwrap_err().to_string();
         assert!(e.contains("text-generation-with-past"), "{e}");
-        assert!(
-            e.contains("found inputs: input_ids int64[?, ?], attention_mask int64[?, ?]"),
-            "{e}"
-        );
+        assert!(e.contains("found inputs: input_ids int64[?, ?], attention_mask int64[?, ?]"), "{e}");
         assert!(e.contains("expected inputs"), "{e}");
     }
 
@@ -284,21 +259,11 @@ mod tests {
     fn unknown_inputs_missing_presents_and_wrong_types_are_refused() {
         let (mut i, o) = optimum(2, Dtype::F32, true, false);
         i.push(Port::new("token_type_ids", Dtype::I64, &[-1, -1]));
-        assert!(
-            Signature::discover(&i, &o, 2)
-                .unwrap_err()
-                .problem
-                .contains("unknown input token_type_ids")
-        );
+        assert!(Signature::discover(&i, &o, 2).unwrap_err().problem.contains("unknown input token_type_ids"));
 
         let (i, mut o) = optimum(2, Dtype::F32, true, false);
         o.retain(|p| p.name != "present.1.value");
-        assert!(
-            Signature::discover(&i, &o, 2)
-                .unwrap_err()
-                .problem
-                .contains("present.1.value")
-        );
+        assert!(Signature::discover(&i, &o, 2).unwrap_err().problem.contains("present.1.value"));
 
         let (mut i, o) = optimum(2, Dtype::F32, true, false);
         i[0] = Port::new("input_ids", Dtype::F32, &[-1, -1]);
@@ -306,11 +271,6 @@ mod tests {
 
         let (mut i, o) = optimum(2, Dtype::F32, true, false);
         i[2] = Port::new("past_key_values.0.value", Dtype::F16, &[-1, 2, -1, 16]);
-        assert!(
-            Signature::discover(&i, &o, 2)
-                .unwrap_err()
-                .problem
-                .contains("does not match")
-        );
+        assert!(Signature::discover(&i, &o, 2).unwrap_err().problem.contains("does not match"));
     }
 }

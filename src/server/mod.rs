@@ -113,12 +113,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// little earlier (a tenth, at most 50 ms) lets the client see
 /// DEADLINE_EXCEEDED from us instead of a race.
 fn deadline_of<T>(req: &Request<T>, arrival: Instant) -> Option<Instant> {
-    let timeout = req
-        .metadata()
-        .get("grpc-timeout")?
-        .to_str()
-        .ok()
-        .and_then(parse_grpc_timeout)?;
+    let timeout = req.metadata().get("grpc-timeout")?.to_str().ok().and_then(parse_grpc_timeout)?;
     let margin = (timeout / 10).min(Duration::from_millis(50));
     Some(arrival + timeout - margin)
 }
@@ -130,7 +125,7 @@ impl GenerationService {
     async fn start(
         &self,
         req: Request<pb::GenerateRequest>,
-    ) -> Result<(ValidRequest, EventStream, InFlightGuard), Error> {
+    ) -> Result<(ValidRequest, EventStream, InFlightGuard, Arc<[std::sync::atomic::AtomicBool]>), Error> {
         let arrival = Instant::now();
         if self.state.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
@@ -145,20 +140,19 @@ impl GenerationService {
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("request", id = %valid.request_id, prompt_tokens = valid.prompt_ids.len());
-        self.state.engine.submit(Job::new(valid.clone(), tx, span))?;
-        let guard = InFlightGuard {
-            engine: self.state.engine.clone(),
-            id: valid.request_id.clone(),
-        };
-        Ok((valid, rx, guard))
+        let job = Job::new(valid.clone(), tx, span);
+        let stopped = job.stopped.clone();
+        self.state.engine.submit(job)?;
+        let guard = InFlightGuard { engine: self.state.engine.clone(), id: valid.request_id.clone() };
+        Ok((valid, rx, guard, stopped))
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (valid, mut events, _guard) = self.start(req).await?;
-        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid);
+        let (valid, mut events, _guard, stopped) = self.start(req).await?;
+        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped);
         let mut collector = Collector::new(&valid.request_id);
         while let Some(event) = events.recv().await {
             match responder.on_event(event) {
@@ -180,8 +174,8 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (valid, mut events, guard) = self.start(req).await?;
-        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid);
+        let (valid, mut events, guard, stopped) = self.start(req).await?;
+        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             let _guard = guard;

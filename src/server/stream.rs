@@ -9,12 +9,16 @@ use crate::engine::Event;
 use crate::error::Error;
 use crate::pb::{self, FinishReason};
 use crate::sampling::Choice;
+use crate::stop::{Outcome, StopMatcher};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use crate::validation::ValidRequest;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Per-sequence state on the response side.
 struct SequenceState {
     detok: Detokenizer,
+    matcher: StopMatcher,
     logprob_sum: f64,
     finished: bool,
     seed: Option<u64>,
@@ -30,6 +34,8 @@ pub struct Responder {
     first_token: Option<Instant>,
     generated: u32,
     sequences: Vec<SequenceState>,
+    /// The engine's per-sequence "stop" flags (set when a stop sequence matches).
+    stopped: Arc<[AtomicBool]>,
 }
 
 /// What one event turns into.
@@ -45,7 +51,7 @@ pub enum Step {
 }
 
 impl Responder {
-    pub fn new(tokenizer: Tokenizer, req: &ValidRequest) -> Self {
+    pub fn new(tokenizer: Tokenizer, req: &ValidRequest, stopped: Arc<[AtomicBool]>) -> Self {
         let seed = req.decoding.sampling.as_ref().map(|s| s.seed);
         Responder {
             tokenizer,
@@ -58,11 +64,13 @@ impl Responder {
             sequences: (0..req.decoding.rows())
                 .map(|i| SequenceState {
                     detok: Detokenizer::new(),
+                    matcher: StopMatcher::new(req.stop_sequences.clone(), req.include_stop_sequence),
                     logprob_sum: 0.0,
                     finished: false,
                     seed: seed.map(|s| s.wrapping_add(u64::from(i))),
                 })
                 .collect(),
+            stopped,
         }
     }
 
@@ -70,11 +78,7 @@ impl Responder {
         let top_logprobs = c
             .top
             .iter()
-            .map(|&(id, logprob)| pb::TopLogprob {
-                id,
-                text: self.tokenizer.token_text(id),
-                logprob,
-            })
+            .map(|&(id, logprob)| pb::TopLogprob { id, text: self.tokenizer.token_text(id), logprob })
             .collect();
         pb::Token {
             id: c.id,
@@ -96,11 +100,23 @@ impl Responder {
         }
     }
 
-    /// Ends sequence `index` in `msg`; true when it was the request's last.
-    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, reason: FinishReason) -> bool {
+    /// Ends sequence `index` in `msg`, flushing what was held back unless a
+    /// stop sequence ended it; true when it was the request's last.
+    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, mut reason: FinishReason) -> bool {
         let seq = &mut self.sequences[msg.index as usize];
-        msg.text
-            .push_str(&seq.detok.finish(&self.tokenizer).unwrap_or_default());
+        if reason != FinishReason::StopSequence {
+            let tail = seq.detok.finish(&self.tokenizer).unwrap_or_default();
+            match seq.matcher.push(&tail) {
+                Outcome::Text(t) => {
+                    msg.text.push_str(&t);
+                    msg.text.push_str(&seq.matcher.finish());
+                }
+                Outcome::Stopped(t) => {
+                    msg.text.push_str(&t);
+                    reason = FinishReason::StopSequence;
+                }
+            }
+        }
         msg.finish_reason = reason as i32;
         msg.logprob_sum = seq.logprob_sum;
         msg.seed = seq.seed;
@@ -113,29 +129,32 @@ impl Responder {
     }
 
     pub fn on_event(&mut self, event: Event) -> Step {
-        let mut msg = pb::GenerateStreamResponse {
-            request_id: self.request_id.clone(),
-            ..Default::default()
-        };
+        let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
         let (index, finish) = match event {
             Event::Started { at } => {
                 self.started.get_or_insert(at);
                 return Step::Nothing;
             }
             Event::Failed(e) => return Step::Fail(e.into()),
-            Event::Token {
-                index,
-                choice,
-                finish,
-                at,
-            } => {
+            Event::Token { index, choice, finish, at } => {
                 let Some(seq) = self.sequences.get_mut(index as usize).filter(|s| !s.finished) else {
                     return Step::Nothing;
                 };
                 self.first_token.get_or_insert(at);
                 self.generated += 1;
                 seq.logprob_sum += f64::from(choice.logprob);
-                msg.text = seq.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
+                let text = seq.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
+                let finish = match seq.matcher.push(&text) {
+                    Outcome::Text(t) => {
+                        msg.text = t;
+                        finish
+                    }
+                    Outcome::Stopped(t) => {
+                        msg.text = t;
+                        self.stopped[index as usize].store(true, Ordering::Relaxed);
+                        Some(FinishReason::StopSequence)
+                    }
+                };
                 msg.tokens.push(self.token(&choice));
                 (index, finish)
             }
@@ -165,21 +184,13 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(request_id: &str) -> Self {
-        Collector {
-            response: pb::GenerateResponse {
-                request_id: request_id.into(),
-                ..Default::default()
-            },
-        }
+        Collector { response: pb::GenerateResponse { request_id: request_id.into(), ..Default::default() } }
     }
 
     pub fn add(&mut self, msg: pb::GenerateStreamResponse) {
         let seqs = &mut self.response.sequences;
         while seqs.len() <= msg.index as usize {
-            seqs.push(pb::Sequence {
-                index: seqs.len() as u32,
-                ..Default::default()
-            });
+            seqs.push(pb::Sequence { index: seqs.len() as u32, ..Default::default() });
         }
         let seq = &mut seqs[msg.index as usize];
         seq.text.push_str(&msg.text);

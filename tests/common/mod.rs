@@ -17,19 +17,13 @@ pub fn expected() -> serde_json::Value {
 
 pub fn serve_args() -> ServeArgs {
     ServeArgs {
-        model: ModelArgs {
-            model: fixture_dir().to_string_lossy().into_owned(),
-            revision: None,
-        },
+        model: ModelArgs { model: fixture_dir().to_string_lossy().into_owned(), revision: None },
         runtime: RuntimeArgs {
             onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
             intra_op_threads: 1,
             workers: 1,
         },
-        server: ServerArgs {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            shutdown_grace: 1.0,
-        },
+        server: ServerArgs { listen: "127.0.0.1:0".parse().unwrap(), shutdown_grace: 1.0 },
         limits: LimitArgs {
             max_queue: 64,
             max_batch_size: 16,
@@ -62,10 +56,7 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(args: ServeArgs) -> TestServer {
-    let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args))
-        .await
-        .unwrap()
-        .unwrap();
+    let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await.unwrap().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -74,21 +65,12 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
         let _ = rx.await;
     }));
     let client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
-    TestServer {
-        client,
-        state,
-        addr,
-        shutdown: Some(tx),
-    }
+    TestServer { client, state, addr, shutdown: Some(tx) }
 }
 
 /// Ids of a JSON array.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 /// Waits (polling the server's own state, at most 30 s) until `cond` holds.
@@ -104,10 +86,7 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn request(prompt_ids: Vec<u32>, max_new_tokens: u32) -> batchgen::pb::GenerateRequest {
     batchgen::pb::GenerateRequest {
         prompt_token_ids: prompt_ids,
-        stopping: Some(batchgen::pb::Stopping {
-            max_new_tokens,
-            ..Default::default()
-        }),
+        stopping: Some(batchgen::pb::Stopping { max_new_tokens, ..Default::default() }),
         ..Default::default()
     }
 }
@@ -115,13 +94,7 @@ pub fn request(prompt_ids: Vec<u32>, max_new_tokens: u32) -> batchgen::pb::Gener
 impl TestServer {
     /// Runs a unary request and returns its one sequence.
     pub async fn sequence(&mut self, req: batchgen::pb::GenerateRequest) -> batchgen::pb::Sequence {
-        self.client
-            .generate(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .sequences
-            .remove(0)
+        self.client.generate(req).await.unwrap().into_inner().sequences.remove(0)
     }
 }
 
@@ -134,4 +107,17 @@ pub async fn last_message(
         last = Some(m);
     }
     last.expect("the stream sent no message")
+}
+
+/// The request a saved transformers case describes (ids prompt, lengths, processors).
+pub fn case_request(case: &serde_json::Value) -> batchgen::pb::GenerateRequest {
+    let num = |k: &str| case[k].as_f64().unwrap_or(0.0);
+    let mut r = request(ids(&case["prompt_ids"]), num("max_new_tokens") as u32);
+    r.stopping.as_mut().unwrap().min_new_tokens = num("min_new_tokens") as u32;
+    r.decoding = Some(batchgen::pb::Decoding {
+        repetition_penalty: num("repetition_penalty") as f32,
+        no_repeat_ngram_size: num("no_repeat_ngram_size") as u32,
+        ..Default::default()
+    });
+    r
 }
