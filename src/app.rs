@@ -78,6 +78,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             default_max_new_tokens: l.default_max_new_tokens,
             max_prompt_tokens: l.max_prompt_tokens.min(config.n_positions - 1).min(l.max_prefill_tokens as u32),
             max_batch_tokens: l.max_batch_tokens.min(u32::MAX as usize) as u32,
+            max_beams: l.max_beams.min(l.max_batch_size as u32),
         },
         draining: Default::default(),
         engine,

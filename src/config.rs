@@ -115,6 +115,9 @@ pub struct LimitArgs {
     /// included); bounds how long admitting requests stalls the running ones.
     #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 2048)]
     pub max_prefill_tokens: usize,
+    /// Largest num_beams a request may ask for (each beam is a row).
+    #[arg(long, env = "BATCHGEN_MAX_BEAMS", default_value_t = 8)]
+    pub max_beams: u32,
     /// Longest prompt accepted, in tokens (also capped by the model's context).
     #[arg(long, env = "BATCHGEN_MAX_PROMPT_TOKENS", default_value_t = 1024)]
     pub max_prompt_tokens: u32,

@@ -23,7 +23,6 @@ impl Error {
     /// Short, stable name of the error kind (a metrics label).
     pub fn error_type(&self) -> &'static str {
         match self {
-            Error::Validation(ValidationError::Unimplemented { .. }) => "unimplemented",
             Error::Validation(_) => "validation",
             Error::Queue(QueueError::Full { .. }) => "overloaded",
             Error::Queue(QueueError::DuplicateId(_)) => "validation",
@@ -35,7 +34,6 @@ impl Error {
 
     pub fn code(&self) -> Code {
         match self {
-            Error::Validation(ValidationError::Unimplemented { .. }) => Code::Unimplemented,
             Error::Validation(_) => Code::InvalidArgument,
             Error::Queue(QueueError::Full { .. }) => Code::ResourceExhausted,
             Error::Queue(QueueError::DuplicateId(_)) => Code::AlreadyExists,

@@ -4,6 +4,7 @@
 //! owning the ONNX Runtime session and KV cache) → `sampling` → `stopping` →
 //! `tokenizer::Detokenizer` → the request's stream.
 pub mod app;
+pub mod beam;
 pub mod bench;
 pub mod client;
 pub mod config;

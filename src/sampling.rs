@@ -62,6 +62,13 @@ fn log_sum_exp_from(logits: &[f32], max: f32) -> f64 {
     f64::from(max) + sum.ln()
 }
 
+/// log-softmax of a row of logits.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = log_sum_exp_from(logits, max) as f32;
+    logits.iter().map(|&x| x - lse).collect()
+}
+
 /// Reporting for a token chosen by other means (after processors or by
 /// sampling): its log-probability and the alternatives, under the model's own
 /// distribution.

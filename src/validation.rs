@@ -2,6 +2,7 @@
 //! field, the limit and the value. Nothing downstream re-checks these limits.
 use std::time::Instant;
 
+use crate::beam::BeamPlan;
 use crate::logits::{Processors, Warpers};
 use crate::pb;
 use crate::stopping::StopCriteria;
@@ -30,14 +31,14 @@ pub struct Limits {
     /// A worker's KV budget (`--max-batch-tokens`): prompt + max_new_tokens
     /// beyond it can never run.
     pub max_batch_tokens: u32,
+    /// Largest num_beams (`--max-beams`).
+    pub max_beams: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ValidationError {
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
-    #[error("{field} is not implemented yet (value given: {value}); {hint}")]
-    Unimplemented { field: &'static str, value: String, hint: &'static str },
     #[error("prompt could not be tokenized: {0}")]
     Tokenizer(String),
 }
@@ -94,14 +95,24 @@ pub struct SamplingPlan {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodingPlan {
     pub processors: Processors,
-    /// `None`: greedy search.
+    /// `None` (and no beam): greedy search.
     pub sampling: Option<SamplingPlan>,
+    pub beam: Option<BeamPlan>,
 }
 
 impl DecodingPlan {
     /// Rows of the batch the request occupies.
     pub fn rows(&self) -> u32 {
-        self.sampling.as_ref().map_or(1, |s| s.num_samples)
+        match (&self.sampling, &self.beam) {
+            (Some(s), _) => s.num_samples,
+            (_, Some(b)) => b.num_beams as u32,
+            _ => 1,
+        }
+    }
+
+    /// Sequences the request returns.
+    pub fn sequences(&self) -> u32 {
+        self.beam.as_ref().map_or_else(|| self.rows(), |b| b.num_return_sequences as u32)
     }
 }
 
@@ -112,7 +123,7 @@ fn finite_in(field: &'static str, v: f32, lo: f32, hi: f32, what: &str) -> Resul
     Ok(())
 }
 
-fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, ValidationError> {
+fn check_decoding(d: pb::Decoding, vocab_size: u32, max_beams: u32) -> Result<DecodingPlan, ValidationError> {
     finite_in("decoding.repetition_penalty", d.repetition_penalty, 0.0, 10.0, "in (0, 10] (0 means off)")?;
     finite_in("decoding.presence_penalty", d.presence_penalty, -2.0, 2.0, "in [-2, 2] (0 means off)")?;
     finite_in("decoding.frequency_penalty", d.frequency_penalty, -2.0, 2.0, "in [-2, 2] (0 means off)")?;
@@ -148,14 +159,40 @@ fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, Vali
         frequency_penalty: d.frequency_penalty,
         no_repeat_ngram_size: d.no_repeat_ngram_size as usize,
     };
+    let mut beam = None;
     let sampling = match d.method {
         None | Some(pb::decoding::Method::Greedy(_)) => None,
         Some(pb::decoding::Method::BeamSearch(b)) => {
-            return Err(ValidationError::Unimplemented {
-                field: "decoding.beam_search",
-                value: format!("{b:?}"),
-                hint: "use greedy or sampling until beam search lands",
-            });
+            if b.num_beams > max_beams {
+                return Err(invalid(
+                    "decoding.beam_search.num_beams",
+                    format!("must be at most {max_beams} (--max-beams; 0 means 1), got {}", b.num_beams),
+                ));
+            }
+            let num_beams = b.num_beams.max(1);
+            if b.num_return_sequences > num_beams {
+                return Err(invalid(
+                    "decoding.beam_search.num_return_sequences",
+                    format!("must be at most num_beams ({num_beams}), got {}", b.num_return_sequences),
+                ));
+            }
+            finite_in(
+                "decoding.beam_search.length_penalty",
+                b.length_penalty,
+                -10.0,
+                10.0,
+                "in [-10, 10] (0 means 1)",
+            )?;
+            // One beam is greedy search.
+            if num_beams > 1 {
+                beam = Some(BeamPlan {
+                    num_beams: num_beams as usize,
+                    length_penalty: if b.length_penalty == 0.0 { 1.0 } else { b.length_penalty },
+                    early_stopping: b.early_stopping,
+                    num_return_sequences: b.num_return_sequences.max(1) as usize,
+                });
+            }
+            None
         }
         Some(pb::decoding::Method::Sampling(s)) => {
             finite_in("decoding.sampling.temperature", s.temperature, 0.0, 100.0, "in [0, 100] (0 means greedy)")?;
@@ -190,7 +227,7 @@ fn check_decoding(d: pb::Decoding, vocab_size: u32) -> Result<DecodingPlan, Vali
             })
         }
     };
-    Ok(DecodingPlan { processors, sampling })
+    Ok(DecodingPlan { processors, sampling, beam })
 }
 
 /// Validates `req`; `tokenizer` turns a text prompt into ids (this runs on a
@@ -208,7 +245,7 @@ pub fn validate(
             format!("must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}", req.request_id.len()),
         ));
     }
-    let decoding = check_decoding(req.decoding.unwrap_or_default(), limits.vocab_size)?;
+    let decoding = check_decoding(req.decoding.unwrap_or_default(), limits.vocab_size, limits.max_beams)?;
     let mut stopping = req.stopping.unwrap_or_default();
     if stopping.stop_sequences.len() > MAX_STOP_SEQUENCES {
         return Err(invalid(
@@ -357,6 +394,7 @@ mod tests {
             default_max_new_tokens: 64,
             max_prompt_tokens: 255,
             max_batch_tokens: 4096,
+            max_beams: 8,
         };
         (Tokenizer::from_file(&p).unwrap(), limits)
     }
@@ -488,7 +526,20 @@ mod tests {
             method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch { num_beams: 2, ..Default::default() })),
             ..Default::default()
         };
-        assert!(matches!(with(beam), Err(ValidationError::Unimplemented { field: "decoding.beam_search", .. })));
+        let plan = with(beam).unwrap().decoding.beam.unwrap();
+        assert_eq!((plan.num_beams, plan.num_return_sequences, plan.length_penalty), (2, 1, 1.0));
+        let beams = |b: pb::BeamSearch| pb::Decoding {
+            method: Some(pb::decoding::Method::BeamSearch(b)),
+            ..Default::default()
+        };
+        assert_eq!(
+            err(beams(pb::BeamSearch { num_beams: 9, ..Default::default() })),
+            "decoding.beam_search.num_beams: must be at most 8 (--max-beams; 0 means 1), got 9"
+        );
+        assert_eq!(
+            err(beams(pb::BeamSearch { num_beams: 3, num_return_sequences: 4, ..Default::default() })),
+            "decoding.beam_search.num_return_sequences: must be at most num_beams (3), got 4"
+        );
         let stop = pb::Stopping { stop_sequences: vec!["".into()], ..Default::default() };
         let e = check(pb::GenerateRequest { stopping: Some(stop), ..ids(1) }).unwrap_err().to_string();
         assert_eq!(e, "stopping.stop_sequences: [0] must be 1 to 256 bytes long, got 0 bytes");

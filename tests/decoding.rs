@@ -317,3 +317,83 @@ async fn a_stop_sequence_ends_one_sample_and_not_the_others() {
         }
     }
 }
+
+fn beam_request(case: &serde_json::Value) -> pb::GenerateRequest {
+    let mut r = request(ids(&case["prompt_ids"]), case["max_new_tokens"].as_u64().unwrap() as u32);
+    r.decoding = Some(pb::Decoding {
+        method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch {
+            num_beams: case["num_beams"].as_u64().unwrap() as u32,
+            length_penalty: case["length_penalty"].as_f64().unwrap_or(1.0) as f32,
+            early_stopping: case["early_stopping"].as_bool().unwrap_or(false),
+            num_return_sequences: case["num_return_sequences"].as_u64().unwrap() as u32,
+        })),
+        no_repeat_ngram_size: case["no_repeat_ngram_size"].as_u64().unwrap_or(0) as u32,
+        ..Default::default()
+    });
+    r
+}
+
+/// Beam search returns transformers' hypotheses, in order, with its scores.
+#[tokio::test]
+async fn beam_search_equals_transformers() {
+    let mut server = start().await;
+    let exp = expected();
+    let cases = exp["beam"].as_object().unwrap();
+    assert!(cases.len() >= 5);
+    for (name, case) in cases {
+        let resp = server.client.generate(beam_request(case)).await.unwrap().into_inner();
+        let want = case["sequences"].as_array().unwrap();
+        assert_eq!(resp.sequences.len(), want.len(), "{name}");
+        for (i, (got, w)) in resp.sequences.iter().zip(want).enumerate() {
+            assert_eq!(token_ids(got), ids(&w["output_ids"]), "{name} #{i}");
+            assert!(
+                (got.score - w["score"].as_f64().unwrap()).abs() < 1e-4,
+                "{name} #{i}: score {} vs {}",
+                got.score,
+                w["score"]
+            );
+            let lp = w["logprob_sum"].as_f64().unwrap();
+            assert!((got.logprob_sum - lp).abs() < 1e-4, "{name} #{i}: logprob_sum {} vs {lp}", got.logprob_sum);
+            assert_eq!(got.index as usize, i);
+        }
+        // Streaming sends each returned sequence once, at the end.
+        let mut stream = server.client.generate_stream(beam_request(case)).await.unwrap().into_inner();
+        let mut msgs = Vec::new();
+        while let Some(m) = stream.message().await.unwrap() {
+            msgs.push(m);
+        }
+        assert_eq!(msgs.len(), want.len(), "{name}: one message per sequence");
+        for (m, seq) in msgs.iter().zip(&resp.sequences) {
+            assert_eq!((m.index, &m.text, m.finish_reason), (seq.index, &seq.text, seq.finish_reason));
+        }
+        assert!(msgs.last().unwrap().usage.is_some());
+    }
+}
+
+/// A beam request's rows are reordered in place without disturbing others.
+#[tokio::test]
+async fn beam_search_in_a_busy_batch_is_unchanged() {
+    let mut server = start().await;
+    let exp = expected();
+    let case = &exp["beam"]["beam5_no_repeat2"];
+    let alone = server.client.generate(beam_request(case)).await.unwrap().into_inner();
+    let mut handles = Vec::new();
+    for (k, name) in ["long", "short", "cjk", "emoji"].iter().enumerate() {
+        let mut c = server.client.clone();
+        let g = &exp["greedy"][name];
+        let r = request(ids(&g["prompt_ids"]), 24);
+        let want = ids(&g["output_ids"]);
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(3 * k as u64)).await;
+            let got = c.generate(r).await.unwrap().into_inner();
+            assert_eq!(token_ids(&got.sequences[0]), want, "a greedy request beside a beam search changed");
+        }));
+    }
+    let busy = server.client.generate(beam_request(case)).await.unwrap().into_inner();
+    for h in handles {
+        h.await.unwrap();
+    }
+    for (a, b) in alone.sequences.iter().zip(&busy.sequences) {
+        assert_eq!(token_ids(a), token_ids(b));
+    }
+}

@@ -254,12 +254,22 @@ async fn bad_requests_get_precise_errors() {
     expect_error(s, req, Code::InvalidArgument, "top_logprobs: must be at most 20, got 21").await;
     let mut req = request(vec![10], 4);
     req.decoding = Some(pb::Decoding {
-        method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch { num_beams: 5, ..Default::default() })),
+        method: Some(pb::decoding::Method::BeamSearch(pb::BeamSearch { num_beams: 9, ..Default::default() })),
         ..Default::default()
     });
-    let status = s.client.generate(req).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().starts_with("decoding.beam_search is not implemented yet"), "{}", status.message());
+    let msg = "decoding.beam_search.num_beams: must be at most 8 (--max-beams; 0 means 1), got 9";
+    expect_error(s, req, Code::InvalidArgument, msg).await;
+    let mut req = request(vec![10], 4);
+    req.decoding = Some(pb::Decoding {
+        method: Some(pb::decoding::Method::Sampling(pb::Sampling {
+            temperature: 1.0,
+            top_p: 2.0,
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    let msg = "decoding.sampling.top_p: must be in (0, 1] (0 means off), got 2";
+    expect_error(s, req, Code::InvalidArgument, msg).await;
 }
 
 #[tokio::test]

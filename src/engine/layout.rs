@@ -36,6 +36,21 @@ pub fn select<T: Copy>(data: &[T], shape: KvShape, rows: &[usize], len: usize) -
     out
 }
 
+/// Reorders rows `start..start + perm.len()` in place: row `start + j`
+/// becomes a copy of row `start + perm[j]` (beam search). Other rows are
+/// untouched. Returns the bytes written.
+pub fn reorder<T: Copy>(data: &mut [T], shape: KvShape, start: usize, perm: &[usize]) -> usize {
+    let row = shape.heads * shape.len * shape.head_dim;
+    let group = &mut data[start * row..(start + perm.len()) * row];
+    let before = group.to_vec();
+    for (j, &p) in perm.iter().enumerate() {
+        if p != j {
+            group[j * row..(j + 1) * row].copy_from_slice(&before[p * row..(p + 1) * row]);
+        }
+    }
+    perm.iter().enumerate().filter(|(j, p)| j != *p).count() * row * std::mem::size_of::<T>()
+}
+
 /// Stacks `a` over `b` along the batch, each left-padded with zeros to `len`.
 pub fn concat<T: Copy + Default>(a: &[T], a_shape: KvShape, b: &[T], b_shape: KvShape, len: usize) -> Vec<T> {
     assert!(a_shape.heads == b_shape.heads && a_shape.head_dim == b_shape.head_dim);
@@ -122,6 +137,18 @@ mod tests {
         let out = concat(&[], sa, &tensor(sb, 3), sb, 2);
         let o = shape(2, 2);
         assert!(out[..o.elements() / 2].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn reorder_touches_only_the_group() {
+        let s = shape(4, 2);
+        let t = tensor(s, 0);
+        let mut r = t.clone();
+        reorder(&mut r, s, 1, &[1, 1, 0]);
+        assert_eq!(at(&r, s, 0, 1, 1, 2), at(&t, s, 0, 1, 1, 2));
+        assert_eq!(at(&r, s, 1, 1, 1, 2), at(&t, s, 2, 1, 1, 2));
+        assert_eq!(at(&r, s, 2, 0, 0, 0), at(&t, s, 2, 0, 0, 0));
+        assert_eq!(at(&r, s, 3, 1, 0, 1), at(&t, s, 1, 1, 0, 1));
     }
 
     #[test]

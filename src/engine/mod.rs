@@ -50,6 +50,8 @@ pub enum Event {
     Started { at: Instant },
     /// A token was chosen for sequence `index`; `finish` is set on its last.
     Token { index: u32, choice: Choice, finish: Option<FinishReason>, at: Instant },
+    /// Beam search ended: the hypotheses to return, best first.
+    Beams { hypotheses: Vec<crate::beam::Hypothesis>, at: Instant },
     /// Sequence `index` ended without a new token (cancelled, deadline).
     Ended { index: u32, reason: FinishReason },
     /// The request failed; nothing follows.

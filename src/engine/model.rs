@@ -155,6 +155,22 @@ impl KvCache {
         Ok(KvCache { tensors, batch: rows.len(), len })
     }
 
+    /// Reorders rows `start..start + perm.len()` in place (see `layout::reorder`).
+    pub fn reorder_rows(&mut self, start: usize, perm: &[usize]) -> Result<usize, ForwardError> {
+        let mut bytes = 0;
+        for t in &mut self.tensors {
+            if let Ok((shape, data)) = t.try_extract_tensor_mut::<f32>() {
+                let s = kv_shape(shape)?;
+                bytes += layout::reorder(data, s, start, perm);
+                continue;
+            }
+            let (shape, data) = t.try_extract_tensor_mut::<half::f16>().map_err(run_err)?;
+            let s = kv_shape(shape)?;
+            bytes += layout::reorder(data, s, start, perm);
+        }
+        Ok(bytes)
+    }
+
     /// Stacks `self` over `other`, both left-padded to `len` (see `layout::concat`).
     pub fn concat(&self, other: &KvCache, len: usize) -> Result<KvCache, ForwardError> {
         let batch = self.batch + other.batch;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::admission::{self, Running};
 use super::model::{ForwardInput, KvCache, Logits, Model};
 use super::{EngineError, Event, Job, WorkerShared};
+use crate::beam::BeamSearch;
 use crate::logits::{self, History};
 use crate::pb::FinishReason;
 use crate::sampling;
@@ -36,6 +37,8 @@ struct Row {
     history: History,
     /// This row's own generator when sampling (seeded `seed + index`).
     rng: Option<ChaCha8Rng>,
+    /// On the first row of a beam search request: the search.
+    beam: Option<Box<BeamSearch>>,
 }
 
 pub(super) struct Worker {
@@ -189,6 +192,11 @@ impl Worker {
                     done: false,
                     history: History::new(&job.request.prompt_ids),
                     rng: sampling.map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(u64::from(index)))),
+                    beam: job.request.decoding.beam.clone().filter(|_| index == 0).map(|plan| {
+                        let stop = &job.request.stop;
+                        let ids = stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
+                        Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
+                    }),
                     job: job.clone(),
                 });
             }
@@ -208,7 +216,12 @@ impl Worker {
         } else {
             new_cache
         };
-        choose(&mut new_rows, &logits, &from);
+        let mut new_cache = new_cache;
+        for (start, perm) in choose(&mut new_rows, &logits, &from) {
+            if let Err(e) = new_cache.reorder_rows(start, &perm) {
+                tracing::error!(worker = self.shared.id, "beam reorder failed: {e}");
+            }
+        }
         self.cache = Some(match self.cache.take() {
             None => new_cache,
             Some(old) => {
@@ -253,7 +266,9 @@ impl Worker {
                 match row.job.ended_reason(t) {
                     None => {}
                     Some(reason) => {
-                        if let Some(reason) = reason {
+                        if let Some(reason) = reason
+                            && row.index < row.job.request.decoding.sequences()
+                        {
                             let _ = row.job.events.send(Event::Ended { index: row.index, reason });
                         }
                         row.done = true;
@@ -317,7 +332,16 @@ impl Worker {
                     row.len += 1;
                 }
                 let from: Vec<usize> = (0..self.rows.len()).collect();
-                choose(&mut self.rows, &logits, &from);
+                let reorders = choose(&mut self.rows, &logits, &from);
+                if let Some(cache) = self.cache.as_mut() {
+                    for (start, perm) in reorders {
+                        if let Err(e) = cache.reorder_rows(start, &perm) {
+                            tracing::error!(worker = self.shared.id, "beam reorder failed: {e}");
+                            self.fail_running(e.into());
+                            return;
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(worker = self.shared.id, "decode step failed: {e}");
@@ -339,14 +363,28 @@ impl Worker {
 }
 
 /// Picks each live row's next token and tells its client. Row `i` reads
-/// logits row `from[i]` (prefill: its request's prompt row).
-fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) {
+/// logits row `from[i]` (prefill: its request's prompt row). Returns the
+/// reorderings beam groups need: rows `start..start + perm.len()` of the
+/// cache must become `perm` of themselves.
+fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) -> Vec<(usize, Vec<usize>)> {
     let at = now();
     let mut scratch = Vec::new();
-    for (i, row) in rows.iter_mut().enumerate() {
-        if row.done {
+    let mut reorders = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        if rows[i].done {
+            i += 1;
             continue;
         }
+        if let Some(plan) = rows[i].job.request.decoding.beam.clone() {
+            let group = &mut rows[i..i + plan.num_beams];
+            if let Some(perm) = beam_step(group, logits, &from[i..i + plan.num_beams], at) {
+                reorders.push((i, perm));
+            }
+            i += plan.num_beams;
+            continue;
+        }
+        let row = &mut rows[i];
         let req = &row.job.request;
         let masked = req.stop.masked(row.generated);
         let raw = logits.row(from[i]);
@@ -370,7 +408,45 @@ fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) {
         let finish = req.stop.check(choice.id, row.generated);
         let sent = row.job.events.send(Event::Token { index: row.index, choice, finish, at }).is_ok();
         row.done = finish.is_some() || !sent;
+        i += 1;
     }
+    reorders
+}
+
+/// One beam search step for a request's rows (its beams, in order). Returns
+/// the KV reordering, or `None` when the search ended.
+fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], at: Instant) -> Option<Vec<usize>> {
+    let job = group[0].job.clone();
+    let req = &job.request;
+    let top = req.top_logprobs as usize;
+    let log_probs: Vec<Vec<f32>> = group
+        .iter()
+        .zip(from)
+        .map(|(row, &f)| {
+            let mut lp = sampling::log_softmax(logits.row(f));
+            req.decoding.processors.apply(&mut lp, &row.history, &req.stop.masked(row.generated));
+            lp
+        })
+        .collect();
+    let report = |beam: usize, token: u32| sampling::report(logits.row(from[beam]), token, top);
+    let search = group[0].beam.as_mut().expect("the first row of a beam group holds its search");
+    let step = search.step(&log_probs, &report);
+    if step.done {
+        let hypotheses = search.results();
+        let _ = job.events.send(Event::Beams { hypotheses, at });
+        for row in group.iter_mut() {
+            row.done = true;
+        }
+        return None;
+    }
+    let histories: Vec<History> = step.parents.iter().map(|&p| group[p].history.clone()).collect();
+    for ((row, mut history), &token) in group.iter_mut().zip(histories).zip(&step.tokens) {
+        history.push(token);
+        row.history = history;
+        row.next = token;
+        row.generated += 1;
+    }
+    Some(step.parents)
 }
 
 impl Job {

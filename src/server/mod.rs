@@ -162,6 +162,10 @@ impl Generation for GenerationService {
                     collector.add(m);
                     return Ok(Response::new(collector.finish()));
                 }
+                Step::Many(ms, last) => {
+                    ms.into_iter().chain([last]).for_each(|m| collector.add(m));
+                    return Ok(Response::new(collector.finish()));
+                }
                 Step::Last(_, Some(e)) | Step::Fail(e) => return Err(e.into()),
             }
         }
@@ -189,16 +193,20 @@ impl Generation for GenerationService {
                     let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                     return;
                 };
-                let (msg, status, last) = match responder.on_event(event) {
+                let (msgs, status, last) = match responder.on_event(event) {
                     Step::Nothing => continue,
-                    Step::Message(m) => (Some(m), None, false),
-                    Step::Last(m, status) => (Some(m), status, true),
-                    Step::Fail(e) => (None, Some(e), true),
+                    Step::Message(m) => (vec![m], None, false),
+                    Step::Last(m, status) => (vec![m], status, true),
+                    Step::Many(mut ms, m) => {
+                        ms.push(m);
+                        (ms, None, true)
+                    }
+                    Step::Fail(e) => (Vec::new(), Some(e), true),
                 };
-                if let Some(m) = msg
-                    && tx.send(Ok(m)).await.is_err()
-                {
-                    return;
+                for m in msgs {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
                 }
                 if let Some(e) = status {
                     let _ = tx.send(Err(e.into())).await;

@@ -45,6 +45,8 @@ pub enum Step {
     /// Send this message; it is the last one. `Some` error: then end the call
     /// with that status.
     Last(pb::GenerateStreamResponse, Option<Error>),
+    /// Send these messages, then this last one (beam search results).
+    Many(Vec<pb::GenerateStreamResponse>, pb::GenerateStreamResponse),
     /// End the call with this status, no message.
     Fail(Error),
     Nothing,
@@ -119,6 +121,7 @@ impl Responder {
         }
         msg.finish_reason = reason as i32;
         msg.logprob_sum = seq.logprob_sum;
+        msg.score = seq.logprob_sum;
         msg.seed = seq.seed;
         seq.finished = true;
         let last = self.sequences.iter().all(|s| s.finished);
@@ -126,6 +129,43 @@ impl Responder {
             msg.usage = Some(self.usage(Instant::now()));
         }
         last
+    }
+
+    /// Beam search results: each returned sequence in one message.
+    fn beams(&mut self, hypotheses: Vec<crate::beam::Hypothesis>, at: Instant) -> Step {
+        self.first_token.get_or_insert(at);
+        let mut msgs = Vec::new();
+        for (i, h) in hypotheses.into_iter().enumerate() {
+            let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
+            msg.index = i as u32;
+            let mut reason = h.finish;
+            for c in &h.tokens {
+                self.generated += 1;
+                let seq = &mut self.sequences[i];
+                seq.logprob_sum += f64::from(c.logprob);
+                let text = seq.detok.push(&self.tokenizer, c.id).unwrap_or_default();
+                match seq.matcher.push(&text) {
+                    Outcome::Text(t) => msg.text.push_str(&t),
+                    Outcome::Stopped(t) => {
+                        msg.text.push_str(&t);
+                        msg.tokens.push(self.token(c));
+                        reason = FinishReason::StopSequence;
+                        break;
+                    }
+                }
+                msg.tokens.push(self.token(c));
+            }
+            self.finish(&mut msg, reason);
+            msg.score = f64::from(h.score);
+            msgs.push(msg);
+        }
+        match msgs.pop() {
+            None => {
+                Step::Fail(Error::Engine(crate::engine::EngineError::Forward("beam search returned nothing".into())))
+            }
+            Some(last) if msgs.is_empty() => Step::Last(last, None),
+            Some(last) => Step::Many(msgs, last),
+        }
     }
 
     pub fn on_event(&mut self, event: Event) -> Step {
@@ -136,6 +176,7 @@ impl Responder {
                 return Step::Nothing;
             }
             Event::Failed(e) => return Step::Fail(e.into()),
+            Event::Beams { hypotheses, at } => return self.beams(hypotheses, at),
             Event::Token { index, choice, finish, at } => {
                 let Some(seq) = self.sequences.get_mut(index as usize).filter(|s| !s.finished) else {
                     return Step::Nothing;
@@ -198,7 +239,7 @@ impl Collector {
         if msg.finish_reason != 0 {
             seq.finish_reason = msg.finish_reason;
             seq.logprob_sum = msg.logprob_sum;
-            seq.score = msg.logprob_sum;
+            seq.score = msg.score;
             seq.seed = msg.seed;
         }
         if msg.usage.is_some() {
