@@ -6,11 +6,26 @@ use crate::pb::{self, generation_client::GenerationClient};
 
 pub async fn generate(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut client = GenerationClient::connect(args.target.clone()).await?;
+    let method = if args.num_beams > 1 {
+        Some(pb::decoding::Method::BeamSearch(pb::BeamSearch { num_beams: args.num_beams, ..Default::default() }))
+    } else if args.temperature > 0.0 {
+        Some(pb::decoding::Method::Sampling(pb::Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..Default::default()
+        }))
+    } else {
+        None
+    };
     let request = pb::GenerateRequest {
         prompt: args.prompt.clone(),
+        decoding: Some(pb::Decoding { method, ..Default::default() }),
         stopping: Some(pb::Stopping {
             max_new_tokens: args.max_new_tokens,
             ignore_eos: args.ignore_eos,
+            stop_sequences: args.stop.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -26,8 +41,9 @@ pub async fn generate(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Err
         if let Some(u) = msg.usage {
             let reason = pb::FinishReason::try_from(msg.finish_reason).unwrap_or(pb::FinishReason::Unspecified);
             writeln!(out)?;
+            let seed = msg.seed.map(|s| format!(", seed {s}")).unwrap_or_default();
             eprintln!(
-                "[{} tokens, {}, first token after {:.3} s, {:.3} s in all, {:.1} tokens/s]",
+                "[{} tokens, {}{seed}, first token after {:.3} s, {:.3} s in all, {:.1} tokens/s]",
                 u.generated_tokens,
                 reason.as_str_name(),
                 u.time_to_first_token_seconds,

@@ -145,4 +145,22 @@ pub struct GenerateArgs {
     /// Print each token's id and log-probability after the text.
     #[arg(long)]
     pub show_tokens: bool,
+    /// Sample with this temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass (with --temperature).
+    #[arg(long, default_value_t = 0.0)]
+    pub top_p: f32,
+    /// Keep the k most likely tokens (with --temperature).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// Sampling seed (with --temperature).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Beam search with this many beams (prints the best sequence at the end).
+    #[arg(long, default_value_t = 0)]
+    pub num_beams: u32,
+    /// Stop sequences (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
 }

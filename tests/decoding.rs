@@ -370,6 +370,27 @@ async fn beam_search_equals_transformers() {
     }
 }
 
+/// Fewer returned sequences than beams: the best ones, and the call ends.
+#[tokio::test]
+async fn beam_search_returns_the_best_hypotheses_only() {
+    let mut server = start().await;
+    let exp = expected();
+    let case = &exp["beam"]["beam5"];
+    let mut req = beam_request(case);
+    if let Some(pb::decoding::Method::BeamSearch(b)) = req.decoding.as_mut().unwrap().method.as_mut() {
+        b.num_return_sequences = 2;
+    }
+    let resp = server.client.generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(resp.sequences.len(), 2);
+    for (got, w) in resp.sequences.iter().zip(case["sequences"].as_array().unwrap()) {
+        assert_eq!(token_ids(got), ids(&w["output_ids"]));
+    }
+    let mut stream = server.client.generate_stream(req).await.unwrap().into_inner();
+    let last = last_message(&mut stream).await;
+    assert_eq!(last.index, 1);
+    assert!(last.usage.is_some(), "the final message carries usage");
+}
+
 /// A beam request's rows are reordered in place without disturbing others.
 #[tokio::test]
 async fn beam_search_in_a_busy_batch_is_unchanged() {

@@ -354,7 +354,8 @@ async fn model_info_and_tokenize() {
     let info = server.client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.vocab_size, info.context_length, info.eos_token_id), (50257, 256, 50256));
     assert_eq!(info.max_new_tokens_limit, 200);
-    assert_eq!(info.decoding_methods, vec!["greedy".to_string()]);
+    assert_eq!(info.decoding_methods, vec!["greedy", "sampling", "beam_search"]);
+    assert_eq!((info.max_beams, info.max_stop_sequences, info.max_samples), (8, 8, 16));
     assert_eq!(info.kv_dtype, "float32");
     let t = server.client.tokenize(pb::TokenizeRequest { text: "Hello world 🎉".into() }).await.unwrap().into_inner();
     let exp = expected();

@@ -256,9 +256,14 @@ impl Generation for GenerationService {
             max_new_tokens_limit: s.limits.max_new_tokens,
             default_max_new_tokens: s.limits.default_max_new_tokens,
             max_top_logprobs: validation::MAX_TOP_LOGPROBS,
-            decoding_methods: vec!["greedy".into()],
+            decoding_methods: vec!["greedy".into(), "sampling".into(), "beam_search".into()],
             server_version: env!("CARGO_PKG_VERSION").into(),
             kv_dtype: s.kv_dtype.clone(),
+            max_beams: s.limits.max_beams,
+            max_stop_sequences: validation::MAX_STOP_SEQUENCES as u32,
+            max_stop_sequence_bytes: validation::MAX_STOP_SEQUENCE_BYTES as u32,
+            max_samples: validation::MAX_SAMPLES,
+            max_prompt_tokens: s.limits.max_prompt_tokens,
         }))
     }
 }

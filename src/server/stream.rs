@@ -63,7 +63,7 @@ impl Responder {
             started: None,
             first_token: None,
             generated: 0,
-            sequences: (0..req.decoding.rows())
+            sequences: (0..req.decoding.sequences())
                 .map(|i| SequenceState {
                     detok: Detokenizer::new(),
                     matcher: StopMatcher::new(req.stop_sequences.clone(), req.include_stop_sequence),
