@@ -65,6 +65,17 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         max_queue: l.max_queue,
         pad_id: config.eos_token_id,
     };
+    crate::telemetry::install();
+    for w in 0..models.len() {
+        metrics::gauge!(crate::telemetry::KV_BUDGET_TOKENS, "worker" => w.to_string()).set(l.max_batch_tokens as f64);
+    }
+    metrics::gauge!(
+        crate::telemetry::BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "model" => files.name.clone(),
+        "onnxruntime" => runtime::ORT_VERSION
+    )
+    .set(1.0);
     let (engine, worker_threads) = engine::spawn(models, &engine_config);
     let state = AppState {
         model_name: files.name,

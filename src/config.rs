@@ -93,6 +93,12 @@ pub struct ServerArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BATCHGEN_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`).
+    #[arg(long, env = "BATCHGEN_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: SocketAddr,
+    /// Log format: "text" for people, "json" for machines.
+    #[arg(long, env = "BATCHGEN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     /// On SIGTERM, seconds running requests may take to finish before they
     /// are ended with FINISH_REASON_CANCELLED.
     #[arg(long, env = "BATCHGEN_SHUTDOWN_GRACE", default_value_t = 30.0)]

@@ -17,6 +17,7 @@ pub mod sampling;
 pub mod server;
 pub mod stop;
 pub mod stopping;
+pub mod telemetry;
 pub mod tokenizer;
 pub mod validation;
 

@@ -11,13 +11,15 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Serve(a) if a.server.log_format == "json");
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
@@ -39,9 +41,16 @@ fn run() -> anyhow::Result<()> {
 async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let listen = args.server.listen;
+    let metrics_listen = args.server.metrics_listen;
     let grace = std::time::Duration::from_secs_f64(args.server.shutdown_grace.max(0.0));
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await??;
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_listen).await?;
+    tracing::info!("metrics on http://{}/metrics", metrics_listener.local_addr()?);
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(batchgen::telemetry::serve(metrics_listener, batchgen::telemetry::install(), async {
+        let _ = metrics_stopped.await;
+    }));
     tracing::info!("serving on {} (ready {:.2?} after start)", listener.local_addr()?, started.elapsed());
     let state = loaded.state.clone();
     let shutdown = async move {
@@ -49,6 +58,7 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
         batchgen::server::drain(&state, grace).await;
     };
     batchgen::server::serve(listener, loaded.state, shutdown).await?;
+    let _ = metrics_stop.send(());
     tracing::info!("stopped");
     Ok(())
 }

@@ -18,6 +18,7 @@ use crate::beam::BeamSearch;
 use crate::logits::{self, History};
 use crate::pb::FinishReason;
 use crate::sampling;
+use crate::telemetry;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -71,7 +72,7 @@ impl Worker {
         let mut since = Snapshot::of(&self.shared.stats);
         loop {
             if self.rows.is_empty() && self.queue.is_empty() {
-                self.shared.publish(0, 0);
+                self.publish();
                 let now = Snapshot::of(&self.shared.stats);
                 if now.steps > since.steps {
                     tracing::info!(worker = self.shared.id, "busy period: {}", now.minus(&since));
@@ -93,21 +94,43 @@ impl Worker {
                     "worker panicked; failing its running requests and restarting: {e}"
                 );
                 self.shared.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(telemetry::WORKER_RESTARTS, "worker" => self.shared.id.to_string()).increment(1);
                 self.fail_running(e);
             }
-            self.shared.publish(self.rows.len(), self.queue.len());
+            self.publish();
         }
     }
 
     fn iteration(&mut self) {
         let t0 = now();
+        let stats = &self.shared.stats;
+        let runs_before = stats.run_ns.load(Ordering::Relaxed) + stats.prefill_ns.load(Ordering::Relaxed);
         self.drop_abandoned();
         self.admit();
         self.evict();
         if !self.rows.is_empty() {
             self.decode();
         }
-        self.shared.stats.iteration_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let elapsed = t0.elapsed().as_nanos() as u64;
+        let stats = &self.shared.stats;
+        stats.iteration_ns.fetch_add(elapsed, Ordering::Relaxed);
+        let runs = stats.run_ns.load(Ordering::Relaxed) + stats.prefill_ns.load(Ordering::Relaxed) - runs_before;
+        metrics::histogram!(telemetry::STEP_OVERHEAD).record(elapsed.saturating_sub(runs) as f64 / 1e9);
+    }
+
+    /// Publishes the batch's state (rows, queue, KV use) to the router and
+    /// to the metrics.
+    fn publish(&self) {
+        let (rows, queued) = (self.rows.len(), self.queue.len());
+        self.shared.publish(rows, queued);
+        let worker = self.shared.id.to_string();
+        let used = rows * self.cache.as_ref().map_or(0, |c| c.len);
+        metrics::gauge!(telemetry::BATCH_ROWS, "worker" => worker.clone()).set(rows as f64);
+        metrics::gauge!(telemetry::KV_USED_TOKENS, "worker" => worker.clone()).set(used as f64);
+        metrics::gauge!(telemetry::KV_USED_RATIO, "worker" => worker.clone())
+            .set(used as f64 / self.limits.max_batch_tokens.max(1) as f64);
+        metrics::gauge!(telemetry::WORKER_BUSY, "worker" => worker).set(if rows + queued > 0 { 1.0 } else { 0.0 });
+        metrics::gauge!(telemetry::QUEUE_WAITING).set(self.shared.waiting.load(Ordering::Relaxed) as f64);
     }
 
     /// Releases a job's budget reservation once its last row leaves.
@@ -165,6 +188,8 @@ impl Worker {
         let stats = &self.shared.stats;
         stats.prefill_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.prefill_tokens.fetch_add((input.batch * input.seq) as u64, Ordering::Relaxed);
+        metrics::histogram!(telemetry::PREFILL_DURATION).record(t.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::PREFILL_TOKENS).record((input.batch * input.seq) as f64);
         let (logits, new_cache) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -233,6 +258,8 @@ impl Worker {
                         stats.joins.fetch_add(1, Ordering::Relaxed);
                         stats.join_bytes.fetch_add(joined.bytes() as u64, Ordering::Relaxed);
                         stats.join_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        record_copy("join", t, joined.bytes());
+                        metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
                         joined
                     }
                     Err(e) => {
@@ -295,6 +322,7 @@ impl Worker {
         self.rows = kept_rows;
         let stats = &self.shared.stats;
         stats.evictions.fetch_add(removed as u64, Ordering::Relaxed);
+        metrics::counter!(telemetry::BATCH_EVICTIONS, "worker" => self.shared.id.to_string()).increment(removed as u64);
         let Some(cache) = self.cache.take() else { return };
         if self.rows.is_empty() {
             return;
@@ -305,6 +333,7 @@ impl Worker {
                 stats.evict_copies.fetch_add(1, Ordering::Relaxed);
                 stats.evict_bytes.fetch_add(c.bytes() as u64, Ordering::Relaxed);
                 stats.evict_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                record_copy("evict", t, c.bytes());
                 self.cache = Some(c);
             }
             Err(e) => {
@@ -325,6 +354,8 @@ impl Worker {
         stats.run_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.step_rows.fetch_add(self.rows.len() as u64, Ordering::Relaxed);
+        metrics::histogram!(telemetry::DECODE_STEP_DURATION).record(t.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::STEP_BATCH_ROWS).record(self.rows.len() as f64);
         match result {
             Ok((logits, cache)) => {
                 self.cache = Some(cache);
@@ -335,7 +366,12 @@ impl Worker {
                 let reorders = choose(&mut self.rows, &logits, &from);
                 if let Some(cache) = self.cache.as_mut() {
                     for (start, perm) in reorders {
-                        if let Err(e) = cache.reorder_rows(start, &perm) {
+                        let t = now();
+                        let result = cache.reorder_rows(start, &perm);
+                        if let Ok(bytes) = result {
+                            record_copy("beam_reorder", t, bytes);
+                        }
+                        if let Err(e) = result {
                             tracing::error!(worker = self.shared.id, "beam reorder failed: {e}");
                             self.fail_running(e.into());
                             return;
@@ -360,6 +396,11 @@ impl Worker {
         }
         self.cache = None;
     }
+}
+
+fn record_copy(kind: &'static str, started: Instant, bytes: usize) {
+    metrics::histogram!(telemetry::KV_COPY_DURATION, "kind" => kind).record(started.elapsed().as_secs_f64());
+    metrics::counter!(telemetry::KV_COPY_BYTES, "kind" => kind).increment(bytes as u64);
 }
 
 /// Picks each live row's next token and tells its client. Row `i` reads

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{EngineHandle, Job};
 use crate::error::Error;
 use crate::pb::{self, generation_server::Generation};
+use crate::telemetry;
 use crate::tokenizer::Tokenizer;
 use crate::validation::{self, Limits, ValidRequest};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,15 +54,37 @@ pub async fn drain(state: &AppState, grace: Duration) {
 }
 
 /// Removes a request from the in-flight table when its handler ends, however
-/// it ends (finished, failed, or dropped because the client went away).
+/// it ends, and counts how it ended: finished, failed (by error type), or
+/// dropped because the client went away ("cancelled").
 struct InFlightGuard {
     engine: EngineHandle,
     id: String,
+    outcome: Option<&'static str>,
+}
+
+impl InFlightGuard {
+    fn new(engine: EngineHandle, id: String) -> Self {
+        metrics::gauge!(telemetry::REQUESTS_IN_FLIGHT).increment(1.0);
+        InFlightGuard { engine, id, outcome: None }
+    }
+
+    fn ok(&mut self) {
+        self.outcome = Some("ok");
+    }
+
+    fn fail(&mut self, e: &Error) {
+        self.outcome = Some(e.error_type());
+    }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.engine.finished(&self.id);
+        metrics::gauge!(telemetry::REQUESTS_IN_FLIGHT).decrement(1.0);
+        match self.outcome.unwrap_or("cancelled") {
+            "ok" => {}
+            kind => metrics::counter!(telemetry::REQUESTS_FAILED, "error_type" => kind).increment(1),
+        }
     }
 }
 
@@ -127,6 +150,19 @@ impl GenerationService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<(ValidRequest, EventStream, InFlightGuard, Arc<[std::sync::atomic::AtomicBool]>), Error> {
         let arrival = Instant::now();
+        metrics::counter!(telemetry::REQUESTS_RECEIVED).increment(1);
+        let result = self.admit(req, arrival).await;
+        if let Err(e) = &result {
+            metrics::counter!(telemetry::REQUESTS_FAILED, "error_type" => e.error_type()).increment(1);
+        }
+        result
+    }
+
+    async fn admit(
+        &self,
+        req: Request<pb::GenerateRequest>,
+        arrival: Instant,
+    ) -> Result<(ValidRequest, EventStream, InFlightGuard, Arc<[std::sync::atomic::AtomicBool]>), Error> {
         if self.state.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
@@ -143,7 +179,9 @@ impl GenerationService {
         let job = Job::new(valid.clone(), tx, span);
         let stopped = job.stopped.clone();
         self.state.engine.submit(job)?;
-        let guard = InFlightGuard { engine: self.state.engine.clone(), id: valid.request_id.clone() };
+        let guard = InFlightGuard::new(self.state.engine.clone(), valid.request_id.clone());
+        metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
+        metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
         Ok((valid, rx, guard, stopped))
     }
 }
@@ -151,7 +189,7 @@ impl GenerationService {
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (valid, mut events, _guard, stopped) = self.start(req).await?;
+        let (valid, mut events, mut guard, stopped) = self.start(req).await?;
         let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped);
         let mut collector = Collector::new(&valid.request_id);
         while let Some(event) = events.recv().await {
@@ -160,15 +198,21 @@ impl Generation for GenerationService {
                 Step::Message(m) => collector.add(m),
                 Step::Last(m, None) => {
                     collector.add(m);
+                    guard.ok();
                     return Ok(Response::new(collector.finish()));
                 }
                 Step::Many(ms, last) => {
                     ms.into_iter().chain([last]).for_each(|m| collector.add(m));
+                    guard.ok();
                     return Ok(Response::new(collector.finish()));
                 }
-                Step::Last(_, Some(e)) | Step::Fail(e) => return Err(e.into()),
+                Step::Last(_, Some(e)) | Step::Fail(e) => {
+                    guard.fail(&e);
+                    return Err(e.into());
+                }
             }
         }
+        guard.fail(&Error::ShuttingDown);
         Err(Error::ShuttingDown.into())
     }
 
@@ -178,11 +222,10 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (valid, mut events, guard, stopped) = self.start(req).await?;
+        let (valid, mut events, mut guard, stopped) = self.start(req).await?;
         let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
-            let _guard = guard;
             loop {
                 let event = tokio::select! {
                     event = events.recv() => event,
@@ -190,6 +233,7 @@ impl Generation for GenerationService {
                     _ = tx.closed() => return,
                 };
                 let Some(event) = event else {
+                    guard.fail(&Error::ShuttingDown);
                     let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                     return;
                 };
@@ -208,8 +252,13 @@ impl Generation for GenerationService {
                         return;
                     }
                 }
-                if let Some(e) = status {
-                    let _ = tx.send(Err(e.into())).await;
+                match status {
+                    Some(e) => {
+                        guard.fail(&e);
+                        let _ = tx.send(Err(e.into())).await;
+                    }
+                    None if last => guard.ok(),
+                    None => {}
                 }
                 if last {
                     return;

@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::pb::{self, FinishReason};
 use crate::sampling::Choice;
 use crate::stop::{Outcome, StopMatcher};
+use crate::telemetry;
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use crate::validation::ValidRequest;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ struct SequenceState {
     logprob_sum: f64,
     finished: bool,
     seed: Option<u64>,
+    /// When its previous token arrived (inter-token latency).
+    last_token_at: Option<Instant>,
 }
 
 /// Per-request state on the response side.
@@ -70,6 +73,7 @@ impl Responder {
                     logprob_sum: 0.0,
                     finished: false,
                     seed: seed.map(|s| s.wrapping_add(u64::from(i))),
+                    last_token_at: None,
                 })
                 .collect(),
             stopped,
@@ -124,23 +128,50 @@ impl Responder {
         msg.score = seq.logprob_sum;
         msg.seed = seq.seed;
         seq.finished = true;
+        metrics::counter!(telemetry::SEQUENCES_FINISHED, "finish_reason" => reason_label(reason)).increment(1);
         let last = self.sequences.iter().all(|s| s.finished);
         if last {
-            msg.usage = Some(self.usage(Instant::now()));
+            let usage = self.usage(Instant::now());
+            metrics::histogram!(telemetry::REQUEST_DURATION).record(usage.total_seconds);
+            metrics::histogram!(telemetry::REQUEST_GENERATED_TOKENS).record(f64::from(usage.generated_tokens));
+            tracing::info!(
+                request_id = %self.request_id,
+                prompt_tokens = usage.prompt_tokens,
+                generated_tokens = usage.generated_tokens,
+                queue_seconds = usage.queue_seconds,
+                time_to_first_token_seconds = usage.time_to_first_token_seconds,
+                total_seconds = usage.total_seconds,
+                finish_reason = reason_label(reason),
+                "request finished"
+            );
+            msg.usage = Some(usage);
         }
         last
     }
 
+    /// Counts one token sent for sequence `index`, arrived at `at`.
+    fn count_token(&mut self, index: usize, at: Instant) {
+        if self.first_token.is_none() {
+            self.first_token = Some(at);
+            metrics::histogram!(telemetry::TIME_TO_FIRST_TOKEN).record(at.duration_since(self.arrival).as_secs_f64());
+        }
+        self.generated += 1;
+        metrics::counter!(telemetry::GENERATED_TOKENS).increment(1);
+        let seq = &mut self.sequences[index];
+        if let Some(prev) = seq.last_token_at.replace(at) {
+            metrics::histogram!(telemetry::INTER_TOKEN_LATENCY).record(at.duration_since(prev).as_secs_f64());
+        }
+    }
+
     /// Beam search results: each returned sequence in one message.
     fn beams(&mut self, hypotheses: Vec<crate::beam::Hypothesis>, at: Instant) -> Step {
-        self.first_token.get_or_insert(at);
         let mut msgs = Vec::new();
         for (i, h) in hypotheses.into_iter().enumerate() {
             let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
             msg.index = i as u32;
             let mut reason = h.finish;
             for c in &h.tokens {
-                self.generated += 1;
+                self.count_token(i, at);
                 let seq = &mut self.sequences[i];
                 seq.logprob_sum += f64::from(c.logprob);
                 let text = seq.detok.push(&self.tokenizer, c.id).unwrap_or_default();
@@ -172,17 +203,21 @@ impl Responder {
         let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
         let (index, finish) = match event {
             Event::Started { at } => {
-                self.started.get_or_insert(at);
+                if self.started.is_none() {
+                    self.started = Some(at);
+                    metrics::histogram!(telemetry::QUEUE_DURATION)
+                        .record(at.duration_since(self.arrival).as_secs_f64());
+                }
                 return Step::Nothing;
             }
             Event::Failed(e) => return Step::Fail(e.into()),
             Event::Beams { hypotheses, at } => return self.beams(hypotheses, at),
             Event::Token { index, choice, finish, at } => {
-                let Some(seq) = self.sequences.get_mut(index as usize).filter(|s| !s.finished) else {
+                if self.sequences.get(index as usize).is_none_or(|s| s.finished) {
                     return Step::Nothing;
-                };
-                self.first_token.get_or_insert(at);
-                self.generated += 1;
+                }
+                self.count_token(index as usize, at);
+                let seq = &mut self.sequences[index as usize];
                 seq.logprob_sum += f64::from(choice.logprob);
                 let text = seq.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
                 let finish = match seq.matcher.push(&text) {
@@ -215,6 +250,20 @@ impl Responder {
         }
         let status = (reason == FinishReason::Deadline).then_some(Error::Deadline);
         Step::Last(msg, status)
+    }
+}
+
+/// The `finish_reason` label: the enum name without its prefix, lower case.
+pub fn reason_label(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Unspecified => "unspecified",
+        FinishReason::Length => "length",
+        FinishReason::Eos => "eos",
+        FinishReason::StopSequence => "stop_sequence",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::Deadline => "deadline",
+        FinishReason::Error => "error",
+        FinishReason::ContextFull => "context_full",
     }
 }
 

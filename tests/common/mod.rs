@@ -23,7 +23,12 @@ pub fn serve_args() -> ServeArgs {
             intra_op_threads: 1,
             workers: 1,
         },
-        server: ServerArgs { listen: "127.0.0.1:0".parse().unwrap(), shutdown_grace: 1.0 },
+        server: ServerArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            log_format: "text".into(),
+            shutdown_grace: 1.0,
+        },
         limits: LimitArgs {
             max_queue: 64,
             max_batch_size: 16,
@@ -40,6 +45,8 @@ pub fn serve_args() -> ServeArgs {
 pub struct TestServer {
     pub client: GenerationClient<Channel>,
     pub state: std::sync::Arc<batchgen::server::AppState>,
+    /// Where `GET /metrics` is served.
+    pub metrics_addr: std::net::SocketAddr,
     pub addr: std::net::SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -62,11 +69,15 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let state = loaded.state.clone();
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    let handle = batchgen::telemetry::install();
+    tokio::spawn(batchgen::telemetry::serve(metrics_listener, handle, std::future::pending()));
     tokio::spawn(batchgen::server::serve(listener, loaded.state, async {
         let _ = rx.await;
     }));
     let client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
-    TestServer { client, state, addr, shutdown: Some(tx) }
+    TestServer { client, state, metrics_addr, addr, shutdown: Some(tx) }
 }
 
 /// Ids of a JSON array.

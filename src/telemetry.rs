@@ -1,0 +1,195 @@
+//! Prometheus metrics: names, descriptions and histogram buckets in one
+//! place, and the `/metrics` HTTP endpoint.
+//!
+//! Names follow Prometheus conventions (`batchgen_` prefix, base units in the
+//! name, `_total` for counters); labels are low-cardinality only (worker,
+//! finish_reason, error_type, kind), never request ids or prompts.
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub const REQUESTS_RECEIVED: &str = "batchgen_requests_received_total";
+pub const REQUESTS_FAILED: &str = "batchgen_requests_failed_total";
+pub const SEQUENCES_FINISHED: &str = "batchgen_sequences_finished_total";
+pub const REQUESTS_IN_FLIGHT: &str = "batchgen_requests_in_flight";
+pub const QUEUE_WAITING: &str = "batchgen_queue_waiting_requests";
+pub const PROMPT_TOKENS: &str = "batchgen_prompt_tokens_total";
+pub const GENERATED_TOKENS: &str = "batchgen_generated_tokens_total";
+pub const REQUEST_PROMPT_TOKENS: &str = "batchgen_request_prompt_tokens";
+pub const REQUEST_GENERATED_TOKENS: &str = "batchgen_request_generated_tokens";
+pub const QUEUE_DURATION: &str = "batchgen_queue_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN: &str = "batchgen_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY: &str = "batchgen_inter_token_latency_seconds";
+pub const REQUEST_DURATION: &str = "batchgen_request_duration_seconds";
+pub const PREFILL_DURATION: &str = "batchgen_prefill_duration_seconds";
+pub const DECODE_STEP_DURATION: &str = "batchgen_decode_step_duration_seconds";
+pub const STEP_OVERHEAD: &str = "batchgen_step_overhead_seconds";
+pub const BATCH_ROWS: &str = "batchgen_batch_rows";
+pub const STEP_BATCH_ROWS: &str = "batchgen_step_batch_rows";
+pub const PREFILL_TOKENS: &str = "batchgen_prefill_tokens";
+pub const KV_BUDGET_TOKENS: &str = "batchgen_kv_budget_tokens";
+pub const KV_USED_TOKENS: &str = "batchgen_kv_used_tokens";
+pub const KV_USED_RATIO: &str = "batchgen_kv_used_ratio";
+pub const BATCH_JOINS: &str = "batchgen_batch_joins_total";
+pub const BATCH_EVICTIONS: &str = "batchgen_batch_evictions_total";
+pub const KV_COPY_DURATION: &str = "batchgen_kv_copy_duration_seconds";
+pub const KV_COPY_BYTES: &str = "batchgen_kv_copy_bytes_total";
+pub const WORKER_BUSY: &str = "batchgen_worker_busy";
+pub const WORKER_RESTARTS: &str = "batchgen_worker_restarts_total";
+pub const BUILD_INFO: &str = "batchgen_build_info";
+
+/// Latency buckets: 1 ms to 60 s.
+const SECONDS: [f64; 18] =
+    [0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+/// Size buckets: powers of two.
+const SIZES: [f64; 16] =
+    [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
+
+fn describe_all() {
+    describe_counter!(REQUESTS_RECEIVED, "Generate and GenerateStream calls received.");
+    describe_counter!(
+        REQUESTS_FAILED,
+        "Calls that ended with an error status, by error_type (validation, overloaded, deadline, cancelled, internal, unavailable)."
+    );
+    describe_counter!(
+        SEQUENCES_FINISHED,
+        "Sequences finished, by finish_reason (length, eos, stop_sequence, cancelled, deadline, context_full)."
+    );
+    describe_gauge!(REQUESTS_IN_FLIGHT, "Requests accepted and not yet finished.");
+    describe_gauge!(QUEUE_WAITING, "Requests waiting for a worker.");
+    describe_counter!(PROMPT_TOKENS, Unit::Count, "Prompt tokens of accepted requests.");
+    describe_counter!(GENERATED_TOKENS, Unit::Count, "Tokens generated and sent to clients.");
+    describe_histogram!(REQUEST_PROMPT_TOKENS, Unit::Count, "Prompt tokens per request.");
+    describe_histogram!(REQUEST_GENERATED_TOKENS, Unit::Count, "Generated tokens per finished request.");
+    describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time from arrival to the start of the request's prefill.");
+    describe_histogram!(TIME_TO_FIRST_TOKEN, Unit::Seconds, "Time from arrival to the first generated token.");
+    describe_histogram!(INTER_TOKEN_LATENCY, Unit::Seconds, "Time between consecutive tokens of a sequence.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from arrival to the end of the request.");
+    describe_histogram!(
+        PREFILL_DURATION,
+        Unit::Seconds,
+        "Duration of one prefill run (all requests admitted together)."
+    );
+    describe_histogram!(
+        DECODE_STEP_DURATION,
+        Unit::Seconds,
+        "Duration of one decode Session::run for the whole batch."
+    );
+    describe_histogram!(
+        STEP_OVERHEAD,
+        Unit::Seconds,
+        "Time per iteration outside ONNX Runtime runs (scheduling, sampling, KV copies, streaming)."
+    );
+    describe_gauge!(BATCH_ROWS, "Rows in a worker's running batch.");
+    describe_histogram!(STEP_BATCH_ROWS, Unit::Count, "Rows per decode step.");
+    describe_histogram!(PREFILL_TOKENS, Unit::Count, "Token slots per prefill (rows × longest prompt).");
+    describe_gauge!(KV_BUDGET_TOKENS, "A worker's KV budget in token slots (--max-batch-tokens).");
+    describe_gauge!(KV_USED_TOKENS, "Token slots the worker's KV cache holds now (rows × cache length).");
+    describe_gauge!(KV_USED_RATIO, "kv_used_tokens / kv_budget_tokens.");
+    describe_counter!(BATCH_JOINS, "Joins of newly prefilled rows into a running batch.");
+    describe_counter!(BATCH_EVICTIONS, "Rows removed from a running batch.");
+    describe_histogram!(KV_COPY_DURATION, Unit::Seconds, "Duration of KV copies, by kind (join, evict, beam_reorder).");
+    describe_counter!(KV_COPY_BYTES, Unit::Bytes, "Bytes written by KV copies, by kind.");
+    describe_gauge!(WORKER_BUSY, "1 while a worker has running or waiting requests, else 0.");
+    describe_counter!(WORKER_RESTARTS, "Worker restarts after a caught panic.");
+    describe_gauge!(BUILD_INFO, "Build and model information (always 1).");
+}
+
+/// Creates every unlabelled metric and each value of the closed label sets,
+/// so that a scrape shows them (at 0) before the first request.
+fn register_all() {
+    for name in [REQUESTS_RECEIVED, PROMPT_TOKENS, GENERATED_TOKENS] {
+        metrics::counter!(name).increment(0);
+    }
+    for kind in ["validation", "overloaded", "deadline", "cancelled", "internal", "unavailable"] {
+        metrics::counter!(REQUESTS_FAILED, "error_type" => kind).increment(0);
+    }
+    for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {
+        metrics::counter!(SEQUENCES_FINISHED, "finish_reason" => reason).increment(0);
+    }
+    for kind in ["join", "evict", "beam_reorder"] {
+        metrics::counter!(KV_COPY_BYTES, "kind" => kind).increment(0);
+        let _registered = metrics::histogram!(KV_COPY_DURATION, "kind" => kind);
+    }
+    metrics::gauge!(REQUESTS_IN_FLIGHT).set(0.0);
+    metrics::gauge!(QUEUE_WAITING).set(0.0);
+    for name in [
+        REQUEST_PROMPT_TOKENS,
+        REQUEST_GENERATED_TOKENS,
+        QUEUE_DURATION,
+        TIME_TO_FIRST_TOKEN,
+        INTER_TOKEN_LATENCY,
+        REQUEST_DURATION,
+        PREFILL_DURATION,
+        DECODE_STEP_DURATION,
+        STEP_OVERHEAD,
+        STEP_BATCH_ROWS,
+        PREFILL_TOKENS,
+    ] {
+        let _registered = metrics::histogram!(name);
+    }
+}
+
+/// Installs the process-wide recorder (once; later calls reuse it).
+pub fn install() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), &SIZES))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), &SIZES))
+            .expect("bucket lists are not empty");
+        let handle = builder.install_recorder().expect("installing the metrics recorder");
+        describe_all();
+        register_all();
+        handle
+    })
+}
+
+/// Serves `GET /metrics` (the Prometheus text format) on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    handle: &'static PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (mut socket, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("metrics listener: {e}");
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, body, kind) =
+                if request.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    handle.run_upkeep();
+                    ("200 OK", handle.render(), "text/plain; version=0.0.4; charset=utf-8")
+                } else {
+                    ("404 Not Found", "batchgen serves metrics at /metrics\n".to_string(), "text/plain; charset=utf-8")
+                };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
