@@ -178,6 +178,7 @@ impl Worker {
         }
         let jobs: Vec<Arc<Job>> = self.queue.drain(..n).collect();
         for job in &jobs {
+            tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = job.events.send(Event::Started { at: now() });
         }

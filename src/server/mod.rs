@@ -143,12 +143,19 @@ fn deadline_of<T>(req: &Request<T>, arrival: Instant) -> Option<Instant> {
 
 type EventStream = mpsc::UnboundedReceiver<crate::engine::Event>;
 
+/// An accepted request, as its handler continues with it.
+struct Started {
+    valid: ValidRequest,
+    events: EventStream,
+    guard: InFlightGuard,
+    /// The engine's per-sequence stop flags (see `Job::stopped`).
+    stopped: Arc<[std::sync::atomic::AtomicBool]>,
+    span: tracing::Span,
+}
+
 impl GenerationService {
     /// Validates (tokenizing on a blocking thread) and queues the request.
-    async fn start(
-        &self,
-        req: Request<pb::GenerateRequest>,
-    ) -> Result<(ValidRequest, EventStream, InFlightGuard, Arc<[std::sync::atomic::AtomicBool]>), Error> {
+    async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<Started, Error> {
         let arrival = Instant::now();
         metrics::counter!(telemetry::REQUESTS_RECEIVED).increment(1);
         let result = self.admit(req, arrival).await;
@@ -158,11 +165,7 @@ impl GenerationService {
         result
     }
 
-    async fn admit(
-        &self,
-        req: Request<pb::GenerateRequest>,
-        arrival: Instant,
-    ) -> Result<(ValidRequest, EventStream, InFlightGuard, Arc<[std::sync::atomic::AtomicBool]>), Error> {
+    async fn admit(&self, req: Request<pb::GenerateRequest>, arrival: Instant) -> Result<Started, Error> {
         if self.state.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
@@ -175,22 +178,33 @@ impl GenerationService {
         .await
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
         let (tx, rx) = mpsc::unbounded_channel();
-        let span = tracing::info_span!("request", id = %valid.request_id, prompt_tokens = valid.prompt_ids.len());
-        let job = Job::new(valid.clone(), tx, span);
+        let method = match (&valid.decoding.sampling, &valid.decoding.beam) {
+            (Some(_), _) => "sampling",
+            (_, Some(_)) => "beam_search",
+            _ => "greedy",
+        };
+        let span = tracing::info_span!(
+            "request",
+            id = %valid.request_id,
+            prompt_tokens = valid.prompt_ids.len(),
+            method,
+            max_new_tokens = valid.stop.max_new_tokens
+        );
+        let job = Job::new(valid.clone(), tx, span.clone());
         let stopped = job.stopped.clone();
         self.state.engine.submit(job)?;
         let guard = InFlightGuard::new(self.state.engine.clone(), valid.request_id.clone());
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
-        Ok((valid, rx, guard, stopped))
+        Ok(Started { valid, events: rx, guard, stopped, span })
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (valid, mut events, mut guard, stopped) = self.start(req).await?;
-        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped);
+        let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
+        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped, span);
         let mut collector = Collector::new(&valid.request_id);
         while let Some(event) = events.recv().await {
             match responder.on_event(event) {
@@ -222,8 +236,8 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (valid, mut events, mut guard, stopped) = self.start(req).await?;
-        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped);
+        let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
+        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped, span);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             loop {

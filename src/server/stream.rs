@@ -39,6 +39,8 @@ pub struct Responder {
     sequences: Vec<SequenceState>,
     /// The engine's per-sequence "stop" flags (set when a stop sequence matches).
     stopped: Arc<[AtomicBool]>,
+    /// The request's span (id, prompt tokens, method): the log line of its end goes there.
+    span: tracing::Span,
 }
 
 /// What one event turns into.
@@ -56,7 +58,7 @@ pub enum Step {
 }
 
 impl Responder {
-    pub fn new(tokenizer: Tokenizer, req: &ValidRequest, stopped: Arc<[AtomicBool]>) -> Self {
+    pub fn new(tokenizer: Tokenizer, req: &ValidRequest, stopped: Arc<[AtomicBool]>, span: tracing::Span) -> Self {
         let seed = req.decoding.sampling.as_ref().map(|s| s.seed);
         Responder {
             tokenizer,
@@ -77,6 +79,7 @@ impl Responder {
                 })
                 .collect(),
             stopped,
+            span,
         }
     }
 
@@ -135,7 +138,7 @@ impl Responder {
             metrics::histogram!(telemetry::REQUEST_DURATION).record(usage.total_seconds);
             metrics::histogram!(telemetry::REQUEST_GENERATED_TOKENS).record(f64::from(usage.generated_tokens));
             tracing::info!(
-                request_id = %self.request_id,
+                parent: &self.span,
                 prompt_tokens = usage.prompt_tokens,
                 generated_tokens = usage.generated_tokens,
                 queue_seconds = usage.queue_seconds,
