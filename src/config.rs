@@ -93,6 +93,16 @@ pub struct ServerArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BATCHGEN_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Largest gRPC message accepted or sent, in bytes (a prompt of the whole
+    /// context as text or ids fits easily in the default).
+    #[arg(long, env = "BATCHGEN_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval in seconds (0: no pings).
+    #[arg(long, env = "BATCHGEN_HTTP2_KEEPALIVE_INTERVAL", default_value_t = 0.0)]
+    pub http2_keepalive_interval: f64,
+    /// Seconds to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long, env = "BATCHGEN_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = 20.0)]
+    pub http2_keepalive_timeout: f64,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`).
     #[arg(long, env = "BATCHGEN_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: SocketAddr,
@@ -169,4 +179,15 @@ pub struct GenerateArgs {
     /// Stop sequences (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+}
+
+impl ServerArgs {
+    pub fn serve_options(&self) -> crate::server::ServeOptions {
+        let secs = |s: f64| (s > 0.0).then(|| std::time::Duration::from_secs_f64(s));
+        crate::server::ServeOptions {
+            max_message_bytes: self.max_message_bytes,
+            keepalive_interval: secs(self.http2_keepalive_interval),
+            keepalive_timeout: secs(self.http2_keepalive_timeout),
+        }
+    }
 }

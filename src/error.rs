@@ -17,6 +17,8 @@ pub enum Error {
     Deadline,
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the model is still loading; retry shortly")]
+    Loading,
 }
 
 impl Error {
@@ -26,7 +28,7 @@ impl Error {
             Error::Validation(_) => "validation",
             Error::Queue(QueueError::Full { .. }) => "overloaded",
             Error::Queue(QueueError::DuplicateId(_)) => "validation",
-            Error::Queue(QueueError::Stopped) | Error::ShuttingDown => "unavailable",
+            Error::Queue(QueueError::Stopped) | Error::ShuttingDown | Error::Loading => "unavailable",
             Error::Engine(_) => "internal",
             Error::Deadline => "deadline",
         }
@@ -37,7 +39,7 @@ impl Error {
             Error::Validation(_) => Code::InvalidArgument,
             Error::Queue(QueueError::Full { .. }) => Code::ResourceExhausted,
             Error::Queue(QueueError::DuplicateId(_)) => Code::AlreadyExists,
-            Error::Queue(QueueError::Stopped) | Error::ShuttingDown => Code::Unavailable,
+            Error::Queue(QueueError::Stopped) | Error::ShuttingDown | Error::Loading => Code::Unavailable,
             Error::Engine(_) => Code::Internal,
             Error::Deadline => Code::DeadlineExceeded,
         }

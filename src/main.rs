@@ -40,24 +40,43 @@ fn run() -> anyhow::Result<()> {
 
 async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let listen = args.server.listen;
-    let metrics_listen = args.server.metrics_listen;
     let grace = std::time::Duration::from_secs_f64(args.server.shutdown_grace.max(0.0));
-    let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await??;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let metrics_listener = tokio::net::TcpListener::bind(metrics_listen).await?;
+    let options = args.server.serve_options();
+    // Listen first: health checks answer NOT_SERVING while the model loads.
+    let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.server.metrics_listen).await?;
     tracing::info!("metrics on http://{}/metrics", metrics_listener.local_addr()?);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(batchgen::telemetry::serve(metrics_listener, batchgen::telemetry::install(), async {
         let _ = metrics_stopped.await;
     }));
-    tracing::info!("serving on {} (ready {:.2?} after start)", listener.local_addr()?, started.elapsed());
-    let state = loaded.state.clone();
+    let server = batchgen::server::Server::loading().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let front = server.clone();
     let shutdown = async move {
-        shutdown_signal().await;
-        batchgen::server::drain(&state, grace).await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = stopped => {}
+        }
+        batchgen::server::drain(&front, grace).await;
     };
-    batchgen::server::serve(listener, loaded.state, shutdown).await?;
+    tracing::info!("listening on {} (NOT_SERVING while the model loads)", listener.local_addr()?);
+    let serving = tokio::spawn({
+        let server = server.clone();
+        async move { batchgen::server::serve(listener, server, &options, shutdown).await }
+    });
+    match tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await? {
+        Ok(loaded) => {
+            server.ready(loaded.state).await;
+            tracing::info!("serving (ready {:.2?} after start)", started.elapsed());
+        }
+        Err(e) => {
+            let _ = stop.send(());
+            let _ = serving.await;
+            return Err(e.into());
+        }
+    }
+    serving.await??;
     let _ = metrics_stop.send(());
     tracing::info!("stopped");
     Ok(())

@@ -150,8 +150,8 @@ async fn shutdown_lets_running_requests_finish_within_the_grace_period() {
     r.stopping.as_mut().unwrap().ignore_eos = true;
     let mut stream = server.client.generate_stream(r).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    let state = server.state.clone();
-    let drain = tokio::spawn(async move { batchgen::server::drain(&state, Duration::from_secs(20)).await });
+    let server_front = server.server.clone();
+    let drain = tokio::spawn(async move { batchgen::server::drain(&server_front, Duration::from_secs(20)).await });
     wait_until("draining", || server.state.draining.load(Ordering::SeqCst)).await;
     let refused = server.client.generate(request(vec![464], 2)).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
@@ -175,7 +175,7 @@ async fn shutdown_cancels_what_outlasts_the_grace_period() {
     r.stopping.as_mut().unwrap().ignore_eos = true;
     let mut stream = server.client.generate_stream(r).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
-    batchgen::server::drain(&server.state, Duration::ZERO).await;
+    batchgen::server::drain(&server.server, Duration::ZERO).await;
     assert!(server.state.engine.in_flight.is_empty());
     let last = last_message(&mut stream).await;
     assert_eq!(last.finish_reason, FinishReason::Cancelled as i32);

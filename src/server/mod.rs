@@ -18,8 +18,12 @@ use crate::pb::{self, generation_server::Generation};
 use crate::telemetry;
 use crate::tokenizer::Tokenizer;
 use crate::validation::{self, Limits, ValidRequest};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use stream::{Collector, Responder, Step};
+use tonic::codec::CompressionEncoding;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 /// What every handler shares. Read-only after start-up.
 pub struct AppState {
@@ -35,7 +39,11 @@ pub struct AppState {
 /// Stops admitting, lets requests in flight finish for up to `grace`, then
 /// cancels the rest (they end with FINISH_REASON_CANCELLED) and waits for
 /// them to leave. Returns when nothing is in flight.
-pub async fn drain(state: &AppState, grace: Duration) {
+pub async fn drain(server: &Server, grace: Duration) {
+    for name in ["", GENERATION_SERVICE] {
+        server.health.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    let Some(state) = server.state() else { return };
     state.draining.store(true, Ordering::SeqCst);
     let in_flight = || state.engine.in_flight.len();
     tracing::info!("draining: {} requests in flight, grace {:.1?}", in_flight(), grace);
@@ -88,27 +96,97 @@ impl Drop for InFlightGuard {
     }
 }
 
-#[derive(Clone)]
-pub struct GenerationService {
-    state: Arc<AppState>,
+/// The server's front: the app once it has loaded, and the health status
+/// standard gRPC health checks read (NOT_SERVING while loading and draining).
+pub struct Server {
+    state: OnceLock<Arc<AppState>>,
+    pub health: HealthReporter,
 }
 
-impl GenerationService {
-    pub fn new(state: Arc<AppState>) -> Self {
-        GenerationService { state }
+impl Server {
+    /// A server whose model is not loaded yet: health NOT_SERVING.
+    pub async fn loading() -> Arc<Self> {
+        let health = HealthReporter::new();
+        for name in ["", GENERATION_SERVICE] {
+            health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        Arc::new(Server { state: OnceLock::new(), health })
+    }
+
+    /// The model is loaded: calls are served and health says SERVING.
+    pub async fn ready(&self, state: Arc<AppState>) {
+        let _ = self.state.set(state);
+        for name in ["", GENERATION_SERVICE] {
+            self.health.set_service_status(name, ServingStatus::Serving).await;
+        }
+    }
+
+    pub fn state(&self) -> Option<&Arc<AppState>> {
+        self.state.get()
     }
 }
 
-/// Runs the server on an already-bound listener until `shutdown` completes.
+/// The service name health checks use for the Generation service.
+pub const GENERATION_SERVICE: &str = "batchgen.v1.Generation";
+
+/// Transport settings (from the command line).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Option<Duration>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { max_message_bytes: 16 << 20, keepalive_interval: None, keepalive_timeout: None }
+    }
+}
+
+#[derive(Clone)]
+pub struct GenerationService {
+    server: Arc<Server>,
+}
+
+impl GenerationService {
+    fn state(&self) -> Result<&Arc<AppState>, Error> {
+        self.server.state().ok_or(Error::Loading)
+    }
+}
+
+/// Runs the gRPC server (Generation, health, reflection) on an already-bound
+/// listener until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<AppState>,
+    server: Arc<Server>,
+    options: &ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let service =
-        pb::generation_server::GenerationServer::new(GenerationService::new(state)).max_decoding_message_size(16 << 20);
+    let generation = pb::generation_server::GenerationServer::new(GenerationService { server: server.clone() })
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(server.health.clone()),
+    );
+    let descriptors = [pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut v1alpha = tonic_reflection::server::Builder::configure();
+    for d in descriptors {
+        v1 = v1.register_encoded_file_descriptor_set(d);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(d);
+    }
+    let reflection_v1 = v1.build_v1().expect("the descriptor sets are valid");
+    let reflection_v1alpha = v1alpha.build_v1alpha().expect("the descriptor sets are valid");
     tonic::transport::Server::builder()
-        .add_service(service)
+        .http2_keepalive_interval(options.keepalive_interval)
+        .http2_keepalive_timeout(options.keepalive_timeout)
+        .add_service(generation)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }
@@ -166,12 +244,13 @@ impl GenerationService {
     }
 
     async fn admit(&self, req: Request<pb::GenerateRequest>, arrival: Instant) -> Result<Started, Error> {
-        if self.state.draining.load(Ordering::SeqCst) {
+        let state = self.state()?.clone();
+        if state.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
         let deadline = deadline_of(&req, arrival);
-        let state = self.state.clone();
         let body = req.into_inner();
+        let engine = state.engine.clone();
         let valid = tokio::task::spawn_blocking(move || {
             validation::validate(body, &state.tokenizer, &state.limits, arrival, deadline)
         })
@@ -192,8 +271,8 @@ impl GenerationService {
         );
         let job = Job::new(valid.clone(), tx, span.clone());
         let stopped = job.stopped.clone();
-        self.state.engine.submit(job)?;
-        let guard = InFlightGuard::new(self.state.engine.clone(), valid.request_id.clone());
+        engine.submit(job)?;
+        let guard = InFlightGuard::new(engine, valid.request_id.clone());
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
         Ok(Started { valid, events: rx, guard, stopped, span })
@@ -204,7 +283,7 @@ impl GenerationService {
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
         let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
-        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped, span);
+        let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, stopped, span);
         let mut collector = Collector::new(&valid.request_id);
         while let Some(event) = events.recv().await {
             match responder.on_event(event) {
@@ -237,7 +316,7 @@ impl Generation for GenerationService {
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
-        let mut responder = Responder::new(self.state.tokenizer.clone(), &valid, stopped, span);
+        let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, stopped, span);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             loop {
@@ -283,7 +362,7 @@ impl Generation for GenerationService {
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let state = self.state.clone();
+        let state = self.state()?.clone();
         let text = req.into_inner().text;
         let pieces = tokio::task::spawn_blocking(move || state.tokenizer.encode_pieces(&text).map(|p| (p, text)))
             .await
@@ -305,12 +384,12 @@ impl Generation for GenerationService {
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
-        let found = self.state.engine.cancel(&req.into_inner().request_id);
+        let found = self.state()?.engine.cancel(&req.into_inner().request_id);
         Ok(Response::new(pb::CancelResponse { found }))
     }
 
     async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
-        let s = &self.state;
+        let s = self.state()?;
         Ok(Response::new(pb::ModelInfoResponse {
             model: s.model_name.clone(),
             vocab_size: s.limits.vocab_size,

@@ -26,6 +26,9 @@ pub fn serve_args() -> ServeArgs {
         server: ServerArgs {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            max_message_bytes: 1 << 20,
+            http2_keepalive_interval: 0.0,
+            http2_keepalive_timeout: 20.0,
             log_format: "text".into(),
             shutdown_grace: 1.0,
         },
@@ -45,6 +48,8 @@ pub fn serve_args() -> ServeArgs {
 pub struct TestServer {
     pub client: GenerationClient<Channel>,
     pub state: std::sync::Arc<batchgen::server::AppState>,
+    /// The front: health status, drain.
+    pub server: std::sync::Arc<batchgen::server::Server>,
     /// Where `GET /metrics` is served.
     pub metrics_addr: std::net::SocketAddr,
     pub addr: std::net::SocketAddr,
@@ -64,6 +69,7 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(args: ServeArgs) -> TestServer {
+    let args_options = args.server.serve_options();
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await.unwrap().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -73,11 +79,18 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     let metrics_addr = metrics_listener.local_addr().unwrap();
     let handle = batchgen::telemetry::install();
     tokio::spawn(batchgen::telemetry::serve(metrics_listener, handle, std::future::pending()));
-    tokio::spawn(batchgen::server::serve(listener, loaded.state, async {
-        let _ = rx.await;
-    }));
+    let server = batchgen::server::Server::loading().await;
+    server.ready(loaded.state).await;
+    let options = args_options;
+    let front = server.clone();
+    tokio::spawn(async move {
+        batchgen::server::serve(listener, front, &options, async {
+            let _ = rx.await;
+        })
+        .await
+    });
     let client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
-    TestServer { client, state, metrics_addr, addr, shutdown: Some(tx) }
+    TestServer { client, state, server, metrics_addr, addr, shutdown: Some(tx) }
 }
 
 /// Ids of a JSON array.
