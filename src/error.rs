@@ -1,5 +1,8 @@
 //! The one place errors become gRPC statuses.
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::{EngineError, QueueError};
 use crate::validation::ValidationError;
@@ -47,7 +50,26 @@ impl Error {
 }
 
 impl From<Error> for Status {
+    /// Validation errors carry `google.rpc.BadRequest` field violations;
+    /// overload and unavailability carry `google.rpc.RetryInfo`.
     fn from(e: Error) -> Self {
-        Status::new(e.code(), e.to_string())
+        let (code, message) = (e.code(), e.to_string());
+        let details = match &e {
+            Error::Validation(ValidationError::Invalid { field, message }) => {
+                ErrorDetails::with_bad_request_violation(*field, message.clone())
+            }
+            Error::Validation(ValidationError::Tokenizer(reason)) => {
+                ErrorDetails::with_bad_request_violation("prompt", reason.clone())
+            }
+            Error::Queue(QueueError::DuplicateId(id)) => {
+                ErrorDetails::with_bad_request_violation("request_id", format!("{id:?} is already in flight"))
+            }
+            Error::Queue(QueueError::Full { .. }) => ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+            Error::Loading | Error::ShuttingDown | Error::Queue(QueueError::Stopped) => {
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(5)))
+            }
+            Error::Engine(_) | Error::Deadline => return Status::new(code, message),
+        };
+        Status::with_error_details(code, message, details)
     }
 }
