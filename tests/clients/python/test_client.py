@@ -1,0 +1,99 @@
+"""The Python example client against the real batchgen server (started here on a free loopback port)."""
+import io
+import os
+import socket
+import subprocess
+import time
+
+import grpc
+import pytest
+
+import client
+
+FIXTURE = os.path.join(client.ROOT, "tests", "fixtures", "tiny-gpt2")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def target():
+    binary = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen([binary, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
+                             "--metrics-listen", f"127.0.0.1:{metrics}", "--intra-op-threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if client.health(target) == "SERVING":
+                break
+        except grpc.RpcError:
+            pass
+        assert time.time() < deadline, "the server did not become SERVING"
+        time.sleep(0.1)
+    yield target
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_unary(target):
+    r = client.generate(client.connect(target), "The quick brown fox", max_new_tokens=8)
+    assert r.request_id
+    assert len(r.sequences) == 1 and len(r.sequences[0].tokens) <= 8
+    assert r.usage.prompt_tokens == 4
+
+
+def test_streaming_prints_text_as_it_arrives_and_equals_unary(target):
+    stub = client.connect(target)
+    out = io.StringIO()
+    messages = client.stream(stub, "Emoji time 🎉", max_new_tokens=24, out=out)
+    assert len(messages) > 1
+    assert "\ufffd" not in out.getvalue()
+    assert out.getvalue() == client.generate(stub, "Emoji time 🎉", max_new_tokens=24).sequences[0].text
+    assert messages[-1].finish_reason != 0 and messages[-1].usage.generated_tokens > 0
+
+
+def test_cancel_mid_stream(target):
+    stub = client.connect(target)
+    received = client.stream_and_cancel(stub, "Once upon a time", after_tokens=5)
+    assert 5 <= received < 200
+    # The server is free for the next request.
+    assert client.generate(stub, "Hello", max_new_tokens=2).sequences[0].tokens
+
+
+def test_deadline(target):
+    stub = client.connect(target)
+    request = client.pb2.GenerateRequest(prompt="Hello " * 40,
+                                         stopping=client.pb2.Stopping(max_new_tokens=200, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in stub.GenerateStream(request, timeout=0.15):
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_validation_error_has_bad_request_details(target):
+    stub = client.connect(target)
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(stub, "Hello", max_new_tokens=100000)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stopping.max_new_tokens" in e.value.details()
+    violations = client.bad_request_violations(e.value)
+    assert violations and violations[0][0] == "stopping.max_new_tokens"
+
+
+def test_health(target):
+    assert client.health(target) == "SERVING"
+    assert client.health(target, "batchgen.v1.Generation") == "SERVING"
+
+
+def test_a_call_through_reflection_only(target):
+    info = client.model_info_by_reflection(target)
+    assert info.vocab_size == 50257
+    assert info.context_length == 256
+    assert "beam_search" in list(info.decoding_methods)
