@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: the Rust tests (unit, end-to-end against the real
+# server, metrics with a real Prometheus when installed), then the Python and
+# Node example clients against the real server binary. Needs Rust, python3
+# with pip and venv, Node.js with npm; dependencies come from the registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test
+# The clients run the binary cargo test just built.
+export BATCHGEN_BIN="$PWD/target/debug/batchgen"
+venv=target/python-client-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/clients/python/requirements.txt
+(cd tests/clients/python && "../../../$venv/bin/python" -m pytest -q -p no:cacheprovider)
+(cd tests/clients/node && npm ci --no-audit --no-fund --loglevel=error && node --test)
