@@ -356,6 +356,7 @@ async fn model_info_and_tokenize() {
     assert_eq!(info.max_new_tokens_limit, 200);
     assert_eq!(info.decoding_methods, vec!["greedy", "sampling", "beam_search"]);
     assert_eq!((info.max_beams, info.max_stop_sequences, info.max_samples), (8, 8, 16));
+    assert_eq!((info.max_batch_size, info.workers), (16, 1));
     assert_eq!(info.kv_dtype, "float32");
     let t = server.client.tokenize(pb::TokenizeRequest { text: "Hello world 🎉".into() }).await.unwrap().into_inner();
     let exp = expected();

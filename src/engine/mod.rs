@@ -167,6 +167,7 @@ pub struct EngineHandle {
     workers: Arc<Vec<WorkerSlot>>,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
+    max_batch_size: usize,
     /// Requests submitted and not yet finished, by request id.
     pub in_flight: Arc<DashMap<String, InFlight>>,
 }
@@ -221,6 +222,11 @@ impl EngineHandle {
         }
     }
 
+    /// Rows one worker's batch may hold.
+    pub fn max_batch_size(&self) -> usize {
+        self.max_batch_size
+    }
+
     /// Requests waiting for a worker.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
@@ -267,6 +273,7 @@ pub fn spawn(models: Vec<Model>, config: &EngineConfig) -> (EngineHandle, Vec<st
         workers: Arc::new(slots),
         waiting,
         max_queue: config.max_queue.max(1),
+        max_batch_size: config.limits.max_batch_size,
         in_flight: Arc::new(DashMap::new()),
     };
     (handle, threads)

@@ -406,6 +406,8 @@ impl Generation for GenerationService {
             max_stop_sequence_bytes: validation::MAX_STOP_SEQUENCE_BYTES as u32,
             max_samples: validation::MAX_SAMPLES,
             max_prompt_tokens: s.limits.max_prompt_tokens,
+            max_batch_size: s.engine.max_batch_size() as u32,
+            workers: s.engine.workers().len() as u32,
         }))
     }
 }
