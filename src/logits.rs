@@ -147,16 +147,7 @@ pub fn distribution(scores: &[f32], w: &Warpers) -> Vec<(u32, f32)> {
 }
 
 fn keep(ids: &mut Vec<u32>, vals: &mut Vec<f32>, pred: impl Fn(f32) -> bool) {
-    let mut n = 0;
-    for i in 0..ids.len() {
-        if pred(vals[i]) {
-            ids[n] = ids[i];
-            vals[n] = vals[i];
-            n += 1;
-        }
-    }
-    ids.truncate(n);
-    vals.truncate(n);
+    keep_by_index(ids, vals, |_, v| pred(v));
 }
 
 /// Nucleus: keep tokens while the mass of the tokens more likely than them is

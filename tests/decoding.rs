@@ -38,35 +38,8 @@ fn sampling(cfg: &serde_json::Value, seed: u64, num_samples: u32) -> pb::Decodin
 
 /// The model's logits after `prompt`, computed with ONNX Runtime directly.
 fn raw_logits(prompt: &[u32]) -> Vec<f32> {
-    let rt = batchgen::runtime::init(None).unwrap();
-    let mut session = ort::session::Session::builder(&rt.env)
-        .unwrap()
-        .commit_from_file(common::fixture_dir().join("model.onnx"))
-        .unwrap();
-    let n = prompt.len();
-    let mut feeds: Vec<(String, ort::value::DynValue)> = vec![
-        (
-            "input_ids".into(),
-            ort::value::Tensor::from_array(([1usize, n], prompt.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()))
-                .unwrap()
-                .into_dyn(),
-        ),
-        ("attention_mask".into(), ort::value::Tensor::from_array(([1usize, n], vec![1i64; n])).unwrap().into_dyn()),
-        (
-            "position_ids".into(),
-            ort::value::Tensor::from_array(([1usize, n], (0..n as i64).collect::<Vec<_>>())).unwrap().into_dyn(),
-        ),
-    ];
-    for layer in 0..2 {
-        for kv in ["key", "value"] {
-            let empty = ort::value::Tensor::<f32>::from_array(([1usize, 2, 0, 16], Vec::new())).unwrap();
-            feeds.push((format!("past_key_values.{layer}.{kv}"), empty.into_dyn()));
-        }
-    }
-    let out = session.run(feeds).unwrap();
-    let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
-    let vocab = shape[2] as usize;
-    logits[(n - 1) * vocab..n * vocab].to_vec()
+    let tokens: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    common::full_recompute_logits(&mut common::fixture_session(), &tokens)
 }
 
 fn pairs(v: &serde_json::Value) -> Vec<(u32, f64)> {

@@ -100,11 +100,7 @@ async fn streamed_text_is_whole_utf8_and_equals_the_unary_text() {
 #[tokio::test]
 async fn kv_cache_generation_equals_full_recompute() {
     let mut server = start().await;
-    let rt = batchgen::runtime::init(None).unwrap();
-    let mut session = ort::session::Session::builder(&rt.env)
-        .unwrap()
-        .commit_from_file(common::fixture_dir().join("model.onnx"))
-        .unwrap();
+    let mut session = common::fixture_session();
     let exp = expected();
     for name in ["long", "one_token", "cjk"] {
         let prompt = ids(&exp["greedy"][name]["prompt_ids"]);
@@ -114,31 +110,8 @@ async fn kv_cache_generation_equals_full_recompute() {
             server.client.generate(req).await.unwrap().into_inner().sequences[0].tokens.iter().map(|t| t.id).collect();
         let mut seq: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
         for _ in 0..20 {
-            let n = seq.len();
-            let mut feeds: Vec<(String, ort::value::DynValue)> = vec![
-                ("input_ids".into(), ort::value::Tensor::from_array(([1usize, n], seq.clone())).unwrap().into_dyn()),
-                (
-                    "attention_mask".into(),
-                    ort::value::Tensor::from_array(([1usize, n], vec![1i64; n])).unwrap().into_dyn(),
-                ),
-                (
-                    "position_ids".into(),
-                    ort::value::Tensor::from_array(([1usize, n], (0..n as i64).collect::<Vec<_>>()))
-                        .unwrap()
-                        .into_dyn(),
-                ),
-            ];
-            for layer in 0..2 {
-                for kv in ["key", "value"] {
-                    let empty = ort::value::Tensor::<f32>::from_array(([1usize, 2, 0, 16], Vec::new())).unwrap();
-                    feeds.push((format!("past_key_values.{layer}.{kv}"), empty.into_dyn()));
-                }
-            }
-            let out = session.run(feeds).unwrap();
-            let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
-            let vocab = shape[2] as usize;
-            let last = &logits[(n - 1) * vocab..n * vocab];
-            let best = (0..vocab).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+            let last = common::full_recompute_logits(&mut session, &seq);
+            let best = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
             seq.push(best as i64);
         }
         let recomputed: Vec<u32> = seq[prompt.len()..].iter().map(|&t| t as u32).collect();

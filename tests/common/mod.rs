@@ -146,3 +146,33 @@ pub fn case_request(case: &serde_json::Value) -> batchgen::pb::GenerateRequest {
     });
     r
 }
+
+/// An ONNX Runtime session of the fixture model, driven directly (no batchgen code).
+pub fn fixture_session() -> ort::session::Session {
+    let rt = batchgen::runtime::init(None).unwrap();
+    ort::session::Session::builder(&rt.env).unwrap().commit_from_file(fixture_dir().join("model.onnx")).unwrap()
+}
+
+/// The fixture model's logits after `tokens`, by a full recompute with no past.
+pub fn full_recompute_logits(session: &mut ort::session::Session, tokens: &[i64]) -> Vec<f32> {
+    use ort::value::{DynValue, Tensor};
+    let n = tokens.len();
+    let mut feeds: Vec<(String, DynValue)> = vec![
+        ("input_ids".into(), Tensor::from_array(([1usize, n], tokens.to_vec())).unwrap().into_dyn()),
+        ("attention_mask".into(), Tensor::from_array(([1usize, n], vec![1i64; n])).unwrap().into_dyn()),
+        (
+            "position_ids".into(),
+            Tensor::from_array(([1usize, n], (0..n as i64).collect::<Vec<_>>())).unwrap().into_dyn(),
+        ),
+    ];
+    for layer in 0..2 {
+        for kv in ["key", "value"] {
+            let empty = Tensor::<f32>::from_array(([1usize, 2, 0, 16], Vec::new())).unwrap();
+            feeds.push((format!("past_key_values.{layer}.{kv}"), empty.into_dyn()));
+        }
+    }
+    let out = session.run(feeds).unwrap();
+    let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
+    let vocab = shape[2] as usize;
+    logits[(n - 1) * vocab..n * vocab].to_vec()
+}
