@@ -90,6 +90,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             max_prompt_tokens: l.max_prompt_tokens.min(config.n_positions - 1).min(l.max_prefill_tokens as u32),
             max_batch_tokens: l.max_batch_tokens.min(u32::MAX as usize) as u32,
             max_beams: l.max_beams.min(l.max_batch_size as u32),
+            max_batch_size: l.max_batch_size.max(1) as u32,
         },
         draining: Default::default(),
         engine,

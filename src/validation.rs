@@ -33,6 +33,9 @@ pub struct Limits {
     pub max_batch_tokens: u32,
     /// Largest num_beams (`--max-beams`).
     pub max_beams: u32,
+    /// Rows one worker's batch holds (`--max-batch-size`): a request needing
+    /// more (samples, beams) could never be admitted.
+    pub max_batch_size: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -329,6 +332,15 @@ pub fn validate(
         n => (n, false),
     };
     let rows = u64::from(decoding.rows());
+    if rows > u64::from(limits.max_batch_size) {
+        return Err(invalid(
+            "decoding.sampling.num_samples",
+            format!(
+                "needs {rows} rows but a batch holds at most {} (--max-batch-size), so the request could never run",
+                limits.max_batch_size
+            ),
+        ));
+    }
     if rows * (prompt_len + u64::from(max_new_tokens)) > u64::from(limits.max_batch_tokens) {
         let times = if rows > 1 { format!("{rows} rows × ") } else { String::new() };
         return Err(invalid(
@@ -395,6 +407,7 @@ mod tests {
             max_prompt_tokens: 255,
             max_batch_tokens: 4096,
             max_beams: 8,
+            max_batch_size: 32,
         };
         (Tokenizer::from_file(&p).unwrap(), limits)
     }
@@ -478,6 +491,27 @@ mod tests {
         };
         let e = validate(req, &tok, &small, Instant::now(), None).unwrap_err().to_string();
         assert!(e.contains("= 55 exceeds the server's KV budget per worker of 50 tokens (--max-batch-tokens)"), "{e}");
+    }
+
+    #[test]
+    fn requests_needing_more_rows_than_a_batch_are_refused() {
+        let (tok, limits) = setup();
+        let small = Limits { max_batch_size: 4, ..limits };
+        let decoding = pb::Decoding {
+            method: Some(pb::decoding::Method::Sampling(pb::Sampling {
+                temperature: 1.0,
+                num_samples: 5,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let req = pb::GenerateRequest { decoding: Some(decoding), ..ids(3) };
+        let e = validate(req, &tok, &small, Instant::now(), None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "decoding.sampling.num_samples: needs 5 rows but a batch holds at most 4 (--max-batch-size), so the \
+             request could never run"
+        );
     }
 
     #[test]
