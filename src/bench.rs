@@ -66,7 +66,16 @@ fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
 }
 
 async fn one(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+    let method = (args.temperature > 0.0).then(|| {
+        pb::decoding::Method::Sampling(pb::Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: Some(args.seed.wrapping_add(i as u64)),
+            ..Default::default()
+        })
+    });
     let request = pb::GenerateRequest {
+        decoding: Some(pb::Decoding { method, ..Default::default() }),
         prompt_token_ids: prompt(args.seed, i, args.prompt_tokens),
         stopping: Some(pb::Stopping { max_new_tokens: args.new_tokens, ignore_eos: true, ..Default::default() }),
         ..Default::default()

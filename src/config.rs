@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// Seed of the prompts and of the Poisson arrivals.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Sample with this temperature instead of greedy search (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus mass when sampling (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub top_p: f32,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
