@@ -149,6 +149,26 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
+/// Reads an HTTP request head (up to the blank line; at most 8 KiB, 5 s).
+/// A client may send it in several packets: reading once could cut it.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), read).await {
+        Ok(true) => Some(String::from_utf8_lossy(&head).into_owned()),
+        _ => None,
+    }
+}
+
 /// Serves `GET /metrics` (the Prometheus text format) on `listener` until
 /// `shutdown` completes.
 pub async fn serve(
@@ -169,12 +189,7 @@ pub async fn serve(
             _ = &mut shutdown => return,
         };
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
+            let Some(request) = read_head(&mut socket).await else { return };
             let path = request.split_whitespace().nth(1).unwrap_or("");
             let (status, body, kind) =
                 if request.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
@@ -191,5 +206,25 @@ pub async fn serve(
             let _ = socket.write_all(body.as_bytes()).await;
             let _ = socket.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_split_across_packets_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, install(), std::future::pending()));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /met").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        s.write_all(b"rics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.contains("# TYPE batchgen_requests_received_total counter"));
     }
 }
