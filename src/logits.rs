@@ -151,42 +151,64 @@ fn keep(ids: &mut Vec<u32>, vals: &mut Vec<f32>, pred: impl Fn(f32) -> bool) {
 }
 
 /// Nucleus: keep tokens while the mass of the tokens more likely than them is
-/// below `top_p` (transformers' rule). Instead of sorting the vocabulary, one
-/// pass buckets the mass by score (1/8 nat per bucket) and only the bucket
-/// where the mass crosses `top_p` is sorted.
+/// below `top_p` (transformers' rule). Instead of sorting the vocabulary, a
+/// pass buckets the candidates by score (256 buckets over their range): the
+/// buckets above the one where the mass crosses `top_p` are kept, the ones
+/// below dropped, and only the crossing bucket is looked at again, until it
+/// is small enough to sort. Flat distributions (huge nuclei) stay linear.
 fn top_p(ids: &mut Vec<u32>, vals: &mut Vec<f32>, top_p: f32) {
     const BUCKETS: usize = 256;
+    const SORT_AT: usize = 64;
     let max = max_of(vals);
     let target = f64::from(top_p) * sum_exp(vals, max);
-    let bucket = |v: f32| (((max - v) * 8.0) as usize).min(BUCKETS - 1);
-    let mut mass = [0.0f64; BUCKETS];
-    for &v in vals.iter() {
-        mass[bucket(v)] += f64::from(fast_exp(v - max));
-    }
-    let (mut above, mut boundary) = (0.0f64, BUCKETS - 1);
-    for (b, &m) in mass.iter().enumerate() {
-        if above + m >= target {
-            boundary = b;
+    let mut kept = vec![false; ids.iter().max().map_or(0, |&m| m as usize + 1)];
+    let mut any_kept = false;
+    let mut above = 0.0f64;
+    let mut edge: Vec<(f32, u32)> = vals.iter().copied().zip(ids.iter().copied()).collect();
+    while edge.len() > SORT_AT {
+        let hi = edge.iter().map(|e| e.0).fold(f32::NEG_INFINITY, f32::max);
+        let lo = edge.iter().map(|e| e.0).fold(f32::INFINITY, f32::min);
+        if hi - lo <= hi.abs() * 1e-6 {
             break;
         }
-        above += m;
+        let scale = BUCKETS as f32 / (hi - lo);
+        let bucket = |v: f32| (((hi - v) * scale) as usize).min(BUCKETS - 1);
+        let mut mass = [0.0f64; BUCKETS];
+        for &(v, _) in &edge {
+            mass[bucket(v)] += f64::from(fast_exp(v - max));
+        }
+        let mut boundary = BUCKETS - 1;
+        for (b, &m) in mass.iter().enumerate() {
+            if above + m >= target {
+                boundary = b;
+                break;
+            }
+            above += m;
+        }
+        let mut next = Vec::new();
+        for &(v, id) in &edge {
+            match bucket(v).cmp(&boundary) {
+                std::cmp::Ordering::Less => {
+                    kept[id as usize] = true;
+                    any_kept = true;
+                }
+                std::cmp::Ordering::Equal => next.push((v, id)),
+                std::cmp::Ordering::Greater => {}
+            }
+        }
+        edge = next;
     }
-    let mut edge: Vec<(f32, u32)> =
-        ids.iter().zip(vals.iter()).filter(|(_, v)| bucket(**v) == boundary).map(|(&i, &v)| (v, i)).collect();
     edge.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut kept_edge = std::collections::HashSet::new();
     for &(v, id) in &edge {
         // The most likely token is always kept.
-        if above >= target && !(boundary == 0 && kept_edge.is_empty()) {
+        if above >= target && any_kept {
             break;
         }
-        kept_edge.insert(id);
+        kept[id as usize] = true;
+        any_kept = true;
         above += f64::from(fast_exp(v - max));
     }
-    keep_by_index(ids, vals, |id, v| {
-        let b = bucket(v);
-        b < boundary || (b == boundary && kept_edge.contains(&id))
-    });
+    keep_by_index(ids, vals, |id, _| kept[id as usize]);
 }
 
 fn keep_by_index(ids: &mut Vec<u32>, vals: &mut Vec<f32>, pred: impl Fn(u32, f32) -> bool) {
