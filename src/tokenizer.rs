@@ -48,6 +48,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// Text of `ids`, special tokens included unless `skip_special`.
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
     /// The token's own text, special tokens included (e.g. `<|endoftext|>`).
     pub fn token_text(&self, id: u32) -> String {
         self.inner.decode(&[id], false).unwrap_or_default()

@@ -335,5 +335,15 @@ async fn model_info_and_tokenize() {
     let exp = expected();
     assert_eq!(t.token_ids[0], ids(&exp["greedy"]["one_token"]["prompt_ids"])[0]);
     assert_eq!(t.pieces[1].text, " world");
+    let d = |token_ids: Vec<u32>, skip_special_tokens| pb::DetokenizeRequest { token_ids, skip_special_tokens };
+    let mut ids_eos = t.token_ids.clone();
+    ids_eos.push(50256);
+    let text = server.client.detokenize(d(ids_eos.clone(), false)).await.unwrap().into_inner().text;
+    assert_eq!(text, "Hello world 🎉<|endoftext|>");
+    let text = server.client.detokenize(d(ids_eos, true)).await.unwrap().into_inner().text;
+    assert_eq!(text, "Hello world 🎉");
+    let status = server.client.detokenize(d(vec![1, 50257], false)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.message(), "token_ids: [1] = 50257 is not a token id: must be below the vocabulary size 50257");
     assert_eq!((t.pieces[1].start, t.pieces[1].end), (5, 11));
 }

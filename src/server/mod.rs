@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::pb::{self, generation_server::Generation};
 use crate::telemetry;
 use crate::tokenizer::Tokenizer;
-use crate::validation::{self, Limits, ValidRequest};
+use crate::validation::{self, Limits, ValidRequest, ValidationError};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use stream::{Collector, Responder, Step};
@@ -384,6 +384,25 @@ impl Generation for GenerationService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let state = self.state()?.clone();
+        let req = req.into_inner();
+        let vocab = state.limits.vocab_size;
+        if let Some((i, &id)) = req.token_ids.iter().enumerate().find(|(_, id)| **id >= vocab) {
+            let message = format!("[{i}] = {id} is not a token id: must be below the vocabulary size {vocab}");
+            return Err(Error::Validation(ValidationError::Invalid { field: "token_ids", message }).into());
+        }
+        let text =
+            tokio::task::spawn_blocking(move || state.tokenizer.decode_with(&req.token_ids, req.skip_special_tokens))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::DetokenizeResponse { text }))
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
