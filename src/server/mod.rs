@@ -194,6 +194,14 @@ pub async fn serve(
         .await
 }
 
+/// Completes at `deadline`, or never.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Parses a `grpc-timeout` header value (at most 8 digits and a unit).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
@@ -288,8 +296,17 @@ impl Generation for GenerationService {
         let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, stopped, span);
         let mut collector = Collector::new(&valid.request_id);
-        while let Some(event) = events.recv().await {
-            match responder.on_event(event) {
+        loop {
+            let step = tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => responder.on_event(event),
+                    None => break,
+                },
+                // Our own timer: the answer is DEADLINE_EXCEEDED even if the
+                // engine is in the middle of a long step.
+                _ = until(valid.deadline) => responder.expire(),
+            };
+            match step {
                 Step::Nothing => {}
                 Step::Message(m) => collector.add(m),
                 Step::Last(m, None) => {
@@ -297,12 +314,12 @@ impl Generation for GenerationService {
                     guard.ok();
                     return Ok(Response::new(collector.finish()));
                 }
-                Step::Many(ms, last) => {
+                Step::Many(ms, last, None) => {
                     ms.into_iter().chain([last]).for_each(|m| collector.add(m));
                     guard.ok();
                     return Ok(Response::new(collector.finish()));
                 }
-                Step::Last(_, Some(e)) | Step::Fail(e) => {
+                Step::Last(_, Some(e)) | Step::Many(_, _, Some(e)) | Step::Fail(e) => {
                     guard.fail(&e);
                     return Err(e.into());
                 }
@@ -323,23 +340,26 @@ impl Generation for GenerationService {
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             loop {
-                let event = tokio::select! {
-                    event = events.recv() => event,
+                let step = tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => responder.on_event(event),
+                        None => {
+                            guard.fail(&Error::ShuttingDown);
+                            let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                            return;
+                        }
+                    },
                     // The client went away: dropping `events` tells the engine.
                     _ = tx.closed() => return,
+                    _ = until(valid.deadline) => responder.expire(),
                 };
-                let Some(event) = event else {
-                    guard.fail(&Error::ShuttingDown);
-                    let _ = tx.send(Err(Error::ShuttingDown.into())).await;
-                    return;
-                };
-                let (msgs, status, last) = match responder.on_event(event) {
+                let (msgs, status, last) = match step {
                     Step::Nothing => continue,
                     Step::Message(m) => (vec![m], None, false),
                     Step::Last(m, status) => (vec![m], status, true),
-                    Step::Many(mut ms, m) => {
+                    Step::Many(mut ms, m, status) => {
                         ms.push(m);
-                        (ms, None, true)
+                        (ms, status, true)
                     }
                     Step::Fail(e) => (Vec::new(), Some(e), true),
                 };

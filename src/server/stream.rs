@@ -50,8 +50,9 @@ pub enum Step {
     /// Send this message; it is the last one. `Some` error: then end the call
     /// with that status.
     Last(pb::GenerateStreamResponse, Option<Error>),
-    /// Send these messages, then this last one (beam search results).
-    Many(Vec<pb::GenerateStreamResponse>, pb::GenerateStreamResponse),
+    /// Send these messages, then this last one, then end the call with the
+    /// status if any (beam search results; a deadline for several sequences).
+    Many(Vec<pb::GenerateStreamResponse>, pb::GenerateStreamResponse, Option<Error>),
     /// End the call with this status, no message.
     Fail(Error),
     Nothing,
@@ -198,8 +199,27 @@ impl Responder {
                 Step::Fail(Error::Engine(crate::engine::EngineError::Forward("beam search returned nothing".into())))
             }
             Some(last) if msgs.is_empty() => Step::Last(last, None),
-            Some(last) => Step::Many(msgs, last),
+            Some(last) => Step::Many(msgs, last, None),
         }
+    }
+
+    /// The request's deadline passed: ends every unfinished sequence with
+    /// FINISH_REASON_DEADLINE, whatever the engine is doing (dropping the
+    /// events then evicts the rows).
+    pub fn expire(&mut self) -> Step {
+        let unfinished: Vec<u32> =
+            (0..self.sequences.len() as u32).filter(|&i| !self.sequences[i as usize].finished).collect();
+        let mut msgs = Vec::new();
+        for index in unfinished {
+            match self.on_event(Event::Ended { index, reason: FinishReason::Deadline }) {
+                Step::Message(m) => msgs.push(m),
+                Step::Last(m, status) => {
+                    return if msgs.is_empty() { Step::Last(m, status) } else { Step::Many(msgs, m, status) };
+                }
+                _ => {}
+            }
+        }
+        Step::Fail(Error::Deadline)
     }
 
     pub fn on_event(&mut self, event: Event) -> Step {
