@@ -5,15 +5,6 @@
 //! (log-softmax of the raw logits); the choice is made on the processed
 //! scores (today: tokens masked by `min_new_tokens`).
 
-/// log(sum(exp(x))) computed stably, in f64.
-pub fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    if max == f64::NEG_INFINITY {
-        return max;
-    }
-    max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
-}
-
 /// The index of the largest value that is not masked; the lowest index wins ties
 /// (as `torch.argmax`).
 pub fn argmax_unmasked(logits: &[f32], masked: &[u32]) -> u32 {
@@ -146,6 +137,15 @@ pub fn greedy(logits: &[f32], masked: &[u32], top_k: usize) -> Choice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference: log(sum(exp(x))) in f64 with the standard exp.
+    fn log_sum_exp(logits: &[f32]) -> f64 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        if max == f64::NEG_INFINITY {
+            return max;
+        }
+        max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+    }
 
     #[test]
     fn log_probabilities_match_a_hand_computed_softmax() {

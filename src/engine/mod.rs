@@ -129,14 +129,12 @@ pub struct WorkerShared {
     /// Requests waiting on any worker (the `--max-queue` bound).
     pub waiting: Arc<AtomicUsize>,
     pub running_rows: AtomicUsize,
-    pub queued: AtomicUsize,
     pub stats: WorkerStats,
 }
 
 impl WorkerShared {
-    fn publish(&self, rows: usize, queued: usize) {
+    fn publish(&self, rows: usize) {
         self.running_rows.store(rows, Ordering::Relaxed);
-        self.queued.store(queued, Ordering::Relaxed);
     }
 }
 
@@ -225,11 +223,6 @@ impl EngineHandle {
     /// Rows one worker's batch may hold.
     pub fn max_batch_size(&self) -> usize {
         self.max_batch_size
-    }
-
-    /// Requests waiting for a worker.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Each worker's shared state (rows, queue, statistics).

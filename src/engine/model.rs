@@ -46,20 +46,6 @@ pub struct ForwardInput {
 }
 
 impl ForwardInput {
-    /// One row with no padding, continuing after `past` cached tokens.
-    pub fn single(tokens: &[u32], past: usize) -> Self {
-        let seq = tokens.len();
-        ForwardInput {
-            batch: 1,
-            seq,
-            input_ids: tokens.iter().map(|&t| i64::from(t)).collect(),
-            attention_mask: vec![1; past + seq],
-            position_ids: (past..past + seq).map(|p| p as i64).collect(),
-        }
-    }
-}
-
-impl ForwardInput {
     /// Prompts of several rows, left-padded with `pad_id` to the longest.
     pub fn prefill(prompts: &[&[u32]], pad_id: u32) -> Self {
         let seq = prompts.iter().map(|p| p.len()).max().unwrap_or(0);

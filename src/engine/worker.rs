@@ -122,7 +122,7 @@ impl Worker {
     /// to the metrics.
     fn publish(&self) {
         let (rows, queued) = (self.rows.len(), self.queue.len());
-        self.shared.publish(rows, queued);
+        self.shared.publish(rows);
         let worker = self.shared.id.to_string();
         let used = rows * self.cache.as_ref().map_or(0, |c| c.len);
         metrics::gauge!(telemetry::BATCH_ROWS, "worker" => worker.clone()).set(rows as f64);
