@@ -2,8 +2,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::ServeArgs;
-use crate::engine::{self, EngineConfig, Model, SessionOptions, admission};
+use crate::config::{GraphChoice, ServeArgs};
+use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
+use crate::graph::{BuiltModel, Gpt2Shape, SharedModel, Weights, WeightsError};
 use crate::model::{ModelConfig, ModelError, ModelFiles};
 use crate::runtime::{self, RuntimeError};
 use crate::server::AppState;
@@ -16,6 +17,8 @@ pub enum StartupError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("--graph built: {0}")]
+    Weights(#[from] WeightsError),
     #[error("--default-max-new-tokens ({default}) must be between 1 and --max-new-tokens ({max})")]
     Limits { default: u32, max: u32 },
 }
@@ -36,26 +39,75 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     }
     let rt = runtime::init(args.runtime.onnxruntime.as_deref())?;
     tracing::info!(path = %rt.path.display(), source = ?rt.source, "ONNX Runtime loaded");
-    let files = ModelFiles::resolve(&args.model.model, args.model.revision.as_deref())?;
+    let choice = args.model.graph;
+    let files =
+        ModelFiles::resolve(&args.model.model, args.model.revision.as_deref(), choice == GraphChoice::Exported)?;
     let config = ModelConfig::load(&files)?;
     let tokenizer = Tokenizer::from_file(&files.tokenizer)
         .map_err(|e| ModelError::Tokenizer { path: files.tokenizer.clone(), reason: e.0 })?;
     let options = SessionOptions { intra_op_threads: args.runtime.intra_op_threads };
-    let models = (0..args.runtime.workers.max(1))
-        .map(|_| Model::load(&rt.env, &files.onnx, config.n_layer, &options))
-        .collect::<Result<Vec<_>, _>>()?;
-    let sig = &models[0].signature;
-    tracing::info!(
-        onnx = %files.onnx.display(),
-        layers = sig.layers,
-        heads = sig.heads,
-        kv = %sig.kv_dtype,
-        position_ids = sig.has_position_ids,
-        merged = sig.has_use_cache_branch,
-        "model loaded in {:.2?}",
-        t0.elapsed()
-    );
-    let kv_dtype = sig.kv_dtype.to_string();
+    let workers = args.runtime.workers.max(1);
+    let slots = l.max_batch_size.max(1);
+    let (backends, kv_dtype): (Vec<Box<dyn Backend>>, String) = match read_weights(&files, choice)? {
+        Some(shared) => {
+            let t = Instant::now();
+            let backends = (0..workers)
+                .map(|_| -> Result<Box<dyn Backend>, ModelError> {
+                    let session_err =
+                        |detail: String| ModelError::Session { path: shared.weights.source.clone(), detail };
+                    let session = shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?;
+                    let model = BuiltModel::new(session, &shared.shape, slots)
+                        .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
+                    Ok(Box::new(SlotBackend::new(model)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let s = &shared.shape;
+            tracing::info!(
+                weights = %shared.weights.source.display(),
+                layers = s.layers,
+                heads = s.heads,
+                width = s.width,
+                context = s.positions,
+                workers,
+                "built graph: {workers} session(s) over one set of weights in {:.2?} (model loaded in {:.2?})",
+                t.elapsed(),
+                t0.elapsed()
+            );
+            (backends, "float32".to_string())
+        }
+        None => {
+            let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
+                dir: files.config.parent().map(Into::into).unwrap_or_default(),
+                candidates: "model.onnx, decoder_model_merged.onnx".into(),
+            })?;
+            let models = (0..workers)
+                .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sig = &models[0].signature;
+            tracing::info!(
+                onnx = %onnx.display(),
+                layers = sig.layers,
+                heads = sig.heads,
+                kv = %sig.kv_dtype,
+                position_ids = sig.has_position_ids,
+                merged = sig.has_use_cache_branch,
+                "exported graph loaded in {:.2?}",
+                t0.elapsed()
+            );
+            let (pad_id, kv_dtype) = (config.eos_token_id, sig.kv_dtype.to_string());
+            (
+                models
+                    .into_iter()
+                    .map(|m| Box::new(PaddedBackend::new(m, pad_id, slots)) as Box<dyn Backend>)
+                    .collect(),
+                kv_dtype,
+            )
+        }
+    };
+    let built = backends[0].kind() == "built";
+    // Whole prompts are prefilled at once on the exported graph, so the
+    // prefill bound is also the longest prompt there.
+    let prefill_cap = if built { u32::MAX } else { l.max_prefill_tokens as u32 };
     let engine_config = EngineConfig {
         limits: admission::Limits {
             max_batch_size: l.max_batch_size.max(1),
@@ -63,10 +115,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             max_prefill_tokens: l.max_prefill_tokens,
         },
         max_queue: l.max_queue,
-        pad_id: config.eos_token_id,
     };
     crate::telemetry::install();
-    for w in 0..models.len() {
+    for w in 0..backends.len() {
         metrics::gauge!(crate::telemetry::KV_BUDGET_TOKENS, "worker" => w.to_string()).set(l.max_batch_tokens as f64);
     }
     metrics::gauge!(
@@ -76,7 +127,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         "onnxruntime" => runtime::ORT_VERSION
     )
     .set(1.0);
-    let (engine, worker_threads) = engine::spawn(models, &engine_config);
+    let (engine, worker_threads) = engine::spawn(backends, &engine_config);
     let state = AppState {
         model_name: files.name,
         kv_dtype,
@@ -87,7 +138,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             eos_token_id: config.eos_token_id,
             max_new_tokens: l.max_new_tokens,
             default_max_new_tokens: l.default_max_new_tokens,
-            max_prompt_tokens: l.max_prompt_tokens.min(config.n_positions - 1).min(l.max_prefill_tokens as u32),
+            max_prompt_tokens: l.max_prompt_tokens.min(config.n_positions - 1).min(prefill_cap),
             max_batch_tokens: l.max_batch_tokens.min(u32::MAX as usize) as u32,
             max_beams: l.max_beams.min(l.max_batch_size as u32),
             max_batch_size: l.max_batch_size.max(1) as u32,
@@ -96,4 +147,31 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         engine,
     };
     Ok(Loaded { state: Arc::new(state), worker_threads })
+}
+
+/// The weights for the built graph, or `None` to run the export as it is:
+/// `--graph exported`, or `auto` when they cannot be read (logged).
+fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<Arc<SharedModel>>, StartupError> {
+    if choice == GraphChoice::Exported {
+        return Ok(None);
+    }
+    let read = || -> Result<SharedModel, WeightsError> {
+        let shape = Gpt2Shape::load(&files.config)?;
+        let weights = match (&files.safetensors, &files.onnx) {
+            (Some(st), _) => Weights::from_safetensors(st, &shape)?,
+            (None, Some(onnx)) => Weights::from_onnx(onnx, &shape)?,
+            (None, None) => unreachable!("ModelFiles has weights"),
+        };
+        Ok(SharedModel::new(shape, weights))
+    };
+    match read() {
+        Ok(shared) => Ok(Some(Arc::new(shared))),
+        Err(e) if choice == GraphChoice::Auto && files.onnx.is_some() => {
+            tracing::warn!(
+                "cannot build batchgen's own graph ({e}); serving the ONNX export as it is (--graph exported)"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -71,13 +71,28 @@ pub struct ServeArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A directory exported by `optimum-cli export onnx --task text-generation-with-past`,
-    /// or a Hugging Face hub id (owner/name) to download.
+    /// A GPT-2 model directory: a transformers checkpoint (`config.json` +
+    /// `model.safetensors`) or an export by `optimum-cli export onnx --task
+    /// text-generation-with-past`; or a Hugging Face hub id (owner/name) to download.
     #[arg(long, env = "BATCHGEN_MODEL")]
     pub model: String,
+    /// Which graph runs: "built" (batchgen's own graph over an in-place slot
+    /// KV cache, from the checkpoint's or the export's weights), "exported"
+    /// (the ONNX export as it is, with a left-padded cache copied on every
+    /// join and eviction), or "auto" (built when the weights can be read).
+    #[arg(long, env = "BATCHGEN_GRAPH", default_value = "auto", value_enum)]
+    pub graph: GraphChoice,
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long, env = "BATCHGEN_REVISION")]
     pub revision: Option<String>,
+}
+
+/// `--graph`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphChoice {
+    Auto,
+    Built,
+    Exported,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -129,13 +144,19 @@ pub struct LimitArgs {
     /// Rows (sequences) one worker's batch may hold.
     #[arg(long, env = "BATCHGEN_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
-    /// KV budget per worker, in token slots: rows × the longest row's final
-    /// length (the left-padded layout pays for padding, so it is counted).
+    /// KV budget per worker, in tokens. With the built graph each row holds
+    /// its own tokens: a request costs rows × (prompt + max_new_tokens), and
+    /// the cache's resident memory follows the tokens held. With
+    /// `--graph exported` the left-padded batch costs rows × the longest
+    /// row's final length (padding is counted).
     #[arg(long, env = "BATCHGEN_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
-    /// Prompt tokens one prefill may take (rows × longest prompt, padding
-    /// included); bounds how long admitting requests stalls the running ones.
-    #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 2048)]
+    /// Prompt tokens prefilled per iteration, between two decode steps of the
+    /// running rows; a longer prompt is prefilled in chunks this large, so it
+    /// stalls the running rows for one chunk at a time. (`--graph exported`
+    /// prefills whole prompts: there it bounds rows × longest prompt, and the
+    /// longest prompt accepted.)
+    #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 512)]
     pub max_prefill_tokens: usize,
     /// Largest num_beams a request may ask for (each beam is a row).
     #[arg(long, env = "BATCHGEN_MAX_BEAMS", default_value_t = 8)]

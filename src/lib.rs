@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod graph;
 pub mod logits;
 pub mod model;
 pub mod runtime;

@@ -91,7 +91,11 @@ fn describe_all() {
     describe_gauge!(KV_USED_RATIO, "kv_used_tokens / kv_budget_tokens.");
     describe_counter!(BATCH_JOINS, "Joins of newly prefilled rows into a running batch.");
     describe_counter!(BATCH_EVICTIONS, "Rows removed from a running batch.");
-    describe_histogram!(KV_COPY_DURATION, Unit::Seconds, "Duration of KV copies, by kind (join, evict, beam_reorder).");
+    describe_histogram!(
+        KV_COPY_DURATION,
+        Unit::Seconds,
+        "Duration of KV copies, by kind: join and evict (the padded layout of --graph exported only; 0 on the built graph), fork (a prompt copied to its other samples or beams), beam_reorder."
+    );
     describe_counter!(KV_COPY_BYTES, Unit::Bytes, "Bytes written by KV copies, by kind.");
     describe_gauge!(WORKER_BUSY, "1 while a worker has running or waiting requests, else 0.");
     describe_counter!(WORKER_RESTARTS, "Worker restarts after a caught panic.");
@@ -110,7 +114,7 @@ fn register_all() {
     for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {
         metrics::counter!(SEQUENCES_FINISHED, "finish_reason" => reason).increment(0);
     }
-    for kind in ["join", "evict", "beam_reorder"] {
+    for kind in ["join", "evict", "fork", "beam_reorder"] {
         metrics::counter!(KV_COPY_BYTES, "kind" => kind).increment(0);
         let _registered = metrics::histogram!(KV_COPY_DURATION, "kind" => kind);
     }

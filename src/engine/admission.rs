@@ -83,6 +83,26 @@ pub fn admit(limits: &Limits, running: &Running, queue: impl IntoIterator<Item =
     admitted
 }
 
+/// Admission for the slot layout (batchgen's own graph): each row owns a
+/// slot and holds only its own tokens, so a request costs
+/// `rows × (prompt + max_new_tokens)` token slots and the budget is the sum
+/// over running and admitted requests. Prompts are prefilled in chunks, so
+/// `max_prefill_tokens` bounds each iteration's prefill, not admission.
+pub fn admit_slots(limits: &Limits, running: &[Candidate], queue: impl IntoIterator<Item = Candidate>) -> usize {
+    let mut rows: usize = running.iter().map(|c| c.rows).sum();
+    let mut tokens: usize = running.iter().map(|&c| alone(c)).sum();
+    let mut admitted = 0;
+    for c in queue {
+        if rows + c.rows > limits.max_batch_size || tokens + alone(c) > limits.max_batch_tokens {
+            break;
+        }
+        rows += c.rows;
+        tokens += alone(c);
+        admitted += 1;
+    }
+    admitted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +161,22 @@ mod tests {
         // 3 + 3 rows > 4.
         assert_eq!(admit(&LIMITS, &Running::default(), [c4, c4]), 1);
         assert_eq!(alone(c4), 60);
+    }
+
+    #[test]
+    fn slots_cost_their_own_tokens_only() {
+        // No padding: 4 rows of 100 + 100 are 800 slots whatever their lengths.
+        let wide_prefill = Limits { max_prefill_tokens: 1, ..LIMITS };
+        assert_eq!(admit_slots(&wide_prefill, &[], vec![c(100, 100); 4]), 4);
+        assert_eq!(admit_slots(&LIMITS, &[], [c(300, 100), c(10, 10), c(100, 100)]), 3);
+        // A running request counts what it holds plus what it may add.
+        let running = [Candidate { prompt_len: 500, max_new_tokens: 100, rows: 1 }];
+        assert_eq!(admit_slots(&LIMITS, &running, [c(200, 100), c(100, 1)]), 1);
+        // FIFO: a head that does not fit blocks the rest.
+        assert_eq!(admit_slots(&LIMITS, &running, [c(300, 200), c(1, 1)]), 0);
+        // Rows are bounded by the batch size.
+        let samples = Candidate { prompt_len: 1, max_new_tokens: 1, rows: 3 };
+        assert_eq!(admit_slots(&LIMITS, &running, [samples, samples]), 1);
     }
 
     #[test]

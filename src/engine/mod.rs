@@ -2,8 +2,10 @@
 //! continuously batched KV cache, fed through channels. Handlers never touch
 //! a session; they submit a `Job` and read its `Event`s.
 pub mod admission;
+pub mod backend;
 pub mod layout;
 pub mod model;
+pub mod padded;
 mod worker;
 
 use std::sync::Arc;
@@ -13,7 +15,9 @@ use std::time::Instant;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
+pub use backend::{Backend, SlotBackend};
 pub use model::{ForwardError, ForwardInput, KvCache, Logits, Model, SessionOptions};
+pub use padded::PaddedBackend;
 
 use crate::pb::FinishReason;
 use crate::sampling::Choice;
@@ -70,8 +74,22 @@ pub struct Job {
     /// Per sequence, set by the response side when it has ended the sequence
     /// (a stop sequence matched): its row is evicted without a word.
     pub stopped: Arc<[AtomicBool]>,
-    /// Budget reserved on the worker (token slots), released when it leaves.
-    reserved: usize,
+    /// Budget reserved on the worker (token slots), released when the job
+    /// is dropped: after its last row leaves, or if it never reaches one.
+    reservation: Option<Reservation>,
+}
+
+/// Token slots a job holds on a worker's routing load; gives them back on drop.
+#[derive(Debug)]
+struct Reservation {
+    tokens: usize,
+    worker: Arc<WorkerShared>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.worker.load.fetch_sub(self.tokens, Ordering::Relaxed);
+    }
 }
 
 impl Job {
@@ -92,7 +110,7 @@ impl Job {
             span,
             cancel: Arc::new(AtomicBool::new(false)),
             stopped: (0..request_rows).map(|_| AtomicBool::new(false)).collect(),
-            reserved: 0,
+            reservation: None,
         }
     }
 }
@@ -143,8 +161,6 @@ impl WorkerShared {
 pub struct EngineConfig {
     pub limits: admission::Limits,
     pub max_queue: usize,
-    /// Token id used to left-pad prompts (masked out; any id works).
-    pub pad_id: u32,
 }
 
 /// A request in flight, for `Cancel` and for observing the server.
@@ -190,13 +206,13 @@ impl EngineHandle {
             .enumerate()
             .min_by_key(|(_, w)| w.shared.load.load(Ordering::Relaxed))
             .ok_or(QueueError::Stopped)?;
-        job.reserved = admission::alone(job.candidate());
-        slot.shared.load.fetch_add(job.reserved, Ordering::Relaxed);
+        let tokens = admission::alone(job.candidate());
+        slot.shared.load.fetch_add(tokens, Ordering::Relaxed);
+        job.reservation = Some(Reservation { tokens, worker: slot.shared.clone() });
         entry.insert(InFlight { cancel: job.cancel.clone(), worker });
-        let reserved = job.reserved;
         if slot.tx.send(job).is_err() {
+            // The job (and with it its reservation) was dropped.
             self.in_flight.remove(&id);
-            slot.shared.load.fetch_sub(reserved, Ordering::Relaxed);
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(QueueError::Stopped);
         }
@@ -245,16 +261,19 @@ fn keep_large_allocations_on_the_heap() {
     }
 }
 
-/// Starts one worker thread per model; they end when every handle is dropped.
-pub fn spawn(models: Vec<Model>, config: &EngineConfig) -> (EngineHandle, Vec<std::thread::JoinHandle<()>>) {
+/// Starts one worker thread per backend; they end when every handle is dropped.
+pub fn spawn(
+    backends: Vec<Box<dyn Backend>>,
+    config: &EngineConfig,
+) -> (EngineHandle, Vec<std::thread::JoinHandle<()>>) {
     keep_large_allocations_on_the_heap();
     let waiting = Arc::new(AtomicUsize::new(0));
     let mut slots = Vec::new();
     let mut threads = Vec::new();
-    for (id, model) in models.into_iter().enumerate() {
+    for (id, backend) in backends.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(WorkerShared { id, waiting: waiting.clone(), ..Default::default() });
-        let w = worker::Worker::new(model, config.limits, config.pad_id, shared.clone(), rx);
+        let w = worker::Worker::new(backend, config.limits, shared.clone(), rx);
         let thread = std::thread::Builder::new()
             .name(format!("batchgen-worker-{id}"))
             .spawn(move || w.run())

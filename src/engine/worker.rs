@@ -1,8 +1,9 @@
-//! One worker: an OS thread that owns an ONNX Runtime session and a running
-//! batch. Each iteration it admits waiting requests (one padded prefill, then
-//! a join), evicts rows that finished, were cancelled or ran past their
-//! deadline, and runs one decode step for every remaining row in a single
-//! `Session::run`.
+//! One worker: an OS thread that owns a backend (a model and its KV cache)
+//! and the running batch. Each iteration it admits waiting requests (each
+//! takes slots), ends rows that finished, were cancelled or ran past their
+//! deadline, prefills prompts (in chunks of at most `--max-prefill-tokens`
+//! per iteration where the backend can), and runs one decode step for every
+//! decoding row. It never learns how the backend lays out its cache.
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::admission::{self, Running};
-use super::model::{ForwardInput, KvCache, Logits, Model};
+use super::admission::{self, Candidate};
+use super::backend::{Backend, Chunk, Copies};
+use super::model::Logits;
 use super::{EngineError, Event, Job, WorkerShared};
 use crate::beam::BeamSearch;
 use crate::logits::{self, History};
@@ -27,8 +29,8 @@ struct Row {
     job: Arc<Job>,
     /// Which of the request's sequences this row is.
     index: u32,
-    /// Real tokens of this row in the cache (right-aligned).
-    len: usize,
+    /// The backend slot holding this row's cache.
+    slot: usize,
     generated: u32,
     /// The token to feed at the next decode step.
     next: u32,
@@ -42,15 +44,23 @@ struct Row {
     beam: Option<Box<BeamSearch>>,
 }
 
+/// An admitted request whose prompt is being prefilled into `slots[0]`;
+/// its other slots (samples, beams) receive a copy when it is complete.
+struct Prefilling {
+    job: Arc<Job>,
+    slots: Vec<usize>,
+    /// Prompt tokens already in the cache.
+    done: usize,
+}
+
 pub(super) struct Worker {
-    pub model: Model,
-    pub limits: admission::Limits,
-    pub pad_id: u32,
-    pub shared: Arc<WorkerShared>,
-    pub rx: mpsc::UnboundedReceiver<Job>,
+    backend: Box<dyn Backend>,
+    limits: admission::Limits,
+    shared: Arc<WorkerShared>,
+    rx: mpsc::UnboundedReceiver<Job>,
     queue: VecDeque<Arc<Job>>,
+    prefilling: VecDeque<Prefilling>,
     rows: Vec<Row>,
-    cache: Option<KvCache>,
 }
 
 fn now() -> Instant {
@@ -59,19 +69,18 @@ fn now() -> Instant {
 
 impl Worker {
     pub fn new(
-        model: Model,
+        backend: Box<dyn Backend>,
         limits: admission::Limits,
-        pad_id: u32,
         shared: Arc<WorkerShared>,
         rx: mpsc::UnboundedReceiver<Job>,
     ) -> Self {
-        Worker { model, limits, pad_id, shared, rx, queue: VecDeque::new(), rows: Vec::new(), cache: None }
+        Worker { backend, limits, shared, rx, queue: VecDeque::new(), prefilling: VecDeque::new(), rows: Vec::new() }
     }
 
     pub fn run(mut self) {
         let mut since = Snapshot::of(&self.shared.stats);
         loop {
-            if self.rows.is_empty() && self.queue.is_empty() {
+            if self.rows.is_empty() && self.queue.is_empty() && self.prefilling.is_empty() {
                 self.publish();
                 let now = Snapshot::of(&self.shared.stats);
                 if now.steps > since.steps {
@@ -108,6 +117,7 @@ impl Worker {
         self.drop_abandoned();
         self.admit();
         self.evict();
+        self.prefill();
         if !self.rows.is_empty() {
             self.decode();
         }
@@ -121,10 +131,10 @@ impl Worker {
     /// Publishes the batch's state (rows, queue, KV use) to the router and
     /// to the metrics.
     fn publish(&self) {
-        let (rows, queued) = (self.rows.len(), self.queue.len());
+        let (rows, queued) = (self.rows.len(), self.queue.len() + self.prefilling.len());
         self.shared.publish(rows);
         let worker = self.shared.id.to_string();
-        let used = rows * self.cache.as_ref().map_or(0, |c| c.len);
+        let used = self.backend.held_tokens();
         metrics::gauge!(telemetry::BATCH_ROWS, "worker" => worker.clone()).set(rows as f64);
         metrics::gauge!(telemetry::KV_USED_TOKENS, "worker" => worker.clone()).set(used as f64);
         metrics::gauge!(telemetry::KV_USED_RATIO, "worker" => worker.clone())
@@ -133,10 +143,20 @@ impl Worker {
         metrics::gauge!(telemetry::QUEUE_WAITING).set(self.shared.waiting.load(Ordering::Relaxed) as f64);
     }
 
-    /// Releases a job's budget reservation once its last row leaves.
-    fn release(&self, job: &Arc<Job>) {
-        if Arc::strong_count(job) == 1 {
-            self.shared.load.fetch_sub(job.reserved, Ordering::Relaxed);
+    /// Records the KV copies the backend's last calls made.
+    fn record_copies(&mut self) {
+        let c: Copies = self.backend.take_copies();
+        let stats = &self.shared.stats;
+        if c.join_bytes > 0 {
+            stats.join_bytes.fetch_add(c.join_bytes as u64, Ordering::Relaxed);
+            stats.join_ns.fetch_add(c.join_ns, Ordering::Relaxed);
+            record_copy("join", c.join_ns, c.join_bytes);
+        }
+        if c.evict_bytes > 0 {
+            stats.evict_copies.fetch_add(1, Ordering::Relaxed);
+            stats.evict_bytes.fetch_add(c.evict_bytes as u64, Ordering::Relaxed);
+            stats.evict_ns.fetch_add(c.evict_ns, Ordering::Relaxed);
+            record_copy("evict", c.evict_ns, c.evict_bytes);
         }
     }
 
@@ -147,72 +167,146 @@ impl Worker {
         let queue = std::mem::take(&mut self.queue);
         let mut kept = VecDeque::with_capacity(queue.len());
         for job in queue {
-            let reason = job.ended_reason(t);
-            if reason.is_none() {
-                kept.push_back(job);
-                continue;
-            }
-            if let Some(reason) = reason.flatten() {
-                for index in 0..job.request.decoding.rows() {
-                    let _ = job.events.send(Event::Ended { index, reason });
+            match job.ended_reason(t) {
+                None => kept.push_back(job),
+                Some(reason) => {
+                    job.tell_ended(reason);
+                    self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.release(&job);
         }
         self.queue = kept;
     }
 
-    fn running(&self) -> Running {
-        Running {
-            len: self.cache.as_ref().map_or(0, |c| c.len),
-            remaining: self.rows.iter().map(|r| (r.job.request.stop.max_new_tokens - r.generated) as usize).collect(),
-        }
+    /// What the running and prefilling requests hold and may still add.
+    fn running(&self) -> Vec<Candidate> {
+        let rows = self.rows.iter().map(|r| {
+            let stop = &r.job.request.stop;
+            Candidate {
+                prompt_len: r.job.request.prompt_ids.len() + r.generated as usize,
+                max_new_tokens: (stop.max_new_tokens - r.generated) as usize,
+                rows: 1,
+            }
+        });
+        rows.chain(self.prefilling.iter().map(|p| p.job.candidate())).collect()
     }
 
     fn admit(&mut self) {
-        let candidates = self.queue.iter().map(|j| j.candidate());
-        let n = admission::admit(&self.limits, &self.running(), candidates);
-        if n == 0 {
-            return;
-        }
-        let jobs: Vec<Arc<Job>> = self.queue.drain(..n).collect();
-        for job in &jobs {
+        let running = self.running();
+        let n = self.backend.admit(&self.limits, &running, &mut self.queue.iter().map(|j| j.candidate()));
+        for _ in 0..n {
+            let rows = self.queue[0].request.decoding.rows() as usize;
+            let Some(slots) = self.backend.alloc(rows) else { break };
+            let job = self.queue.pop_front().expect("admitted from the queue");
+            if !self.rows.is_empty() || !self.prefilling.is_empty() {
+                // Joining a running batch (what it costs in copies, if
+                // anything, the backend reports).
+                self.shared.stats.joins.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
+            }
             tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = job.events.send(Event::Started { at: now() });
+            self.prefilling.push_back(Prefilling { job, slots, done: 0 });
         }
+    }
+
+    /// Prefills the next prompt tokens, oldest request first: at most
+    /// `max_prefill_tokens` per iteration, a long prompt in chunks (whole
+    /// prompts where the backend cannot chunk; admission bounded them).
+    /// Requests whose prompt is complete become decoding rows.
+    fn prefill(&mut self) {
+        let chunked = self.backend.chunks();
+        let mut budget = self.limits.max_prefill_tokens.max(1);
+        let mut work: Vec<(usize, usize)> = Vec::new();
+        for (i, p) in self.prefilling.iter().enumerate() {
+            let left = p.job.request.prompt_ids.len() - p.done;
+            let take = if chunked { left.min(budget) } else { left };
+            if take == 0 || (!chunked && !work.is_empty() && take > budget) {
+                break;
+            }
+            work.push((i, take));
+            budget = budget.saturating_sub(take);
+        }
+        if work.is_empty() {
+            return;
+        }
+        let chunks: Vec<Chunk<'_>> = work
+            .iter()
+            .map(|&(i, take)| {
+                let p = &self.prefilling[i];
+                Chunk { slot: p.slots[0], tokens: &p.job.request.prompt_ids[p.done..p.done + take] }
+            })
+            .collect();
+        let tokens: usize = work.iter().map(|w| w.1).sum();
         let t = now();
-        let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.request.prompt_ids.as_slice()).collect();
-        let input = ForwardInput::prefill(&prompts, self.pad_id);
-        let result = self.model.empty_cache(jobs.len()).and_then(|c| self.model.forward(&input, c));
+        let result = self.backend.prefill(&chunks);
         let stats = &self.shared.stats;
         stats.prefill_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        stats.prefill_tokens.fetch_add((input.batch * input.seq) as u64, Ordering::Relaxed);
+        stats.prefill_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         metrics::histogram!(telemetry::PREFILL_DURATION).record(t.elapsed().as_secs_f64());
-        metrics::histogram!(telemetry::PREFILL_TOKENS).record((input.batch * input.seq) as f64);
-        let (logits, new_cache) = match result {
-            Ok(r) => r,
+        metrics::histogram!(telemetry::PREFILL_TOKENS).record(tokens as f64);
+        self.record_copies();
+        let logits = match result {
+            Ok(l) => l,
             Err(e) => {
                 tracing::error!(worker = self.shared.id, "prefill failed: {e}");
                 let e = EngineError::from(e);
-                for job in jobs {
-                    let _ = job.events.send(Event::Failed(e.clone()));
-                    self.release(&job);
+                let failed: Vec<usize> = work.iter().map(|w| w.0).collect();
+                for i in failed.into_iter().rev() {
+                    let p = self.prefilling.remove(i).expect("index from this list");
+                    let _ = p.job.events.send(Event::Failed(e.clone()));
+                    self.backend.free(&p.slots);
                 }
                 return;
             }
         };
-        // One prefilled row per request; its samples are copies of it.
-        let mut from = Vec::new();
-        let mut new_rows: Vec<Row> = Vec::new();
-        for (j, job) in jobs.into_iter().enumerate() {
-            let sampling = job.request.decoding.sampling.as_ref();
-            for index in 0..job.request.decoding.rows() {
-                from.push(j);
-                new_rows.push(Row {
-                    len: job.request.prompt_ids.len(),
+        let mut complete = Vec::new();
+        for (k, &(i, take)) in work.iter().enumerate() {
+            let p = &mut self.prefilling[i];
+            p.done += take;
+            if p.done == p.job.request.prompt_ids.len() {
+                complete.push((i, k));
+            }
+        }
+        // Complete prompts leave the prefilling list (it is FIFO, and the
+        // work list is ascending, so remove from the back).
+        let mut started = Vec::new();
+        for &(i, k) in complete.iter().rev() {
+            started.push((self.prefilling.remove(i).expect("index from this list"), k));
+        }
+        started.reverse();
+        for (p, k) in started {
+            self.start_rows(p, &logits, k);
+        }
+    }
+
+    /// Turns a prefilled request into decoding rows: its other slots get a
+    /// copy of the prompt's cache and each row chooses its first token.
+    fn start_rows(&mut self, p: Prefilling, logits: &Logits, k: usize) {
+        let job = p.job;
+        if p.slots.len() > 1 {
+            let t = now();
+            match self.backend.fork(p.slots[0], &p.slots[1..]) {
+                Ok(bytes) => record_copy("fork", t.elapsed().as_nanos() as u64, bytes),
+                Err(e) => {
+                    tracing::error!(worker = self.shared.id, "fork failed: {e}");
+                    let _ = job.events.send(Event::Failed(e.into()));
+                    self.backend.free(&p.slots);
+                    return;
+                }
+            }
+        }
+        let sampling = job.request.decoding.sampling.as_ref();
+        let mut new_rows: Vec<Row> = p
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, &slot)| {
+                let index = index as u32;
+                Row {
                     index,
+                    slot,
                     generated: 0,
                     next: 0,
                     done: false,
@@ -224,160 +318,100 @@ impl Worker {
                         Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
                     }),
                     job: job.clone(),
-                });
-            }
-        }
-        let new_cache = if from.len() > new_cache.batch {
-            match new_cache.select(&from, new_cache.len) {
-                Ok(c) => c,
-                Err(e) => {
-                    let e = EngineError::from(e);
-                    for row in new_rows {
-                        let _ = row.job.events.send(Event::Failed(e.clone()));
-                        self.release(&row.job);
-                    }
-                    return;
                 }
-            }
-        } else {
-            new_cache
-        };
-        let mut new_cache = new_cache;
-        for (start, perm) in choose(&mut new_rows, &logits, &from) {
-            if let Err(e) = new_cache.reorder_rows(start, &perm) {
-                tracing::error!(worker = self.shared.id, "beam reorder failed: {e}");
-            }
+            })
+            .collect();
+        let from = vec![k; new_rows.len()];
+        for (start, perm) in choose(&mut new_rows, logits, &from) {
+            self.reorder(&new_rows, start, &perm);
         }
-        self.cache = Some(match self.cache.take() {
-            None => new_cache,
-            Some(old) => {
-                let t = now();
-                let len = old.len.max(new_cache.len);
-                match old.concat(&new_cache, len) {
-                    Ok(joined) => {
-                        let stats = &self.shared.stats;
-                        stats.joins.fetch_add(1, Ordering::Relaxed);
-                        stats.join_bytes.fetch_add(joined.bytes() as u64, Ordering::Relaxed);
-                        stats.join_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        record_copy("join", t, joined.bytes());
-                        metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
-                        joined
-                    }
-                    Err(e) => {
-                        // Keep the running batch; only the new rows fail.
-                        tracing::error!(worker = self.shared.id, "join failed: {e}");
-                        let e = EngineError::from(e);
-                        for row in new_rows {
-                            let _ = row.job.events.send(Event::Failed(e.clone()));
-                            drop(row.history);
-                            self.release(&row.job);
-                        }
-                        self.cache = Some(old);
-                        return;
-                    }
-                }
-            }
-        });
         self.rows.extend(new_rows);
     }
 
-    /// Removes finished, cancelled, abandoned and expired rows with one copy
-    /// of the rows that stay (trimming columns that became padding for all).
+    /// Applies a beam group's reordering to the cache.
+    fn reorder(&mut self, rows: &[Row], start: usize, perm: &[usize]) -> bool {
+        let slots: Vec<usize> = rows[start..start + perm.len()].iter().map(|r| r.slot).collect();
+        let t = now();
+        match self.backend.reorder(&slots, perm) {
+            Ok(bytes) => {
+                record_copy("beam_reorder", t.elapsed().as_nanos() as u64, bytes);
+                true
+            }
+            Err(e) => {
+                tracing::error!(worker = self.shared.id, "beam reorder failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Ends finished, cancelled, abandoned and expired rows and prefills,
+    /// and gives their slots back.
     fn evict(&mut self) {
         let t = now();
-        let mut keep = Vec::with_capacity(self.rows.len());
-        for (i, row) in self.rows.iter_mut().enumerate() {
+        let mut freed = Vec::new();
+        let prefilling = std::mem::take(&mut self.prefilling);
+        for p in prefilling {
+            match p.job.ended_reason(t) {
+                None => self.prefilling.push_back(p),
+                Some(reason) => {
+                    p.job.tell_ended(reason);
+                    freed.extend(p.slots);
+                }
+            }
+        }
+        for row in &mut self.rows {
             if !row.done && row.job.stopped[row.index as usize].load(Ordering::Relaxed) {
                 row.done = true;
             }
-            if !row.done {
-                match row.job.ended_reason(t) {
-                    None => {}
-                    Some(reason) => {
-                        if let Some(reason) = reason
-                            && row.index < row.job.request.decoding.sequences()
-                        {
-                            let _ = row.job.events.send(Event::Ended { index: row.index, reason });
-                        }
-                        row.done = true;
-                    }
+            if !row.done
+                && let Some(reason) = row.job.ended_reason(t)
+            {
+                if let Some(reason) = reason
+                    && row.index < row.job.request.decoding.sequences()
+                {
+                    let _ = row.job.events.send(Event::Ended { index: row.index, reason });
                 }
-            }
-            if !row.done {
-                keep.push(i);
+                row.done = true;
             }
         }
-        if keep.len() == self.rows.len() {
-            return;
-        }
-        let removed = self.rows.len() - keep.len();
-        let old = std::mem::take(&mut self.rows);
-        let mut kept_rows = Vec::with_capacity(keep.len());
-        for (i, row) in old.into_iter().enumerate() {
-            if keep.binary_search(&i).is_ok() {
-                kept_rows.push(row);
-            } else {
-                self.release(&row.job);
+        let before = self.rows.len();
+        self.rows.retain(|r| {
+            if r.done {
+                freed.push(r.slot);
             }
+            !r.done
+        });
+        let removed = before - self.rows.len();
+        if removed > 0 {
+            self.shared.stats.evictions.fetch_add(removed as u64, Ordering::Relaxed);
+            metrics::counter!(telemetry::BATCH_EVICTIONS, "worker" => self.shared.id.to_string())
+                .increment(removed as u64);
         }
-        self.rows = kept_rows;
-        let stats = &self.shared.stats;
-        stats.evictions.fetch_add(removed as u64, Ordering::Relaxed);
-        metrics::counter!(telemetry::BATCH_EVICTIONS, "worker" => self.shared.id.to_string()).increment(removed as u64);
-        let Some(cache) = self.cache.take() else { return };
-        if self.rows.is_empty() {
-            return;
-        }
-        let len = self.rows.iter().map(|r| r.len).max().unwrap_or(0);
-        match cache.select(&keep, len) {
-            Ok(c) => {
-                stats.evict_copies.fetch_add(1, Ordering::Relaxed);
-                stats.evict_bytes.fetch_add(c.bytes() as u64, Ordering::Relaxed);
-                stats.evict_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                record_copy("evict", t, c.bytes());
-                self.cache = Some(c);
-            }
-            Err(e) => {
-                tracing::error!(worker = self.shared.id, "evict failed: {e}");
-                self.fail_running(e.into());
-            }
+        if !freed.is_empty() {
+            self.backend.free(&freed);
         }
     }
 
     fn decode(&mut self) {
-        let Some(cache) = self.cache.take() else { return };
-        let tokens: Vec<u32> = self.rows.iter().map(|r| r.next).collect();
-        let lens: Vec<usize> = self.rows.iter().map(|r| r.len).collect();
-        let input = ForwardInput::decode(&tokens, &lens, cache.len);
+        let input: Vec<(usize, u32)> = self.rows.iter().map(|r| (r.slot, r.next)).collect();
         let t = now();
-        let result = self.model.forward(&input, cache);
+        let result = self.backend.decode(&input);
         let stats = &self.shared.stats;
         stats.run_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         stats.step_rows.fetch_add(self.rows.len() as u64, Ordering::Relaxed);
         metrics::histogram!(telemetry::DECODE_STEP_DURATION).record(t.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::STEP_BATCH_ROWS).record(self.rows.len() as f64);
+        self.record_copies();
         match result {
-            Ok((logits, cache)) => {
-                self.cache = Some(cache);
-                for row in &mut self.rows {
-                    row.len += 1;
-                }
+            Ok(logits) => {
                 let from: Vec<usize> = (0..self.rows.len()).collect();
-                let reorders = choose(&mut self.rows, &logits, &from);
-                if let Some(cache) = self.cache.as_mut() {
-                    for (start, perm) in reorders {
-                        let t = now();
-                        let result = cache.reorder_rows(start, &perm);
-                        if let Ok(bytes) = result {
-                            record_copy("beam_reorder", t, bytes);
-                        }
-                        if let Err(e) = result {
-                            tracing::error!(worker = self.shared.id, "beam reorder failed: {e}");
-                            self.fail_running(e.into());
-                            return;
-                        }
-                    }
+                let mut rows = std::mem::take(&mut self.rows);
+                let reorders = choose(&mut rows, &logits, &from);
+                let ok = reorders.iter().all(|(start, perm)| self.reorder(&rows, *start, perm));
+                self.rows = rows;
+                if !ok {
+                    self.fail_running(EngineError::Forward("beam reorder failed".into()));
                 }
             }
             Err(e) => {
@@ -387,20 +421,26 @@ impl Worker {
         }
     }
 
-    /// Fails every running row (the queue is kept) and resets the batch.
+    /// Fails every running and prefilling request (the queue is kept) and
+    /// gives their slots back.
     fn fail_running(&mut self, e: EngineError) {
+        let mut freed = Vec::new();
         for row in std::mem::take(&mut self.rows) {
             if !row.done {
                 let _ = row.job.events.send(Event::Failed(e.clone()));
             }
-            self.release(&row.job);
+            freed.push(row.slot);
         }
-        self.cache = None;
+        for p in std::mem::take(&mut self.prefilling) {
+            let _ = p.job.events.send(Event::Failed(e.clone()));
+            freed.extend(p.slots);
+        }
+        self.backend.free(&freed);
     }
 }
 
-fn record_copy(kind: &'static str, started: Instant, bytes: usize) {
-    metrics::histogram!(telemetry::KV_COPY_DURATION, "kind" => kind).record(started.elapsed().as_secs_f64());
+fn record_copy(kind: &'static str, ns: u64, bytes: usize) {
+    metrics::histogram!(telemetry::KV_COPY_DURATION, "kind" => kind).record(ns as f64 / 1e9);
     metrics::counter!(telemetry::KV_COPY_BYTES, "kind" => kind).increment(bytes as u64);
 }
 
@@ -492,6 +532,15 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], at: Instant) ->
 }
 
 impl Job {
+    /// Tells the client its sequences ended (when it is still there).
+    fn tell_ended(&self, reason: Option<FinishReason>) {
+        if let Some(reason) = reason {
+            for index in 0..self.request.decoding.sequences() {
+                let _ = self.events.send(Event::Ended { index, reason });
+            }
+        }
+    }
+
     /// Why this job must stop now: `Some(Some(reason))` to tell the client,
     /// `Some(None)` when the client is gone, `None` to go on.
     fn ended_reason(&self, now: Instant) -> Option<Option<FinishReason>> {

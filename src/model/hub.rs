@@ -13,9 +13,10 @@ pub fn looks_like_hub_id(s: &str) -> bool {
         })
 }
 
-/// Downloads config, tokenizer and the ONNX decoder (plus its external
-/// weights, when the repository has them).
-pub fn download(id: &str, revision: Option<&str>) -> Result<ModelFiles, ModelError> {
+/// Downloads config, tokenizer and the weights: `model.safetensors` unless
+/// `want_onnx` (or the repository has none), else the ONNX decoder (plus its
+/// external weights, when the repository has them).
+pub fn download(id: &str, revision: Option<&str>, want_onnx: bool) -> Result<ModelFiles, ModelError> {
     let err = |reason: String| ModelError::Hub { id: id.into(), reason };
     let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).build().map_err(|e| err(e.to_string()))?;
     let repo = match revision {
@@ -26,6 +27,22 @@ pub fn download(id: &str, revision: Option<&str>) -> Result<ModelFiles, ModelErr
     let tokenizer = repo.get("tokenizer.json").map_err(|e| err(format!("tokenizer.json: {e}")))?;
     let generation_config = repo.get("generation_config.json").ok();
     let mut tried = Vec::new();
+    if !want_onnx {
+        match repo.get("model.safetensors") {
+            Ok(path) => {
+                let files = ModelFiles {
+                    name: id.into(),
+                    onnx: None,
+                    safetensors: Some(path),
+                    config,
+                    generation_config,
+                    tokenizer,
+                };
+                return Ok(files);
+            }
+            Err(e) => tried.push(format!("model.safetensors ({e})")),
+        }
+    }
     let mut onnx: Option<PathBuf> = None;
     for candidate in super::ONNX_CANDIDATES {
         match repo.get(candidate) {
@@ -38,8 +55,8 @@ pub fn download(id: &str, revision: Option<&str>) -> Result<ModelFiles, ModelErr
             Err(e) => tried.push(format!("{candidate} ({e})")),
         }
     }
-    let onnx = onnx.ok_or_else(|| err(format!("no ONNX decoder in the repository; tried {}", tried.join(", "))))?;
-    Ok(ModelFiles { name: id.into(), onnx, config, generation_config, tokenizer })
+    let onnx = onnx.ok_or_else(|| err(format!("no weights in the repository; tried {}", tried.join(", "))))?;
+    Ok(ModelFiles { name: id.into(), onnx: Some(onnx), safetensors: None, config, generation_config, tokenizer })
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@ const ONNX_CANDIDATES: [&str; 4] =
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(
-        "model directory {dir} has no ONNX decoder (looked for {candidates}); export one with `optimum-cli export onnx --task text-generation-with-past`"
+        "model directory {dir} has neither model.safetensors nor an ONNX decoder (looked for {candidates}); save a transformers checkpoint there or export one with `optimum-cli export onnx --task text-generation-with-past`"
     )]
+    NoWeights { dir: PathBuf, candidates: String },
+    #[error("--graph exported needs an ONNX export, and {dir} has none (looked for {candidates})")]
     NoOnnx { dir: PathBuf, candidates: String },
     #[error("cannot read {path}: {error}")]
     Read { path: PathBuf, error: std::io::Error },
@@ -39,7 +41,10 @@ pub enum ModelError {
 pub struct ModelFiles {
     /// What the user passed to `--model` (shown in ModelInfo and metrics).
     pub name: String,
-    pub onnx: PathBuf,
+    /// The ONNX export, where there is one.
+    pub onnx: Option<PathBuf>,
+    /// The transformers checkpoint, where there is one.
+    pub safetensors: Option<PathBuf>,
     pub config: PathBuf,
     pub generation_config: Option<PathBuf>,
     pub tokenizer: PathBuf,
@@ -48,13 +53,13 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Resolves `--model`: an existing directory, or else a hub id downloaded
     /// into the hub cache.
-    pub fn resolve(model: &str, revision: Option<&str>) -> Result<Self, ModelError> {
+    pub fn resolve(model: &str, revision: Option<&str>, want_onnx: bool) -> Result<Self, ModelError> {
         let dir = Path::new(model);
         if dir.is_dir() {
             return Self::in_dir(model, dir);
         }
         if hub::looks_like_hub_id(model) {
-            return hub::download(model, revision);
+            return hub::download(model, revision, want_onnx);
         }
         Err(ModelError::Read {
             path: dir.into(),
@@ -66,15 +71,16 @@ impl ModelFiles {
     }
 
     pub fn in_dir(name: &str, dir: &Path) -> Result<Self, ModelError> {
-        let onnx = ONNX_CANDIDATES
-            .iter()
-            .map(|c| dir.join(c))
-            .find(|p| p.is_file())
-            .ok_or_else(|| ModelError::NoOnnx { dir: dir.into(), candidates: ONNX_CANDIDATES.join(", ") })?;
+        let onnx = ONNX_CANDIDATES.iter().map(|c| dir.join(c)).find(|p| p.is_file());
+        let safetensors = Some(dir.join("model.safetensors")).filter(|p| p.is_file());
+        if onnx.is_none() && safetensors.is_none() {
+            return Err(ModelError::NoWeights { dir: dir.into(), candidates: ONNX_CANDIDATES.join(", ") });
+        }
         let generation_config = Some(dir.join("generation_config.json")).filter(|p| p.is_file());
         Ok(ModelFiles {
             name: name.to_string(),
             onnx,
+            safetensors,
             config: dir.join("config.json"),
             generation_config,
             tokenizer: dir.join("tokenizer.json"),
@@ -145,13 +151,13 @@ mod tests {
     fn fixture_config_is_read() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2");
         let files = ModelFiles::in_dir("tiny", &dir).unwrap();
-        assert!(files.onnx.ends_with("model.onnx"));
+        assert!(files.onnx.as_ref().unwrap().ends_with("model.onnx"));
         let c = ModelConfig::load(&files).unwrap();
         assert_eq!(c, ModelConfig { vocab_size: 50257, n_positions: 256, n_layer: 2, eos_token_id: 50256 });
     }
 
     #[test]
-    fn a_directory_without_onnx_names_what_it_looked_for() {
+    fn a_directory_without_weights_names_what_it_looked_for() {
         let dir = tempfile::tempdir().unwrap();
         let e = ModelFiles::in_dir("x", dir.path()).unwrap_err().to_string();
         assert!(e.contains("model.onnx, decoder_model_merged.onnx"), "{e}");

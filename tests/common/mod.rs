@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
-use batchgen::config::{LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs};
+use batchgen::config::{GraphChoice, LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs};
 use batchgen::pb::generation_client::GenerationClient;
 use tonic::transport::Channel;
 
@@ -15,9 +15,25 @@ pub fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// The graph the end-to-end tests serve: `BATCHGEN_TEST_GRAPH` (built,
+/// exported; default auto, which builds batchgen's own). The README's test
+/// command runs them on both.
+pub fn graph() -> GraphChoice {
+    match std::env::var("BATCHGEN_TEST_GRAPH").as_deref() {
+        Ok("exported") => GraphChoice::Exported,
+        Ok("built") => GraphChoice::Built,
+        _ => GraphChoice::Auto,
+    }
+}
+
+/// Whether the tests run batchgen's own graph.
+pub fn built() -> bool {
+    graph() != GraphChoice::Exported
+}
+
 pub fn serve_args() -> ServeArgs {
     ServeArgs {
-        model: ModelArgs { model: fixture_dir().to_string_lossy().into_owned(), revision: None },
+        model: ModelArgs { model: fixture_dir().to_string_lossy().into_owned(), revision: None, graph: graph() },
         runtime: RuntimeArgs {
             onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
             intra_op_threads: 1,

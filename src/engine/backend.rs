@@ -1,0 +1,183 @@
+//! The seam between the scheduler (the worker loop) and a model with its KV
+//! cache. The worker thinks in slots: each running sequence owns one, and it
+//! never learns how a backend lays its cache out.
+//!
+//! Two backends:
+//! - `SlotBackend`: batchgen's own graph over a slot cache (`crate::graph`):
+//!   rows never move, prompts are prefilled in chunks, a join or an eviction
+//!   copies nothing, a fork (samples, beams) copies only that prompt;
+//! - `PaddedBackend` (`super::padded`): an optimum export with a left-padded
+//!   batch, which copies the cache on every join and eviction.
+use super::admission::{self, Candidate, Limits};
+use super::model::{ForwardError, Logits};
+use crate::graph::{BuiltModel, RowInput};
+
+/// A piece of a prompt to prefill: `tokens` continue what `slot` holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+}
+
+/// What a backend does for the worker.
+pub trait Backend: Send {
+    /// A name for logs and ModelInfo ("built" or "exported").
+    fn kind(&self) -> &'static str;
+    /// Takes `n` free slots, or none if fewer are free.
+    fn alloc(&mut self, n: usize) -> Option<Vec<usize>>;
+    /// Gives slots back; their cache is forgotten.
+    fn free(&mut self, slots: &[usize]);
+    /// Whether a prompt may be prefilled in several chunks. Without it the
+    /// worker prefills whole prompts, several in one call.
+    fn chunks(&self) -> bool;
+    /// Appends each chunk to its slot's cache and returns the logits of each
+    /// chunk's last token, in order.
+    fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError>;
+    /// Gives slots `to` the cache of slot `from` (its prompt). Returns the
+    /// bytes copied.
+    fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError>;
+    /// One new token for each `(slot, token)`; the logits of each, in order.
+    fn decode(&mut self, rows: &[(usize, u32)]) -> Result<Logits, ForwardError>;
+    /// A beam step: slot `slots[j]` takes the cache of `slots[parents[j]]`.
+    /// Returns the bytes copied.
+    fn reorder(&mut self, slots: &[usize], parents: &[usize]) -> Result<usize, ForwardError>;
+    /// Token positions the cache holds now (what the KV gauges show).
+    fn held_tokens(&self) -> usize;
+    /// How many requests from the head of `queue` may start now, beside
+    /// `running` (each running or prefilling request as a candidate whose
+    /// `prompt_len` is what it holds now, `max_new_tokens` what it may add).
+    fn admit(&self, limits: &Limits, running: &[Candidate], queue: &mut dyn Iterator<Item = Candidate>) -> usize;
+    /// Bytes join and evict copies cost (reported to the copy metrics);
+    /// taken and reset by the worker after each call.
+    fn take_copies(&mut self) -> Copies {
+        Copies::default()
+    }
+}
+
+/// KV copies a call made, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copies {
+    pub join_bytes: usize,
+    pub join_ns: u64,
+    pub evict_bytes: usize,
+    pub evict_ns: u64,
+}
+
+/// The built graph over its slot cache.
+pub struct SlotBackend {
+    model: BuiltModel,
+    /// Tokens each slot holds.
+    lens: Vec<usize>,
+    used: Vec<bool>,
+}
+
+impl SlotBackend {
+    pub fn new(model: BuiltModel) -> Self {
+        let slots = model.cache.shape.slots;
+        SlotBackend { model, lens: vec![0; slots], used: vec![false; slots] }
+    }
+}
+
+impl Backend for SlotBackend {
+    fn kind(&self) -> &'static str {
+        "built"
+    }
+
+    fn alloc(&mut self, n: usize) -> Option<Vec<usize>> {
+        // Lowest free slots first, so running rows stay packed at the front
+        // and a decode run covers few holes.
+        let free: Vec<usize> = (0..self.used.len()).filter(|&s| !self.used[s]).take(n).collect();
+        if free.len() < n {
+            return None;
+        }
+        for &s in &free {
+            self.used[s] = true;
+            self.lens[s] = 0;
+        }
+        Some(free)
+    }
+
+    fn free(&mut self, slots: &[usize]) {
+        for &s in slots {
+            if self.lens[s] > 0 {
+                self.model.cache.release(s);
+            }
+            self.used[s] = false;
+            self.lens[s] = 0;
+        }
+    }
+
+    fn chunks(&self) -> bool {
+        true
+    }
+
+    fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError> {
+        // One row per run: GroupQueryAttention takes a chunk on a cached past
+        // for a single row only.
+        let mut data = Vec::with_capacity(chunks.len() * self.model.vocab);
+        for c in chunks {
+            let past = self.lens[c.slot];
+            let logits = self.model.run(c.slot..c.slot + 1, &[RowInput { tokens: c.tokens, past, logits: true }])?;
+            self.lens[c.slot] += c.tokens.len();
+            data.extend_from_slice(&logits.data);
+        }
+        Ok(Logits { vocab: self.model.vocab, data })
+    }
+
+    fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError> {
+        let len = self.lens[from];
+        let mut bytes = 0;
+        for &t in to {
+            bytes += self.model.cache.copy_slot(from, t, len);
+            self.lens[t] = len;
+        }
+        Ok(bytes)
+    }
+
+    fn decode(&mut self, rows: &[(usize, u32)]) -> Result<Logits, ForwardError> {
+        let (Some(lo), Some(hi)) = (rows.iter().map(|r| r.0).min(), rows.iter().map(|r| r.0).max()) else {
+            return Err(ForwardError::Input("a decode step without rows".into()));
+        };
+        // Slots in lo..=hi that are not decoding (free, or holding a prompt
+        // being prefilled) ride along with a dummy token written at their
+        // own next position, which their next chunk overwrites.
+        let mut tokens = vec![[0u32]; hi + 1 - lo];
+        let mut wanted = vec![usize::MAX; hi + 1 - lo];
+        for (i, &(slot, token)) in rows.iter().enumerate() {
+            tokens[slot - lo] = [token];
+            wanted[slot - lo] = i;
+        }
+        let inputs: Vec<RowInput<'_>> = (lo..=hi)
+            .map(|s| RowInput { tokens: &tokens[s - lo], past: self.lens[s], logits: wanted[s - lo] != usize::MAX })
+            .collect();
+        let logits = self.model.run(lo..hi + 1, &inputs)?;
+        for &(slot, _) in rows {
+            self.lens[slot] += 1;
+        }
+        // Logits come in slot order; hand them back in the caller's order.
+        let order: Vec<usize> = wanted.into_iter().filter(|&i| i != usize::MAX).collect();
+        if order.windows(2).all(|w| w[0] < w[1]) {
+            return Ok(logits);
+        }
+        let v = logits.vocab;
+        let mut data = vec![0.0; logits.data.len()];
+        for (k, &i) in order.iter().enumerate() {
+            data[i * v..(i + 1) * v].copy_from_slice(logits.row(k));
+        }
+        Ok(Logits { vocab: v, data })
+    }
+
+    fn reorder(&mut self, slots: &[usize], parents: &[usize]) -> Result<usize, ForwardError> {
+        let len = slots.iter().map(|&s| self.lens[s]).max().unwrap_or(0);
+        let from: Vec<usize> = parents.iter().map(|&p| slots[p]).collect();
+        Ok(self.model.cache.permute(slots, &from, len))
+    }
+
+    fn held_tokens(&self) -> usize {
+        self.lens.iter().sum()
+    }
+
+    fn admit(&self, limits: &Limits, running: &[Candidate], queue: &mut dyn Iterator<Item = Candidate>) -> usize {
+        admission::admit_slots(limits, running, queue)
+    }
+}

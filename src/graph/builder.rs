@@ -1,0 +1,246 @@
+//! Writes batchgen's own GPT-2 graph (ONNX, opset 17 + `com.microsoft`).
+//!
+//! Inputs: `input_ids`, `position_ids` `[B, S]` (int64); `seqlens_k` `[B]`
+//! (int32, each row's total length minus one); `total_sequence_length` `[1]`
+//! (int32); `logits_index` `[N]` (int64, flat indices into the `B × S`
+//! positions whose logits are wanted); `past_key.{i}`/`past_value.{i}`
+//! `[B, heads, MAX, head_dim]`. Outputs: `logits` `[N, vocab]` and
+//! `present_key.{i}`/`present_value.{i}`, which the engine binds to the same
+//! memory as the past (GroupQueryAttention then writes each new key/value in
+//! place and copies nothing).
+//!
+//! Per layer: LayerNormalization (first layer) or SkipLayerNormalization
+//! (later ones, folding the residual add and the previous MLP's bias),
+//! Gemm for the QKV projection with its bias, GroupQueryAttention on the
+//! packed QKV, MatMul for the output projection whose bias goes into the
+//! next SkipLayerNormalization, MatMul + FastGelu (bias fused) for the MLP.
+//! The LM head (Gemm against the tied embedding, transposed in the kernel)
+//! runs on the `logits_index` rows only.
+use super::onnx::{self, tensor_proto::DataType};
+use super::weights::{Activation, Gpt2Shape, Weights};
+
+/// Name of the in-memory "file" the weight initializers point into.
+pub const WEIGHTS_FILE: &str = "batchgen-weights.bin";
+
+pub fn past_names(layer: usize) -> (String, String) {
+    (format!("past_key.{layer}"), format!("past_value.{layer}"))
+}
+
+pub fn present_names(layer: usize) -> (String, String) {
+    (format!("present_key.{layer}"), format!("present_value.{layer}"))
+}
+
+struct Graph {
+    nodes: Vec<onnx::NodeProto>,
+    initializers: Vec<onnx::TensorProto>,
+}
+
+fn attr_i(name: &str, i: i64) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
+        i: Some(i),
+        ..Default::default()
+    }
+}
+
+fn attr_f(name: &str, f: f32) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Float as i32),
+        f: Some(f),
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, dtype: DataType, dims: &[Result<i64, &str>]) -> onnx::ValueInfoProto {
+    use onnx::tensor_shape_proto::{Dimension, dimension::Value};
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Ok(n) => Value::DimValue(*n),
+                Err(s) => Value::DimParam((*s).into()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    onnx::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::TypeProto {
+            value: Some(onnx::type_proto::Value::TensorType(onnx::type_proto::Tensor {
+                elem_type: Some(dtype as i32),
+                shape: Some(onnx::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Graph {
+    fn node(&mut self, op: &str, domain: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<onnx::AttributeProto>) {
+        let name = format!("{op}_{}", self.nodes.len());
+        self.nodes.push(onnx::NodeProto {
+            op_type: Some(op.into()),
+            domain: (!domain.is_empty()).then(|| domain.into()),
+            name: Some(name),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+
+    /// A small int64 constant, stored inline.
+    fn int64s(&mut self, name: &str, values: &[i64]) {
+        self.initializers.push(onnx::TensorProto {
+            name: Some(name.into()),
+            data_type: Some(DataType::Int64 as i32),
+            dims: vec![values.len() as i64],
+            raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ..Default::default()
+        });
+    }
+
+    /// A weight: an initializer whose data lies in the shared buffer.
+    fn weight(&mut self, weights: &Weights, name: &str) -> String {
+        let slice = &weights.index[name];
+        let entry = |k: &str, v: String| onnx::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        self.initializers.push(onnx::TensorProto {
+            name: Some(name.into()),
+            data_type: Some(DataType::Float as i32),
+            dims: slice.dims.iter().map(|&d| d as i64).collect(),
+            data_location: Some(onnx::tensor_proto::DataLocation::External as i32),
+            external_data: vec![
+                entry("location", WEIGHTS_FILE.into()),
+                entry("offset", slice.offset.to_string()),
+                entry("length", slice.bytes().to_string()),
+            ],
+            ..Default::default()
+        });
+        name.to_string()
+    }
+}
+
+/// The serialized model. Its weights are external: pass `weights.data` to
+/// the session as the in-memory file `WEIGHTS_FILE`.
+pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
+    use prost::Message;
+    let mut g = Graph { nodes: Vec::new(), initializers: Vec::new() };
+    let (e, heads) = (shape.width as i64, shape.heads as i64);
+    let ms = "com.microsoft";
+    let eps = || attr_f("epsilon", shape.epsilon);
+    let wte = g.weight(weights, "wte.weight");
+    let wpe = g.weight(weights, "wpe.weight");
+    g.int64s("c_3e", &[3 * e]);
+    g.int64s("c_flat", &[-1, e]);
+    g.node("Shape", "", &["input_ids"], &["batch_seq"], vec![]);
+    g.node("Concat", "", &["batch_seq", "c_3e"], &["qkv_shape"], vec![attr_i("axis", 0)]);
+    g.node("Gather", "", &[&wte, "input_ids"], &["tok_emb"], vec![]);
+    g.node("Gather", "", &[&wpe, "position_ids"], &["pos_emb"], vec![]);
+    g.node("Add", "", &["tok_emb", "pos_emb"], &["emb"], vec![]);
+    g.node("Reshape", "", &["emb", "c_flat"], &["h0"], vec![]);
+
+    // (MLP output without its bias, residual, MLP bias) of the previous layer.
+    let mut carry: Option<(String, String, String)> = None;
+    for i in 0..shape.layers {
+        let w = |s: &str| format!("h.{i}.{s}");
+        let ln1 = format!("l{i}_ln1");
+        let mut residual = format!("l{i}_res1");
+        let (g1, b1) = (g.weight(weights, &w("ln_1.weight")), g.weight(weights, &w("ln_1.bias")));
+        match carry.take() {
+            None => {
+                g.node("LayerNormalization", "", &["h0", &g1, &b1], &[&ln1], vec![attr_i("axis", -1), eps()]);
+                residual = "h0".into();
+            }
+            Some((mlp, prev_res, bias)) => {
+                g.node(
+                    "SkipLayerNormalization",
+                    ms,
+                    &[&mlp, &prev_res, &g1, &b1, &bias],
+                    &[&ln1, "", "", &residual],
+                    vec![eps()],
+                );
+            }
+        }
+        let (wqkv, bqkv) = (g.weight(weights, &w("attn.c_attn.weight")), g.weight(weights, &w("attn.c_attn.bias")));
+        let qkv = format!("l{i}_qkv");
+        g.node("Gemm", "", &[&ln1, &wqkv, &bqkv], &[&qkv], vec![]);
+        let qkv3 = format!("l{i}_qkv3");
+        g.node("Reshape", "", &[&qkv, "qkv_shape"], &[&qkv3], vec![]);
+        let (pk, pv) = past_names(i);
+        let (ok, ov) = present_names(i);
+        let attn3 = format!("l{i}_attn3");
+        g.node(
+            "GroupQueryAttention",
+            ms,
+            &[&qkv3, "", "", &pk, &pv, "seqlens_k", "total_sequence_length"],
+            &[&attn3, &ok, &ov],
+            vec![attr_i("num_heads", heads), attr_i("kv_num_heads", heads), attr_f("scale", shape.scales[i])],
+        );
+        let attn = format!("l{i}_attn");
+        g.node("Reshape", "", &[&attn3, "c_flat"], &[&attn], vec![]);
+        let proj = format!("l{i}_proj");
+        let wo = g.weight(weights, &w("attn.c_proj.weight"));
+        g.node("MatMul", "", &[&attn, &wo], &[&proj], vec![]);
+        let (g2, b2, bo) = (
+            g.weight(weights, &w("ln_2.weight")),
+            g.weight(weights, &w("ln_2.bias")),
+            g.weight(weights, &w("attn.c_proj.bias")),
+        );
+        let (ln2, res2) = (format!("l{i}_ln2"), format!("l{i}_res2"));
+        g.node("SkipLayerNormalization", ms, &[&proj, &residual, &g2, &b2, &bo], &[&ln2, "", "", &res2], vec![eps()]);
+        let (wfc, bfc) = (g.weight(weights, &w("mlp.c_fc.weight")), g.weight(weights, &w("mlp.c_fc.bias")));
+        let (fc, act) = (format!("l{i}_fc"), format!("l{i}_act"));
+        g.node("MatMul", "", &[&ln2, &wfc], &[&fc], vec![]);
+        match shape.activation {
+            Activation::GeluTanh => g.node("FastGelu", ms, &[&fc, &bfc], &[&act], vec![]),
+            Activation::GeluErf => g.node("BiasGelu", ms, &[&fc, &bfc], &[&act], vec![]),
+        }
+        let mlp = format!("l{i}_mlp");
+        let wp = g.weight(weights, &w("mlp.c_proj.weight"));
+        g.node("MatMul", "", &[&act, &wp], &[&mlp], vec![]);
+        carry = Some((mlp, res2, g.weight(weights, &w("mlp.c_proj.bias"))));
+    }
+    let (mlp, res, bias) = carry.expect("at least one layer");
+    let (gf, bf) = (g.weight(weights, "ln_f.weight"), g.weight(weights, "ln_f.bias"));
+    g.node("SkipLayerNormalization", ms, &[&mlp, &res, &gf, &bf, &bias], &["hidden"], vec![eps()]);
+    g.node("Gather", "", &["hidden", "logits_index"], &["picked"], vec![attr_i("axis", 0)]);
+    g.node("Gemm", "", &["picked", &wte], &["logits"], vec![attr_i("transB", 1)]);
+
+    let (d, mx) = (shape.head_dim() as i64, "max_len");
+    let kv = |name: &str| value_info(name, DataType::Float, &[Err("batch"), Ok(heads), Err(mx), Ok(d)]);
+    let mut inputs = vec![
+        value_info("input_ids", DataType::Int64, &[Err("batch"), Err("seq")]),
+        value_info("position_ids", DataType::Int64, &[Err("batch"), Err("seq")]),
+        value_info("seqlens_k", DataType::Int32, &[Err("batch")]),
+        value_info("total_sequence_length", DataType::Int32, &[Ok(1)]),
+        value_info("logits_index", DataType::Int64, &[Err("picked")]),
+    ];
+    let mut outputs = vec![value_info("logits", DataType::Float, &[Err("picked"), Ok(shape.vocab as i64)])];
+    for i in 0..shape.layers {
+        let ((pk, pv), (ok, ov)) = (past_names(i), present_names(i));
+        inputs.extend([kv(&pk), kv(&pv)]);
+        outputs.extend([kv(&ok), kv(&ov)]);
+    }
+    let model = onnx::ModelProto {
+        ir_version: Some(8),
+        producer_name: Some("batchgen".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        opset_import: vec![
+            onnx::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) },
+            onnx::OperatorSetIdProto { domain: Some(ms.into()), version: Some(1) },
+        ],
+        graph: Some(onnx::GraphProto {
+            name: Some("batchgen-gpt2".into()),
+            node: g.nodes,
+            initializer: g.initializers,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}

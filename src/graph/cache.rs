@@ -1,0 +1,258 @@
+//! The slot KV cache: per layer one key and one value buffer of shape
+//! `[slots, heads, max_len, head_dim]`, float32, in which each running row
+//! owns a slot. Rows never move: a step binds a view of a range of slots as
+//! both past and present, and GroupQueryAttention writes each new key/value
+//! at the row's own position.
+//!
+//! The buffers are anonymous memory mappings, so the whole `slots × max_len`
+//! area is only reserved: a page becomes resident when a token is written to
+//! it, and a freed slot gives its pages back (`MADV_DONTNEED`). Memory in
+//! use therefore follows the tokens held, which is what admission budgets.
+use std::ops::Range;
+use std::ptr::NonNull;
+
+/// One mapped `[slots, heads, max_len, head_dim]` float32 buffer.
+struct Region {
+    ptr: NonNull<f32>,
+    elements: usize,
+}
+
+// SAFETY: the region is plain memory owned by one cache; the cache lives on
+// one worker thread at a time.
+unsafe impl Send for Region {}
+
+impl Region {
+    fn new(elements: usize) -> std::io::Result<Self> {
+        let bytes = (elements * 4).max(1);
+        // SAFETY: an anonymous private mapping; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Region { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), elements })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: the mapping holds `elements` floats (zero-filled on first touch).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.elements) }
+    }
+
+    /// Gives the whole pages inside `range` (elements) back to the kernel;
+    /// they read as zeros afterwards.
+    fn release(&mut self, range: Range<usize>) {
+        let page = 4096;
+        let base = self.ptr.as_ptr() as usize;
+        let start = (base + range.start * 4).div_ceil(page) * page;
+        let end = (base + range.end * 4) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside the mapping; its contents are no longer needed.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `Region::new` with this size.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), (self.elements * 4).max(1)) };
+    }
+}
+
+/// Geometry of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub slots: usize,
+    pub heads: usize,
+    /// Columns per slot: the model's context length.
+    pub max_len: usize,
+    pub head_dim: usize,
+}
+
+impl CacheShape {
+    /// Floats one slot takes in one buffer.
+    pub fn slot_elements(&self) -> usize {
+        self.heads * self.max_len * self.head_dim
+    }
+
+    /// Bytes one token takes over all layers, keys and values.
+    pub fn token_bytes(&self) -> usize {
+        2 * self.layers * self.heads * self.head_dim * 4
+    }
+}
+
+pub struct SlotCache {
+    pub shape: CacheShape,
+    /// Key and value buffer of each layer.
+    layers: Vec<(Region, Region)>,
+}
+
+impl SlotCache {
+    pub fn new(shape: CacheShape) -> std::io::Result<Self> {
+        let n = shape.slots * shape.slot_elements();
+        let layers =
+            (0..shape.layers).map(|_| Ok((Region::new(n)?, Region::new(n)?))).collect::<std::io::Result<_>>()?;
+        Ok(SlotCache { shape, layers })
+    }
+
+    /// Raw pointers to the key and value buffers of `layer`, at the first
+    /// slot of `slots` (for binding a view of those slots).
+    pub fn views(&mut self, layer: usize, slots: &Range<usize>) -> (*mut f32, *mut f32) {
+        assert!(slots.end <= self.shape.slots && layer < self.shape.layers);
+        let offset = slots.start * self.shape.slot_elements();
+        let (k, v) = &mut self.layers[layer];
+        // SAFETY: offset is inside both mappings (checked above).
+        unsafe { (k.ptr.as_ptr().add(offset), v.ptr.as_ptr().add(offset)) }
+    }
+
+    /// Copies the first `len` positions of slot `from` into slot `to` (the
+    /// samples and beams of one request). Returns the bytes copied.
+    pub fn copy_slot(&mut self, from: usize, to: usize, len: usize) -> usize {
+        let s = self.shape;
+        assert!(from < s.slots && to < s.slots && len <= s.max_len);
+        if from == to {
+            return 0;
+        }
+        let (slot, column) = (s.slot_elements(), s.max_len * s.head_dim);
+        for (k, v) in &mut self.layers {
+            for region in [k, v] {
+                let data = region.as_mut_slice();
+                for h in 0..s.heads {
+                    let src = from * slot + h * column;
+                    let dst = to * slot + h * column;
+                    data.copy_within(src..src + len * s.head_dim, dst);
+                }
+            }
+        }
+        len * s.token_bytes()
+    }
+
+    /// Makes slots `to[j]` hold what slots `from[j]` hold (a beam step:
+    /// `to` are the request's slots, `from` their parents among them), for
+    /// the first `len` positions. Returns the bytes copied.
+    pub fn permute(&mut self, to: &[usize], from: &[usize], len: usize) -> usize {
+        let moves: Vec<(usize, usize)> = to.iter().zip(from).filter(|(t, f)| t != f).map(|(&t, &f)| (t, f)).collect();
+        // Sources that are overwritten by another move are read first.
+        let mut saved: std::collections::HashMap<usize, Vec<f32>> = std::collections::HashMap::new();
+        for &(_, f) in &moves {
+            if moves.iter().any(|&(t, _)| t == f) && !saved.contains_key(&f) {
+                let mut buf = Vec::new();
+                self.each_prefix(f, len, |part| buf.extend_from_slice(part));
+                saved.insert(f, buf);
+            }
+        }
+        for &(t, f) in &moves {
+            match saved.get(&f) {
+                None => {
+                    self.copy_slot(f, t, len);
+                }
+                Some(buf) => {
+                    let mut at = 0;
+                    self.each_prefix(t, len, |part| {
+                        part.copy_from_slice(&buf[at..at + part.len()]);
+                        at += part.len();
+                    });
+                }
+            }
+        }
+        moves.len() * len * self.shape.token_bytes()
+    }
+
+    /// Calls `f` on the first `len` positions of `slot`, for every layer,
+    /// key then value, head by head.
+    fn each_prefix(&mut self, slot: usize, len: usize, mut f: impl FnMut(&mut [f32])) {
+        let s = self.shape;
+        let column = s.max_len * s.head_dim;
+        for (k, v) in &mut self.layers {
+            for region in [k, v] {
+                let data = region.as_mut_slice();
+                for h in 0..s.heads {
+                    let start = slot * s.slot_elements() + h * column;
+                    f(&mut data[start..start + len * s.head_dim]);
+                }
+            }
+        }
+    }
+
+    /// Returns a freed slot's memory to the kernel.
+    pub fn release(&mut self, slot: usize) {
+        let n = self.shape.slot_elements();
+        for (k, v) in &mut self.layers {
+            k.release(slot * n..(slot + 1) * n);
+            v.release(slot * n..(slot + 1) * n);
+        }
+    }
+
+    /// Reads position `pos` of head `head` in slot `slot` of a layer's keys
+    /// (tests).
+    pub fn key(&mut self, layer: usize, slot: usize, head: usize, pos: usize) -> Vec<f32> {
+        let s = self.shape;
+        let at = slot * s.slot_elements() + (head * s.max_len + pos) * s.head_dim;
+        self.layers[layer].0.as_mut_slice()[at..at + s.head_dim].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> SlotCache {
+        SlotCache::new(CacheShape { layers: 2, slots: 4, heads: 2, max_len: 8, head_dim: 3 }).unwrap()
+    }
+
+    fn fill(c: &mut SlotCache, slot: usize, tag: f32) {
+        let s = c.shape;
+        for (k, v) in &mut c.layers {
+            for (r, region) in [k, v].into_iter().enumerate() {
+                let data = region.as_mut_slice();
+                let start = slot * s.slot_elements();
+                for (i, x) in data[start..start + s.slot_elements()].iter_mut().enumerate() {
+                    *x = tag + r as f32 * 0.5 + i as f32 * 1e-3;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copy_slot_copies_only_the_prefix_of_one_slot() {
+        let mut c = cache();
+        fill(&mut c, 0, 1.0);
+        fill(&mut c, 2, 3.0);
+        let bytes = c.copy_slot(0, 1, 5);
+        assert_eq!(bytes, 5 * c.shape.token_bytes());
+        assert_eq!(c.key(1, 1, 1, 4), c.key(1, 0, 1, 4));
+        assert_eq!(c.key(0, 1, 0, 5), vec![0.0; 3], "beyond len stays empty");
+        assert_ne!(c.key(0, 2, 0, 0), c.key(0, 1, 0, 0), "other slots untouched");
+    }
+
+    #[test]
+    fn permute_handles_swaps_and_duplicates() {
+        let mut c = cache();
+        for s in 0..3 {
+            fill(&mut c, s, s as f32 * 10.0);
+        }
+        let before: Vec<Vec<f32>> = (0..3).map(|s| c.key(1, s, 1, 2)).collect();
+        // Slot 0 takes slot 1's row, slot 1 takes slot 0's, slot 2 copies slot 1.
+        c.permute(&[0, 1, 2], &[1, 0, 1], 4);
+        assert_eq!(c.key(1, 0, 1, 2), before[1]);
+        assert_eq!(c.key(1, 1, 1, 2), before[0]);
+        assert_eq!(c.key(1, 2, 1, 2), before[1]);
+    }
+
+    #[test]
+    fn released_slots_read_as_zero() {
+        let mut c = SlotCache::new(CacheShape { layers: 1, slots: 2, heads: 2, max_len: 1024, head_dim: 64 }).unwrap();
+        fill(&mut c, 1, 2.0);
+        c.release(1);
+        assert_eq!(c.key(0, 1, 1, 100), vec![0.0; 64]);
+    }
+}
