@@ -5,9 +5,9 @@
 //! cargo run --release --example decode_cost
 use std::time::Instant;
 
-use batchgen::beam::{BeamPlan, BeamSearch};
-use batchgen::logits::{self, History, Processors, Warpers};
-use batchgen::sampling;
+use batchgen::decoding::beam::{BeamPlan, BeamSearch};
+use batchgen::decoding::logits::{self, History, Processors, Warpers};
+use batchgen::decoding::sampling;
 use rand::{Rng, SeedableRng};
 
 const VOCAB: usize = 50257;

@@ -1,9 +1,13 @@
 //! The baseline for single-stream speed: a plain ONNX Runtime greedy loop
-//! with a KV cache (each step's `present` fed back as `past`), batch 1, no
-//! server, using `ort` directly with the same library, graph optimisation and
+//! with a KV cache, batch 1, no server, same library, graph optimisation and
 //! threads as batchgen. Prompt: 32 ids `i * 7 + 100`, as the bench uses.
 //!
-//! cargo run --release --example ort_loop -- MODEL_DIR [THREADS] [NEW_TOKENS] [RUNS]
+//! GRAPH `exported` (default): `ort` used directly on the optimum export,
+//! each step's `present` fed back as `past`. GRAPH `built`: batchgen's own
+//! graph (`batchgen::graph`, from `model.safetensors` or the export's
+//! weights) over a one-slot cache, prompt then one token per run.
+//!
+//! cargo run --release --example ort_loop -- MODEL_DIR [THREADS] [NEW_TOKENS] [RUNS] [GRAPH]
 use std::time::Instant;
 
 use ort::session::Session;
@@ -16,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
     let new_tokens: usize = args.get(3).map_or(Ok(128), |s| s.parse())?;
     let runs: usize = args.get(4).map_or(Ok(3), |s| s.parse())?;
+    if args.get(5).map(String::as_str) == Some("built") {
+        return built_loop(&dir, threads, new_tokens, runs);
+    }
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let (layers, heads) = (config["n_layer"].as_u64().unwrap() as usize, config["n_head"].as_u64().unwrap() as usize);
     let head_dim = config["n_embd"].as_u64().unwrap() as usize / heads;
@@ -66,13 +73,56 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 steps.push(t.elapsed().as_secs_f64());
             }
         }
-        steps.sort_by(f64::total_cmp);
-        let total = start.elapsed().as_secs_f64();
-        println!(
-            "run {run}: {new_tokens} tokens in {total:.3} s = {:.1} tokens/s, decode step median {:.2} ms",
-            new_tokens as f64 / total,
-            steps[steps.len() / 2] * 1e3
-        );
+        report(run, new_tokens, start, steps);
+    }
+    Ok(())
+}
+
+fn report(run: usize, new_tokens: usize, start: Instant, mut steps: Vec<f64>) {
+    steps.sort_by(f64::total_cmp);
+    let total = start.elapsed().as_secs_f64();
+    println!(
+        "run {run}: {new_tokens} tokens in {total:.3} s = {:.1} tokens/s, decode step median {:.2} ms",
+        new_tokens as f64 / total,
+        steps[steps.len() / 2] * 1e3
+    );
+}
+
+fn built_loop(
+    dir: &std::path::Path,
+    threads: usize,
+    new_tokens: usize,
+    runs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use batchgen::graph::{BuiltModel, Gpt2Shape, RowInput, SharedModel, Weights};
+    let rt = batchgen::runtime::init(None)?;
+    let shape = Gpt2Shape::load(&dir.join("config.json"))?;
+    let st = dir.join("model.safetensors");
+    let weights = if st.is_file() {
+        Weights::from_safetensors(&st, &shape)?
+    } else {
+        Weights::from_onnx(&dir.join("model.onnx"), &shape)?
+    };
+    let shared = SharedModel::new(shape.clone(), weights);
+    let session = shared.session(&rt.env, &batchgen::engine::SessionOptions { intra_op_threads: threads })?;
+    let mut model = BuiltModel::new(session, &shape, 1)?;
+    let prompt: Vec<u32> = (0..32).map(|i| i * 7 + 100).collect();
+    for run in 0..runs {
+        let start = Instant::now();
+        let mut steps = Vec::new();
+        let (mut tokens, mut past) = (prompt.clone(), 0usize);
+        for _ in 0..new_tokens {
+            let t = Instant::now();
+            let logits = model.run(0..1, &[RowInput { tokens: &tokens, past, logits: true }])?;
+            let last = logits.row(0);
+            let next = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+            past += tokens.len();
+            if tokens.len() == 1 {
+                steps.push(t.elapsed().as_secs_f64());
+            }
+            tokens = vec![next as u32];
+        }
+        report(run, new_tokens, start, steps);
     }
     Ok(())
 }

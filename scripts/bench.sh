@@ -12,7 +12,7 @@ log=$(mktemp)
 ./target/release/batchgen serve --model "$model" --listen 127.0.0.1:$port --intra-op-threads "$threads" >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
-until grep -q "serving on" "$log"; do kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }; sleep 0.05; done
+until grep -q "serving (ready" "$log"; do kill -0 $pid 2>/dev/null || { cat "$log"; exit 1; }; sleep 0.05; done
 echo "== plain ORT loop, before (server idle)"
 ./target/release/examples/ort_loop "$model" "$threads" 128 3
 echo "== batchgen bench --concurrency $levels"

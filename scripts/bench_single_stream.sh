@@ -15,7 +15,7 @@ start=$(date +%s.%N)
   > /tmp/batchgen-bench.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null' EXIT
-until grep -q "serving on" /tmp/batchgen-bench.log; do
+until grep -q "serving (ready" /tmp/batchgen-bench.log; do
   kill -0 $pid 2>/dev/null || { cat /tmp/batchgen-bench.log; exit 1; }
   sleep 0.05
 done

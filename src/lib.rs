@@ -1,23 +1,19 @@
 //! batchgen: a gRPC server for GPT-2 text generation on ONNX Runtime.
 //!
 //! Data flows one way: `server` (gRPC) → `validation` → `engine` (one thread
-//! owning the ONNX Runtime session and KV cache) → `sampling` → `stopping` →
-//! `tokenizer::Detokenizer` → the request's stream.
+//! owning a backend: the model and its KV cache) → `decoding` (token choice,
+//! stopping) → `tokenizer::Detokenizer` → the request's stream.
 pub mod app;
-pub mod beam;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod decoding;
 pub mod engine;
 pub mod error;
 pub mod graph;
-pub mod logits;
 pub mod model;
 pub mod runtime;
-pub mod sampling;
 pub mod server;
-pub mod stop;
-pub mod stopping;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod validation;

@@ -2,10 +2,10 @@
 //! field, the limit and the value. Nothing downstream re-checks these limits.
 use std::time::Instant;
 
-use crate::beam::BeamPlan;
-use crate::logits::{Processors, Warpers};
+use crate::decoding::beam::BeamPlan;
+use crate::decoding::logits::{Processors, Warpers};
+use crate::decoding::stopping::StopCriteria;
 use crate::pb;
-use crate::stopping::StopCriteria;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Most alternatives per token a request may ask for.

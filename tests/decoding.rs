@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use batchgen::logits::{self, Warpers};
+use batchgen::decoding::logits::{self, Warpers};
 use batchgen::pb::{self, FinishReason};
 use common::{expected, ids, last_message, request, start};
 

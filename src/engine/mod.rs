@@ -6,10 +6,11 @@ pub mod backend;
 pub mod layout;
 pub mod model;
 pub mod padded;
+pub mod stats;
 mod worker;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use dashmap::DashMap;
@@ -18,9 +19,10 @@ use tokio::sync::mpsc;
 pub use backend::{Backend, SlotBackend};
 pub use model::{ForwardError, ForwardInput, KvCache, Logits, Model, SessionOptions};
 pub use padded::PaddedBackend;
+pub use stats::WorkerStats;
 
+use crate::decoding::sampling::Choice;
 use crate::pb::FinishReason;
-use crate::sampling::Choice;
 use crate::validation::ValidRequest;
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -55,7 +57,7 @@ pub enum Event {
     /// A token was chosen for sequence `index`; `finish` is set on its last.
     Token { index: u32, choice: Choice, finish: Option<FinishReason>, at: Instant },
     /// Beam search ended: the hypotheses to return, best first.
-    Beams { hypotheses: Vec<crate::beam::Hypothesis>, at: Instant },
+    Beams { hypotheses: Vec<crate::decoding::beam::Hypothesis>, at: Instant },
     /// Sequence `index` ended without a new token (cancelled, deadline).
     Ended { index: u32, reason: FinishReason },
     /// The request failed; nothing follows.
@@ -113,29 +115,6 @@ impl Job {
             reservation: None,
         }
     }
-}
-
-/// Counters a worker keeps for benchmarks and metrics (monotonic).
-#[derive(Debug, Default)]
-pub struct WorkerStats {
-    pub steps: AtomicU64,
-    /// Sum over decode steps of the rows in the step.
-    pub step_rows: AtomicU64,
-    /// Time inside `Session::run` for decode steps.
-    pub run_ns: AtomicU64,
-    /// Time of whole iterations (admit + evict + decode + sampling + sending).
-    pub iteration_ns: AtomicU64,
-    pub prefill_ns: AtomicU64,
-    pub prefill_tokens: AtomicU64,
-    pub joins: AtomicU64,
-    pub join_bytes: AtomicU64,
-    pub join_ns: AtomicU64,
-    /// Rows evicted, and the copies that removing them cost.
-    pub evictions: AtomicU64,
-    pub evict_copies: AtomicU64,
-    pub evict_bytes: AtomicU64,
-    pub evict_ns: AtomicU64,
-    pub restarts: AtomicU64,
 }
 
 /// What a worker shares with the router.

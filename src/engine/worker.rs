@@ -15,11 +15,12 @@ use tokio::sync::mpsc;
 use super::admission::{self, Candidate};
 use super::backend::{Backend, Chunk, Copies};
 use super::model::Logits;
+use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
-use crate::beam::BeamSearch;
-use crate::logits::{self, History};
+use crate::decoding::beam::BeamSearch;
+use crate::decoding::logits::{self, History};
+use crate::decoding::sampling;
 use crate::pb::FinishReason;
-use crate::sampling;
 use crate::telemetry;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -554,74 +555,5 @@ impl Job {
             return Some(Some(FinishReason::Deadline));
         }
         None
-    }
-}
-
-/// Worker statistics at one moment, for the summary logged after each busy
-/// period (what the step time goes to, and what joins and evictions cost).
-#[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    steps: u64,
-    step_rows: u64,
-    run_ns: u64,
-    iteration_ns: u64,
-    prefill_ns: u64,
-    prefill_tokens: u64,
-    joins: u64,
-    join_bytes: u64,
-    join_ns: u64,
-    evictions: u64,
-    evict_copies: u64,
-    evict_bytes: u64,
-    evict_ns: u64,
-}
-
-impl Snapshot {
-    fn of(s: &super::WorkerStats) -> Self {
-        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        Snapshot {
-            steps: l(&s.steps),
-            step_rows: l(&s.step_rows),
-            run_ns: l(&s.run_ns),
-            iteration_ns: l(&s.iteration_ns),
-            prefill_ns: l(&s.prefill_ns),
-            prefill_tokens: l(&s.prefill_tokens),
-            joins: l(&s.joins),
-            join_bytes: l(&s.join_bytes),
-            join_ns: l(&s.join_ns),
-            evictions: l(&s.evictions),
-            evict_copies: l(&s.evict_copies),
-            evict_bytes: l(&s.evict_bytes),
-            evict_ns: l(&s.evict_ns),
-        }
-    }
-
-    fn minus(&self, o: &Snapshot) -> String {
-        let steps = (self.steps - o.steps).max(1);
-        let iteration = (self.iteration_ns - o.iteration_ns).max(1) as f64;
-        let run = (self.run_ns - o.run_ns) as f64;
-        let prefill = (self.prefill_ns - o.prefill_ns) as f64;
-        let (join, evict) = ((self.join_ns - o.join_ns) as f64, (self.evict_ns - o.evict_ns) as f64);
-        let per = |ns: f64, n: u64| if n == 0 { 0.0 } else { ns / n as f64 / 1e6 };
-        let mib = |b: u64, n: u64| if n == 0 { 0.0 } else { b as f64 / n as f64 / 1048576.0 };
-        let (joins, copies) = (self.joins - o.joins, self.evict_copies - o.evict_copies);
-        format!(
-            "{steps} decode steps, {:.2} rows/step, {:.2} ms/iteration; decode Session::run {:.1}%, prefill {:.1}% \
-             ({} tokens), joins {:.1}%, evictions {:.1}%, other (sampling, streaming, scheduling) {:.1}%; \
-             {joins} joins at {:.2} ms and {:.2} MiB each; {} rows evicted in {copies} copies at {:.2} ms and {:.2} MiB each",
-            (self.step_rows - o.step_rows) as f64 / steps as f64,
-            iteration / steps as f64 / 1e6,
-            100.0 * run / iteration,
-            100.0 * prefill / iteration,
-            self.prefill_tokens - o.prefill_tokens,
-            100.0 * join / iteration,
-            100.0 * evict / iteration,
-            100.0 * (iteration - run - prefill - join - evict) / iteration,
-            per(join, joins),
-            mib(self.join_bytes - o.join_bytes, joins),
-            self.evictions - o.evictions,
-            per(evict, copies),
-            mib(self.evict_bytes - o.evict_bytes, copies),
-        )
     }
 }

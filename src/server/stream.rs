@@ -5,11 +5,11 @@
 //! answer's text is by construction the concatenation of the streamed texts.
 use std::time::Instant;
 
+use crate::decoding::sampling::Choice;
+use crate::decoding::stop::{Outcome, StopMatcher};
 use crate::engine::Event;
 use crate::error::Error;
 use crate::pb::{self, FinishReason};
-use crate::sampling::Choice;
-use crate::stop::{Outcome, StopMatcher};
 use crate::telemetry;
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use crate::validation::ValidRequest;
@@ -168,7 +168,7 @@ impl Responder {
     }
 
     /// Beam search results: each returned sequence in one message.
-    fn beams(&mut self, hypotheses: Vec<crate::beam::Hypothesis>, at: Instant) -> Step {
+    fn beams(&mut self, hypotheses: Vec<crate::decoding::beam::Hypothesis>, at: Instant) -> Step {
         let mut msgs = Vec::new();
         for (i, h) in hypotheses.into_iter().enumerate() {
             let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };

@@ -5,8 +5,8 @@
 //! hypotheses scored `sum(logprob) / generated_len ** length_penalty`. The
 //! search ends when no running beam can beat the worst finished one (or, with
 //! early_stopping, when num_beams hypotheses are finished).
+use crate::decoding::sampling::Choice;
 use crate::pb::FinishReason;
-use crate::sampling::Choice;
 
 /// A validated beam search request.
 #[derive(Debug, Clone, PartialEq)]

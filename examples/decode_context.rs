@@ -1,0 +1,81 @@
+//! Decode step time against context length, for both backends in one pass:
+//! `ROWS` rows are prefilled to a context, then decode steps are timed with
+//! nothing prefilling, through the same `Backend` calls the worker makes.
+//! `exported` is the optimum export with its left-padded batch (each step
+//! concatenates past and new keys inside the graph); `built` is batchgen's
+//! own graph over the slot cache. Rounds alternate, so both see the same
+//! machine state.
+//!
+//! cargo run --release --example decode_context -- MODEL_DIR [THREADS] [ROWS] [ROUNDS]
+use std::time::Instant;
+
+use batchgen::engine::backend::Chunk;
+use batchgen::engine::{Backend, Model, PaddedBackend, SessionOptions, SlotBackend};
+use batchgen::graph::{BuiltModel, Gpt2Shape, SharedModel, Weights};
+
+/// Contexts at which steps are timed: from `start` for `steps` steps.
+const WINDOWS: [(usize, usize); 2] = [(32, 256), (512, 256)];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = std::path::PathBuf::from(args.get(1).ok_or("usage: decode_context MODEL_DIR [THREADS] [ROWS] [ROUNDS]")?);
+    let threads: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
+    let rows: usize = args.get(3).map_or(Ok(16), |s| s.parse())?;
+    let rounds: usize = args.get(4).map_or(Ok(2), |s| s.parse())?;
+    let rt = batchgen::runtime::init(None)?;
+    let options = SessionOptions { intra_op_threads: threads };
+    let shape = Gpt2Shape::load(&dir.join("config.json"))?;
+    let onnx = dir.join("model.onnx");
+    let weights = Weights::from_onnx(&onnx, &shape)?;
+    let shared = SharedModel::new(shape.clone(), weights);
+    let mut built: Box<dyn Backend> =
+        Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));
+    let mut exported: Box<dyn Backend> =
+        Box::new(PaddedBackend::new(Model::load(&rt.env, &onnx, shape.layers, &options)?, 50256, rows));
+    println!("{rows} rows, {threads} threads; median decode step (ms) over each window of context");
+    for round in 0..rounds {
+        for (name, backend) in [("exported", &mut exported), ("built", &mut built)] {
+            let mut line = format!("round {round} {name:>8}:");
+            let mut medians = Vec::new();
+            for (start, steps) in WINDOWS {
+                let median = window(backend.as_mut(), rows, start, steps)?;
+                line += &format!("  context {start}-{}: {median:.1} ms", start + steps);
+                medians.push(median);
+            }
+            println!("{line}  ratio {:.2}", medians[1] / medians[0]);
+        }
+    }
+    Ok(())
+}
+
+/// Prefills `rows` prompts of `start` tokens (distinct), decodes `steps`
+/// steps, frees the rows; returns the median step time in ms.
+fn window(
+    backend: &mut dyn Backend,
+    rows: usize,
+    start: usize,
+    steps: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let slots = backend.alloc(rows).ok_or("no free slots")?;
+    let prompts: Vec<Vec<u32>> =
+        (0..rows).map(|r| (0..start).map(|i| ((r * 7919 + i * 31) % 50000) as u32 + 10).collect()).collect();
+    // Prefill a few rows per call (the padded backend pads them together).
+    for group in slots.chunks(4).zip(prompts.chunks(4)) {
+        let chunks: Vec<Chunk<'_>> = group.0.iter().zip(group.1).map(|(&slot, p)| Chunk { slot, tokens: p }).collect();
+        backend.prefill(&chunks)?;
+    }
+    let mut times = Vec::with_capacity(steps);
+    let mut next: Vec<(usize, u32)> = slots.iter().map(|&s| (s, 464)).collect();
+    for _ in 0..steps {
+        let t = Instant::now();
+        let logits = backend.decode(&next)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        for (i, n) in next.iter_mut().enumerate() {
+            let row = logits.row(i);
+            n.1 = (0..row.len()).fold(0, |b, k| if row[k] > row[b] { k } else { b }) as u32;
+        }
+    }
+    backend.free(&slots);
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
