@@ -6,6 +6,9 @@
 //! own graph over the slot cache. Rounds alternate, so both see the same
 //! machine state.
 //!
+//! MODEL_DIR holds the optimum export (`model.onnx`); the built graph reads
+//! `model.safetensors` from it when there is one, else the export's weights.
+//!
 //! cargo run --release --example decode_context -- MODEL_DIR [THREADS] [ROWS] [ROUNDS]
 use std::time::Instant;
 
@@ -26,7 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = SessionOptions { intra_op_threads: threads };
     let shape = Gpt2Shape::load(&dir.join("config.json"))?;
     let onnx = dir.join("model.onnx");
-    let weights = Weights::from_onnx(&onnx, &shape)?;
+    let st = dir.join("model.safetensors");
+    let weights =
+        if st.is_file() { Weights::from_safetensors(&st, &shape)? } else { Weights::from_onnx(&onnx, &shape)? };
     let shared = SharedModel::new(shape.clone(), weights);
     let mut built: Box<dyn Backend> =
         Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));

@@ -156,7 +156,7 @@ pub struct LimitArgs {
     /// stalls the running rows for one chunk at a time. (`--graph exported`
     /// prefills whole prompts: there it bounds rows × longest prompt, and the
     /// longest prompt accepted.)
-    #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 128)]
     pub max_prefill_tokens: usize,
     /// Largest num_beams a request may ask for (each beam is a row).
     #[arg(long, env = "BATCHGEN_MAX_BEAMS", default_value_t = 8)]

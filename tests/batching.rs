@@ -225,3 +225,36 @@ async fn cancel(
     let req = pb::CancelRequest { request_id: id.into() };
     client.cancel(req).await.unwrap().into_inner().found
 }
+
+/// With a prefill bound of 16 tokens, the 90-token prompt is prefilled in
+/// six chunks between decode steps of a running request; both outputs stay
+/// exactly transformers' (built graph: the exported graph prefills whole
+/// prompts, so there the bound caps the prompt instead).
+#[tokio::test]
+async fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
+    if !common::built() {
+        return;
+    }
+    let mut args = common::serve_args();
+    args.limits.max_prefill_tokens = 16;
+    let mut server = start_with(args).await;
+    let exp = expected();
+    let worker = server.state.engine.workers()[0].clone();
+    let stats = &worker.stats;
+    let long = &exp["greedy"]["long"];
+    let short = &exp["greedy"]["short"];
+    let mut companion = server.client.clone();
+    let short_req = common::case_request(short);
+    let running = tokio::spawn(async move { companion.generate(short_req).await.unwrap().into_inner() });
+    // Let the companion start decoding first.
+    wait_until("the companion decodes", || stats.steps.load(Ordering::Relaxed) > 0).await;
+    let steps_before = stats.steps.load(Ordering::Relaxed);
+    let prefilled_before = stats.prefill_tokens.load(Ordering::Relaxed);
+    let got = token_ids(&server.client.generate(common::case_request(long)).await.unwrap().into_inner());
+    assert_eq!(got, ids(&long["output_ids"]), "the chunked prompt's output differs from transformers");
+    let prompt_len = ids(&long["prompt_ids"]).len() as u64;
+    assert_eq!(stats.prefill_tokens.load(Ordering::Relaxed) - prefilled_before, prompt_len);
+    let companion_out = running.await.unwrap();
+    assert_eq!(token_ids(&companion_out), ids(&short["output_ids"]), "the running request's output changed");
+    assert!(stats.steps.load(Ordering::Relaxed) - steps_before >= prompt_len.div_ceil(16));
+}

@@ -63,6 +63,15 @@ pub struct Copies {
     pub evict_ns: u64,
 }
 
+/// Tokens a group of prompts takes when padded to its longest.
+fn padded(chunks: &[Chunk<'_>]) -> usize {
+    chunks.len() * chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(0)
+}
+
+fn real(chunks: &[Chunk<'_>]) -> usize {
+    chunks.iter().map(|c| c.tokens.len()).sum()
+}
+
 /// The built graph over its slot cache.
 pub struct SlotBackend {
     model: BuiltModel,
@@ -112,14 +121,31 @@ impl Backend for SlotBackend {
     }
 
     fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError> {
-        // One row per run: GroupQueryAttention takes a chunk on a cached past
-        // for a single row only.
+        // Whole prompts starting an empty cache in adjacent slots run
+        // together (right-padded); a chunk on a cached past runs alone, as
+        // GroupQueryAttention requires.
         let mut data = Vec::with_capacity(chunks.len() * self.model.vocab);
-        for c in chunks {
-            let past = self.lens[c.slot];
-            let logits = self.model.run(c.slot..c.slot + 1, &[RowInput { tokens: c.tokens, past, logits: true }])?;
-            self.lens[c.slot] += c.tokens.len();
+        let mut i = 0;
+        while i < chunks.len() {
+            let mut j = i + 1;
+            if self.lens[chunks[i].slot] == 0 {
+                while j < chunks.len()
+                    && chunks[j].slot == chunks[j - 1].slot + 1
+                    && self.lens[chunks[j].slot] == 0
+                    && padded(&chunks[i..=j]) <= 2 * real(&chunks[i..=j]).max(64)
+                {
+                    j += 1;
+                }
+            }
+            let group = &chunks[i..j];
+            let rows: Vec<RowInput<'_>> =
+                group.iter().map(|c| RowInput { tokens: c.tokens, past: self.lens[c.slot], logits: true }).collect();
+            let logits = self.model.run(group[0].slot..group[0].slot + group.len(), &rows)?;
+            for c in group {
+                self.lens[c.slot] += c.tokens.len();
+            }
             data.extend_from_slice(&logits.data);
+            i = j;
         }
         Ok(Logits { vocab: self.model.vocab, data })
     }

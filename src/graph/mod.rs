@@ -91,22 +91,24 @@ impl BuiltModel {
         Ok(BuiltModel { session, cache, vocab: shape.vocab })
     }
 
-    /// Runs `rows` (one per slot of `slots`, all with the same number of new
-    /// tokens) and returns the logits of the rows that want them, in order.
+    /// Runs `rows` (one per slot of `slots`) and returns the logits of the
+    /// rows that want them, in order.
     ///
-    /// GroupQueryAttention runs a chunk on top of a cached past for one row
-    /// only, so a run with more than one new token per row and any past
-    /// must have a single row.
+    /// Rows with one new token each (decode) may be at any lengths. Rows
+    /// with several new tokens must either all start from an empty cache
+    /// (their prompts, right-padded to the longest inside the run) or be a
+    /// single row: GroupQueryAttention runs a chunk on top of a cached past
+    /// for one row only.
     pub fn run(&mut self, slots: Range<usize>, rows: &[RowInput<'_>]) -> Result<Logits, ForwardError> {
         let b = rows.len();
-        let s = rows.first().map_or(0, |r| r.tokens.len());
+        let s = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
         let c = self.cache.shape;
         let bad = |why: String| Err(ForwardError::Input(why));
         if b == 0 || s == 0 || slots.len() != b || slots.end > c.slots {
-            return bad(format!("{b} rows of {s} tokens for slots {slots:?} of {}", c.slots));
+            return bad(format!("{b} rows of up to {s} tokens for slots {slots:?} of {}", c.slots));
         }
-        if rows.iter().any(|r| r.tokens.len() != s || r.past + s > c.max_len) {
-            return bad(format!("rows must all have {s} new tokens within {} positions", c.max_len));
+        if rows.iter().any(|r| r.tokens.is_empty() || r.past + s > c.max_len) {
+            return bad(format!("every row needs new tokens, within {} positions", c.max_len));
         }
         if b > 1 && s > 1 && rows.iter().any(|r| r.past > 0) {
             return bad("a chunk on a cached past runs one row at a time".into());
@@ -116,11 +118,14 @@ impl BuiltModel {
         let mut seqlens = Vec::with_capacity(b);
         let mut picked = Vec::new();
         for (r, row) in rows.iter().enumerate() {
-            ids.extend(row.tokens.iter().map(|&t| i64::from(t)));
+            let n = row.tokens.len();
+            // Padding after a shorter prompt is written past the row's end
+            // and never attended to (its length is `seqlens_k + 1`).
+            ids.extend(row.tokens.iter().map(|&t| i64::from(t)).chain(std::iter::repeat_n(0, s - n)));
             positions.extend((row.past..row.past + s).map(|p| p as i64));
-            seqlens.push((row.past + s - 1) as i32);
+            seqlens.push((row.past + n - 1) as i32);
             if row.logits {
-                picked.push((r * s + s - 1) as i64);
+                picked.push((r * s + n - 1) as i64);
             }
         }
         if picked.is_empty() {

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Engine v2 against the engine before it, in one pass on one machine: the same
+# loads through `batchgen bench` on an OLD server binary (left-padded cache,
+# the export's graph) and on this tree's server (its own graph over the slot
+# cache), alternating, plus each server's peak resident memory (VmHWM).
+#   scripts/bench_engine.sh MODEL_DIR OLD_BATCHGEN [THREADS] [ROUNDS]
+# MODEL_DIR: an optimum export of the 124M shape (scripts/make_fixture.py --shape 124m).
+# OLD_BATCHGEN: a release binary of the commit to compare with (e.g. built in a git worktree).
+# Needs: cargo build --release --bin batchgen --examples
+set -euo pipefail
+model=$1; old=$2; threads=${3:-2}; rounds=${4:-1}
+new=${NEW_BATCHGEN:-./target/release/batchgen}
+examples=$(dirname "$new")/examples
+port=50099
+grep -m1 "model name" /proc/cpuinfo
+grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|fma)$' | tr '\n' ' '; echo
+
+serve() { # binary, log, [workers]; starts a server and waits until it is ready
+  "$1" serve --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
+    --intra-op-threads "$threads" --workers "${3:-1}" >"$2" 2>&1 &
+  pid=$!
+  until grep -q "serving (ready" "$2"; do kill -0 $pid 2>/dev/null || { cat "$2"; exit 1; }; sleep 0.05; done
+}
+
+summary='
+import json, sys
+for l in json.load(sys.stdin):
+    t, i = l["ttft_seconds"], l["itl_seconds"]
+    print("  %s %g: %.1f tok/s, TTFT p50/p99 %.0f/%.0f ms, ITL p50/p99 %.1f/%.1f ms, failed %d" % (
+        l["mode"], l["value"], l["tokens_per_second"], t["p50"] * 1e3, t["p99"] * 1e3,
+        i["p50"] * 1e3, i["p99"] * 1e3, l["failed"]))
+'
+
+load() { # name, bench args...
+  local name=$1; shift
+  echo "--- $name: $*"
+  "$new" bench --target http://127.0.0.1:$port --json "$@" 2>/dev/null | python3 -c "$summary"
+}
+
+if [ "${DECODE:-1}" = 1 ]; then
+  echo "== decode step against context, 16 rows, nothing prefilling (examples/decode_context)"
+  "$examples/decode_context" "$model" "$threads" 16 "$rounds"
+fi
+for round in $(seq "$rounds"); do
+  for which in old new; do
+    bin=$old; [ $which = new ] && bin=$new
+    log=$(mktemp)
+    serve "$bin" "$log"
+    echo "== round $round: $which ($bin)"
+    grep -E "VmRSS" /proc/$pid/status | sed 's/^/  idle /'
+    load "long prompts" --concurrency 16 --prompt-tokens 500 --new-tokens 64 --requests 32
+    load "short prompts" --concurrency 16 --prompt-tokens 32 --new-tokens 128 --requests 32
+    grep -E "VmHWM" /proc/$pid/status | sed 's/^/  peak /'
+    kill $pid; wait $pid 2>/dev/null || true
+    rm -f "$log"
+  done
+done
+echo "== memory against workers (one set of weights shared by the built graph's sessions)"
+for which in old new; do
+  bin=$old; [ $which = new ] && bin=$new
+  for workers in 1 2 4; do
+    log=$(mktemp)
+    serve "$bin" "$log" "$workers"
+    idle=$(grep VmRSS /proc/$pid/status | awk '{print $2}')
+    "$new" bench --target http://127.0.0.1:$port --concurrency 16 --prompt-tokens 200 --new-tokens 32 --requests 32 \
+      >/dev/null 2>&1
+    peak=$(grep VmHWM /proc/$pid/status | awk '{print $2}')
+    echo "  $which, $workers worker(s): idle RSS $((idle / 1024)) MiB, peak under load $((peak / 1024)) MiB"
+    kill $pid; wait $pid 2>/dev/null || true
+    rm -f "$log"
+  done
+done
+echo "== single stream: built graph without a server (examples/ort_loop ... built)"
+"$examples/ort_loop" "$model" "$threads" 128 3 built
