@@ -7,6 +7,7 @@
 # MODEL_DIR: an optimum export of the 124M shape (scripts/make_fixture.py --shape 124m).
 # OLD_BATCHGEN: a release binary of the commit to compare with (e.g. built in a git worktree).
 # Needs: cargo build --release --bin batchgen --examples
+# DECODE=0 skips the decode-step table, MEMORY=0 the memory against workers.
 set -euo pipefail
 model=$1; old=$2; threads=${3:-2}; rounds=${4:-1}
 new=${NEW_BATCHGEN:-./target/release/batchgen}
@@ -55,8 +56,8 @@ for round in $(seq "$rounds"); do
     rm -f "$log"
   done
 done
-echo "== memory against workers (one set of weights shared by the built graph's sessions)"
-for which in old new; do
+[ "${MEMORY:-1}" = 1 ] && echo "== memory against workers (one set of weights shared by the built graph's sessions)"
+[ "${MEMORY:-1}" = 1 ] && for which in old new; do
   bin=$old; [ $which = new ] && bin=$new
   for workers in 1 2 4; do
     log=$(mktemp)
