@@ -29,7 +29,8 @@ fn run_err(e: impl std::fmt::Debug) -> ForwardError {
 }
 
 /// The weights and serialized graph every worker's session is built from,
-/// and the container that lets their sessions share pre-packed weights.
+/// and a pre-packed-weights container given to all their sessions. (ONNX
+/// Runtime still makes a copy per session: measured, not yet solved.)
 pub struct SharedModel {
     pub shape: Gpt2Shape,
     pub weights: Weights,
