@@ -29,9 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = SessionOptions { intra_op_threads: threads };
     let shape = Gpt2Shape::load(&dir.join("config.json"))?;
     let onnx = dir.join("model.onnx");
-    let st = dir.join("model.safetensors");
-    let weights =
-        if st.is_file() { Weights::from_safetensors(&st, &shape)? } else { Weights::from_onnx(&onnx, &shape)? };
+    let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("decode_context", &dir)?, &shape)?;
     let shared = SharedModel::new(shape.clone(), weights);
     let mut built: Box<dyn Backend> =
         Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));

@@ -97,12 +97,7 @@ fn built_loop(
     use batchgen::graph::{BuiltModel, Gpt2Shape, RowInput, SharedModel, Weights};
     let rt = batchgen::runtime::init(None)?;
     let shape = Gpt2Shape::load(&dir.join("config.json"))?;
-    let st = dir.join("model.safetensors");
-    let weights = if st.is_file() {
-        Weights::from_safetensors(&st, &shape)?
-    } else {
-        Weights::from_onnx(&dir.join("model.onnx"), &shape)?
-    };
+    let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("ort_loop", dir)?, &shape)?;
     let shared = SharedModel::new(shape.clone(), weights);
     let session = shared.session(&rt.env, &batchgen::engine::SessionOptions { intra_op_threads: threads })?;
     let mut model = BuiltModel::new(session, &shape, 1)?;

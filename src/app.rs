@@ -78,7 +78,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         None => {
             let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
                 dir: files.config.parent().map(Into::into).unwrap_or_default(),
-                candidates: "model.onnx, decoder_model_merged.onnx".into(),
+                candidates: crate::model::ONNX_CANDIDATES.join(", "),
             })?;
             let models = (0..workers)
                 .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
@@ -104,10 +104,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             )
         }
     };
-    let built = backends[0].kind() == "built";
-    // Whole prompts are prefilled at once on the exported graph, so the
-    // prefill bound is also the longest prompt there.
-    let prefill_cap = if built { u32::MAX } else { l.max_prefill_tokens as u32 };
+    // A backend that cannot chunk prompts prefills them whole, so there the
+    // prefill bound is also the longest prompt.
+    let prefill_cap = if backends[0].chunks() { u32::MAX } else { l.max_prefill_tokens as u32 };
     let engine_config = EngineConfig {
         limits: admission::Limits {
             max_batch_size: l.max_batch_size.max(1),
@@ -157,11 +156,7 @@ fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<Arc<Sh
     }
     let read = || -> Result<SharedModel, WeightsError> {
         let shape = Gpt2Shape::load(&files.config)?;
-        let weights = match (&files.safetensors, &files.onnx) {
-            (Some(st), _) => Weights::from_safetensors(st, &shape)?,
-            (None, Some(onnx)) => Weights::from_onnx(onnx, &shape)?,
-            (None, None) => unreachable!("ModelFiles has weights"),
-        };
+        let weights = Weights::from_files(files, &shape)?;
         Ok(SharedModel::new(shape, weights))
     };
     match read() {

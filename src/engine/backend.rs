@@ -21,8 +21,6 @@ pub struct Chunk<'a> {
 
 /// What a backend does for the worker.
 pub trait Backend: Send {
-    /// A name for logs and ModelInfo ("built" or "exported").
-    fn kind(&self) -> &'static str;
     /// Takes `n` free slots, or none if fewer are free.
     fn alloc(&mut self, n: usize) -> Option<Vec<usize>>;
     /// Gives slots back; their cache is forgotten.
@@ -63,6 +61,49 @@ pub struct Copies {
     pub evict_ns: u64,
 }
 
+/// Which slots are taken and how many tokens each holds: the bookkeeping
+/// both backends share.
+#[derive(Debug)]
+pub struct SlotTable {
+    used: Vec<bool>,
+    /// Tokens each slot's cache holds.
+    pub lens: Vec<usize>,
+}
+
+impl SlotTable {
+    pub fn new(slots: usize) -> Self {
+        SlotTable { used: vec![false; slots], lens: vec![0; slots] }
+    }
+
+    /// Takes the `n` lowest free slots (so running rows stay packed at the
+    /// front), or none if fewer are free.
+    pub fn alloc(&mut self, n: usize) -> Option<Vec<usize>> {
+        let free: Vec<usize> = (0..self.used.len()).filter(|&s| !self.used[s]).take(n).collect();
+        if free.len() < n {
+            return None;
+        }
+        for &s in &free {
+            self.used[s] = true;
+            self.lens[s] = 0;
+        }
+        Some(free)
+    }
+
+    /// Gives `slot` back; returns the tokens it held.
+    pub fn free(&mut self, slot: usize) -> usize {
+        self.used[slot] = false;
+        std::mem::take(&mut self.lens[slot])
+    }
+
+    pub fn is_used(&self, slot: usize) -> bool {
+        self.used[slot]
+    }
+
+    pub fn any_used(&self) -> bool {
+        self.used.iter().any(|&u| u)
+    }
+}
+
 /// Tokens a group of prompts takes when padded to its longest.
 fn padded(chunks: &[Chunk<'_>]) -> usize {
     chunks.len() * chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(0)
@@ -75,44 +116,27 @@ fn real(chunks: &[Chunk<'_>]) -> usize {
 /// The built graph over its slot cache.
 pub struct SlotBackend {
     model: BuiltModel,
-    /// Tokens each slot holds.
-    lens: Vec<usize>,
-    used: Vec<bool>,
+    slots: SlotTable,
 }
 
 impl SlotBackend {
     pub fn new(model: BuiltModel) -> Self {
-        let slots = model.cache.shape.slots;
-        SlotBackend { model, lens: vec![0; slots], used: vec![false; slots] }
+        let slots = SlotTable::new(model.cache.shape.slots);
+        SlotBackend { model, slots }
     }
 }
 
 impl Backend for SlotBackend {
-    fn kind(&self) -> &'static str {
-        "built"
-    }
-
     fn alloc(&mut self, n: usize) -> Option<Vec<usize>> {
-        // Lowest free slots first, so running rows stay packed at the front
-        // and a decode run covers few holes.
-        let free: Vec<usize> = (0..self.used.len()).filter(|&s| !self.used[s]).take(n).collect();
-        if free.len() < n {
-            return None;
-        }
-        for &s in &free {
-            self.used[s] = true;
-            self.lens[s] = 0;
-        }
-        Some(free)
+        // Packed at the front: a decode run covers few holes.
+        self.slots.alloc(n)
     }
 
     fn free(&mut self, slots: &[usize]) {
         for &s in slots {
-            if self.lens[s] > 0 {
+            if self.slots.free(s) > 0 {
                 self.model.cache.release(s);
             }
-            self.used[s] = false;
-            self.lens[s] = 0;
         }
     }
 
@@ -128,21 +152,23 @@ impl Backend for SlotBackend {
         let mut i = 0;
         while i < chunks.len() {
             let mut j = i + 1;
-            if self.lens[chunks[i].slot] == 0 {
+            if self.slots.lens[chunks[i].slot] == 0 {
                 while j < chunks.len()
                     && chunks[j].slot == chunks[j - 1].slot + 1
-                    && self.lens[chunks[j].slot] == 0
+                    && self.slots.lens[chunks[j].slot] == 0
                     && padded(&chunks[i..=j]) <= 2 * real(&chunks[i..=j]).max(64)
                 {
                     j += 1;
                 }
             }
             let group = &chunks[i..j];
-            let rows: Vec<RowInput<'_>> =
-                group.iter().map(|c| RowInput { tokens: c.tokens, past: self.lens[c.slot], logits: true }).collect();
+            let rows: Vec<RowInput<'_>> = group
+                .iter()
+                .map(|c| RowInput { tokens: c.tokens, past: self.slots.lens[c.slot], logits: true })
+                .collect();
             let logits = self.model.run(group[0].slot..group[0].slot + group.len(), &rows)?;
             for c in group {
-                self.lens[c.slot] += c.tokens.len();
+                self.slots.lens[c.slot] += c.tokens.len();
             }
             data.extend_from_slice(&logits.data);
             i = j;
@@ -151,11 +177,11 @@ impl Backend for SlotBackend {
     }
 
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError> {
-        let len = self.lens[from];
+        let len = self.slots.lens[from];
         let mut bytes = 0;
         for &t in to {
             bytes += self.model.cache.copy_slot(from, t, len);
-            self.lens[t] = len;
+            self.slots.lens[t] = len;
         }
         Ok(bytes)
     }
@@ -174,11 +200,15 @@ impl Backend for SlotBackend {
             wanted[slot - lo] = i;
         }
         let inputs: Vec<RowInput<'_>> = (lo..=hi)
-            .map(|s| RowInput { tokens: &tokens[s - lo], past: self.lens[s], logits: wanted[s - lo] != usize::MAX })
+            .map(|s| RowInput {
+                tokens: &tokens[s - lo],
+                past: self.slots.lens[s],
+                logits: wanted[s - lo] != usize::MAX,
+            })
             .collect();
         let logits = self.model.run(lo..hi + 1, &inputs)?;
         for &(slot, _) in rows {
-            self.lens[slot] += 1;
+            self.slots.lens[slot] += 1;
         }
         // Logits come in slot order; hand them back in the caller's order.
         let order: Vec<usize> = wanted.into_iter().filter(|&i| i != usize::MAX).collect();
@@ -194,13 +224,13 @@ impl Backend for SlotBackend {
     }
 
     fn reorder(&mut self, slots: &[usize], parents: &[usize]) -> Result<usize, ForwardError> {
-        let len = slots.iter().map(|&s| self.lens[s]).max().unwrap_or(0);
+        let len = slots.iter().map(|&s| self.slots.lens[s]).max().unwrap_or(0);
         let from: Vec<usize> = parents.iter().map(|&p| slots[p]).collect();
         Ok(self.model.cache.permute(slots, &from, len))
     }
 
     fn held_tokens(&self) -> usize {
-        self.lens.iter().sum()
+        self.slots.lens.iter().sum()
     }
 
     fn admit(&self, limits: &Limits, running: &[Candidate], queue: &mut dyn Iterator<Item = Candidate>) -> usize {

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use super::admission::{self, Candidate, Limits, Running};
-use super::backend::{Backend, Chunk, Copies};
+use super::backend::{Backend, Chunk, Copies, SlotTable};
 use super::model::{ForwardError, ForwardInput, KvCache, Logits, Model};
 
 pub struct PaddedBackend {
@@ -15,9 +15,8 @@ pub struct PaddedBackend {
     cache: Option<KvCache>,
     /// The slot of each row of `cache`, in row order.
     order: Vec<usize>,
-    /// Real tokens per slot (right-aligned in the batch).
-    lens: Vec<usize>,
-    used: Vec<bool>,
+    /// Taken slots and their real tokens (right-aligned in the batch).
+    slots: SlotTable,
     copies: Copies,
 }
 
@@ -28,8 +27,7 @@ impl PaddedBackend {
             pad_id,
             cache: None,
             order: Vec::new(),
-            lens: vec![0; slots],
-            used: vec![false; slots],
+            slots: SlotTable::new(slots),
             copies: Copies::default(),
         }
     }
@@ -56,7 +54,7 @@ impl PaddedBackend {
         let t = Instant::now();
         let rows = self.positions(slots)?;
         let cache = self.cache.take().ok_or_else(|| ForwardError::Input("no batch to arrange".into()))?;
-        let len = slots.iter().map(|&s| self.lens[s]).max().unwrap_or(0);
+        let len = slots.iter().map(|&s| self.slots.lens[s]).max().unwrap_or(0);
         let selected = cache.select(&rows, len)?;
         self.copies.evict_bytes += selected.bytes();
         self.copies.evict_ns += t.elapsed().as_nanos() as u64;
@@ -67,29 +65,16 @@ impl PaddedBackend {
 }
 
 impl Backend for PaddedBackend {
-    fn kind(&self) -> &'static str {
-        "exported"
-    }
-
     fn alloc(&mut self, n: usize) -> Option<Vec<usize>> {
-        let free: Vec<usize> = (0..self.used.len()).filter(|&s| !self.used[s]).take(n).collect();
-        if free.len() < n {
-            return None;
-        }
-        for &s in &free {
-            self.used[s] = true;
-            self.lens[s] = 0;
-        }
-        Some(free)
+        self.slots.alloc(n)
     }
 
     fn free(&mut self, slots: &[usize]) {
         for &s in slots {
-            self.used[s] = false;
-            self.lens[s] = 0;
+            self.slots.free(s);
         }
         // The rows stay in the batch until the next step arranges it.
-        if self.used.iter().all(|u| !u) {
+        if !self.slots.any_used() {
             self.cache = None;
             self.order.clear();
         }
@@ -100,14 +85,14 @@ impl Backend for PaddedBackend {
     }
 
     fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError> {
-        if chunks.iter().any(|c| self.lens[c.slot] > 0) {
+        if chunks.iter().any(|c| self.slots.lens[c.slot] > 0) {
             return Err(ForwardError::Input("the padded layout prefills whole prompts only".into()));
         }
         let prompts: Vec<&[u32]> = chunks.iter().map(|c| c.tokens).collect();
         let input = ForwardInput::prefill(&prompts, self.pad_id);
         let (logits, new) = self.model.forward(&input, self.model.empty_cache(chunks.len())?)?;
         // Rows freed since the last step leave before the join.
-        let live: Vec<usize> = self.order.iter().copied().filter(|&s| self.used[s]).collect();
+        let live: Vec<usize> = self.order.iter().copied().filter(|&s| self.slots.is_used(s)).collect();
         if self.cache.is_some() && !live.is_empty() {
             self.arrange(&live)?;
         }
@@ -126,7 +111,7 @@ impl Backend for PaddedBackend {
         }
         for c in chunks {
             self.order.push(c.slot);
-            self.lens[c.slot] = c.tokens.len();
+            self.slots.lens[c.slot] = c.tokens.len();
         }
         Ok(logits)
     }
@@ -138,7 +123,7 @@ impl Backend for PaddedBackend {
         let mut slots = self.order.clone();
         for (k, &t) in to.iter().enumerate() {
             slots.insert(at + 1 + k, t);
-            self.lens[t] = self.lens[from];
+            self.slots.lens[t] = self.slots.lens[from];
         }
         let rows: Vec<usize> = slots
             .iter()
@@ -158,12 +143,12 @@ impl Backend for PaddedBackend {
         self.arrange(&slots)?;
         let cache = self.cache.take().ok_or_else(|| ForwardError::Input("no batch to decode".into()))?;
         let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
-        let lens: Vec<usize> = slots.iter().map(|&s| self.lens[s]).collect();
+        let lens: Vec<usize> = slots.iter().map(|&s| self.slots.lens[s]).collect();
         let input = ForwardInput::decode(&tokens, &lens, cache.len);
         let (logits, cache) = self.model.forward(&input, cache)?;
         self.cache = Some(cache);
         for &s in &slots {
-            self.lens[s] += 1;
+            self.slots.lens[s] += 1;
         }
         Ok(logits)
     }

@@ -84,6 +84,13 @@ impl CacheShape {
         self.heads * self.max_len * self.head_dim
     }
 
+    /// The element ranges, head by head, of the first `len` positions of
+    /// `slot` in one buffer.
+    fn prefix(&self, slot: usize, len: usize) -> impl Iterator<Item = Range<usize>> {
+        let (start, column, n) = (slot * self.slot_elements(), self.max_len * self.head_dim, len * self.head_dim);
+        (0..self.heads).map(move |h| start + h * column..start + h * column + n)
+    }
+
     /// Bytes one token takes over all layers, keys and values.
     pub fn token_bytes(&self) -> usize {
         2 * self.layers * self.heads * self.head_dim * 4
@@ -122,14 +129,11 @@ impl SlotCache {
         if from == to {
             return 0;
         }
-        let (slot, column) = (s.slot_elements(), s.max_len * s.head_dim);
         for (k, v) in &mut self.layers {
             for region in [k, v] {
                 let data = region.as_mut_slice();
-                for h in 0..s.heads {
-                    let src = from * slot + h * column;
-                    let dst = to * slot + h * column;
-                    data.copy_within(src..src + len * s.head_dim, dst);
+                for (src, dst) in s.prefix(from, len).zip(s.prefix(to, len)) {
+                    data.copy_within(src, dst.start);
                 }
             }
         }
@@ -171,13 +175,11 @@ impl SlotCache {
     /// key then value, head by head.
     fn each_prefix(&mut self, slot: usize, len: usize, mut f: impl FnMut(&mut [f32])) {
         let s = self.shape;
-        let column = s.max_len * s.head_dim;
         for (k, v) in &mut self.layers {
             for region in [k, v] {
                 let data = region.as_mut_slice();
-                for h in 0..s.heads {
-                    let start = slot * s.slot_elements() + h * column;
-                    f(&mut data[start..start + len * s.head_dim]);
+                for range in s.prefix(slot, len) {
+                    f(&mut data[range]);
                 }
             }
         }
@@ -192,9 +194,9 @@ impl SlotCache {
         }
     }
 
-    /// Reads position `pos` of head `head` in slot `slot` of a layer's keys
-    /// (tests).
-    pub fn key(&mut self, layer: usize, slot: usize, head: usize, pos: usize) -> Vec<f32> {
+    /// Reads position `pos` of head `head` in slot `slot` of a layer's keys.
+    #[cfg(test)]
+    fn key(&mut self, layer: usize, slot: usize, head: usize, pos: usize) -> Vec<f32> {
         let s = self.shape;
         let at = slot * s.slot_elements() + (head * s.max_len + pos) * s.head_dim;
         self.layers[layer].0.as_mut_slice()[at..at + s.head_dim].to_vec()

@@ -238,6 +238,16 @@ fn assemble<'a>(
 }
 
 impl Weights {
+    /// Reads a model's weights: its `model.safetensors` when it has one,
+    /// else its ONNX export's initializers.
+    pub fn from_files(files: &crate::model::ModelFiles, shape: &Gpt2Shape) -> Result<Self, WeightsError> {
+        match (&files.safetensors, &files.onnx) {
+            (Some(st), _) => Self::from_safetensors(st, shape),
+            (None, Some(onnx)) => Self::from_onnx(onnx, shape),
+            (None, None) => unreachable!("ModelFiles always has weights"),
+        }
+    }
+
     /// Reads a transformers checkpoint (`model.safetensors`).
     pub fn from_safetensors(path: &Path, shape: &Gpt2Shape) -> Result<Self, WeightsError> {
         let bytes = std::fs::read(path).map_err(|error| WeightsError::Read { path: path.into(), error })?;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 pub use signature::{Dtype, Port, Signature, SignatureError};
 
 /// ONNX file names tried in a model directory, newest optimum layout first.
-const ONNX_CANDIDATES: [&str; 4] =
+pub const ONNX_CANDIDATES: [&str; 4] =
     ["model.onnx", "decoder_model_merged.onnx", "onnx/model.onnx", "onnx/decoder_model_merged.onnx"];
 
 #[derive(Debug, thiserror::Error)]
