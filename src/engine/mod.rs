@@ -6,6 +6,7 @@ pub mod backend;
 pub mod layout;
 pub mod model;
 pub mod padded;
+mod rows;
 pub mod stats;
 mod worker;
 

@@ -15,35 +15,15 @@ use tokio::sync::mpsc;
 use super::admission::{self, Candidate};
 use super::backend::{Backend, Chunk, Copies};
 use super::model::Logits;
+use super::rows::{Row, choose};
 use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
 use crate::decoding::beam::BeamSearch;
-use crate::decoding::logits::{self, History};
-use crate::decoding::sampling;
+use crate::decoding::logits::History;
 use crate::pb::FinishReason;
 use crate::telemetry;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-struct Row {
-    /// Shared by the rows of one request (its samples).
-    job: Arc<Job>,
-    /// Which of the request's sequences this row is.
-    index: u32,
-    /// The backend slot holding this row's cache.
-    slot: usize,
-    generated: u32,
-    /// The token to feed at the next decode step.
-    next: u32,
-    /// Finished, or its client is gone: evicted before the next step.
-    done: bool,
-    /// Prompt and generated tokens, for the penalties.
-    history: History,
-    /// This row's own generator when sampling (seeded `seed + index`).
-    rng: Option<ChaCha8Rng>,
-    /// On the first row of a beam search request: the search.
-    beam: Option<Box<BeamSearch>>,
-}
 
 /// An admitted request whose prompt is being prefilled into `slots[0]`;
 /// its other slots (samples, beams) receive a copy when it is complete.
@@ -443,93 +423,6 @@ impl Worker {
 fn record_copy(kind: &'static str, ns: u64, bytes: usize) {
     metrics::histogram!(telemetry::KV_COPY_DURATION, "kind" => kind).record(ns as f64 / 1e9);
     metrics::counter!(telemetry::KV_COPY_BYTES, "kind" => kind).increment(bytes as u64);
-}
-
-/// Picks each live row's next token and tells its client. Row `i` reads
-/// logits row `from[i]` (prefill: its request's prompt row). Returns the
-/// reorderings beam groups need: rows `start..start + perm.len()` of the
-/// cache must become `perm` of themselves.
-fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) -> Vec<(usize, Vec<usize>)> {
-    let at = now();
-    let mut scratch = Vec::new();
-    let mut reorders = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        if rows[i].done {
-            i += 1;
-            continue;
-        }
-        if let Some(plan) = rows[i].job.request.decoding.beam.clone() {
-            let group = &mut rows[i..i + plan.num_beams];
-            if let Some(perm) = beam_step(group, logits, &from[i..i + plan.num_beams], at) {
-                reorders.push((i, perm));
-            }
-            i += plan.num_beams;
-            continue;
-        }
-        let row = &mut rows[i];
-        let req = &row.job.request;
-        let masked = req.stop.masked(row.generated);
-        let raw = logits.row(from[i]);
-        let top = req.top_logprobs as usize;
-        let plan = &req.decoding;
-        let choice = if plan.sampling.is_none() && plan.processors.is_off() {
-            sampling::greedy(raw, &masked, top)
-        } else {
-            scratch.clear();
-            scratch.extend_from_slice(raw);
-            plan.processors.apply(&mut scratch, &row.history, &masked);
-            let id = match (&plan.sampling, row.rng.as_mut()) {
-                (Some(s), Some(rng)) => logits::sample(&logits::distribution(&scratch, &s.warpers), rng),
-                _ => sampling::argmax_unmasked(&scratch, &[]),
-            };
-            sampling::report(raw, id, top)
-        };
-        row.generated += 1;
-        row.next = choice.id;
-        row.history.push(choice.id);
-        let finish = req.stop.check(choice.id, row.generated);
-        let sent = row.job.events.send(Event::Token { index: row.index, choice, finish, at }).is_ok();
-        row.done = finish.is_some() || !sent;
-        i += 1;
-    }
-    reorders
-}
-
-/// One beam search step for a request's rows (its beams, in order). Returns
-/// the KV reordering, or `None` when the search ended.
-fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], at: Instant) -> Option<Vec<usize>> {
-    let job = group[0].job.clone();
-    let req = &job.request;
-    let top = req.top_logprobs as usize;
-    let log_probs: Vec<Vec<f32>> = group
-        .iter()
-        .zip(from)
-        .map(|(row, &f)| {
-            let mut lp = sampling::log_softmax(logits.row(f));
-            req.decoding.processors.apply(&mut lp, &row.history, &req.stop.masked(row.generated));
-            lp
-        })
-        .collect();
-    let report = |beam: usize, token: u32| sampling::report(logits.row(from[beam]), token, top);
-    let search = group[0].beam.as_mut().expect("the first row of a beam group holds its search");
-    let step = search.step(&log_probs, &report);
-    if step.done {
-        let hypotheses = search.results();
-        let _ = job.events.send(Event::Beams { hypotheses, at });
-        for row in group.iter_mut() {
-            row.done = true;
-        }
-        return None;
-    }
-    let histories: Vec<History> = step.parents.iter().map(|&p| group[p].history.clone()).collect();
-    for ((row, mut history), &token) in group.iter_mut().zip(histories).zip(&step.tokens) {
-        history.push(token);
-        row.history = history;
-        row.next = token;
-        row.generated += 1;
-    }
-    Some(step.parents)
 }
 
 impl Job {
