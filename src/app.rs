@@ -150,7 +150,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
 
 /// The weights for the built graph, or `None` to run the export as it is:
 /// `--graph exported`, or `auto` when they cannot be read (logged).
-fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<Arc<SharedModel>>, StartupError> {
+fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<SharedModel>, StartupError> {
     if choice == GraphChoice::Exported {
         return Ok(None);
     }
@@ -160,7 +160,7 @@ fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<Arc<Sh
         Ok(SharedModel::new(shape, weights))
     };
     match read() {
-        Ok(shared) => Ok(Some(Arc::new(shared))),
+        Ok(shared) => Ok(Some(shared)),
         Err(e) if choice == GraphChoice::Auto && files.onnx.is_some() => {
             tracing::warn!(
                 "cannot build batchgen's own graph ({e}); serving the ONNX export as it is (--graph exported)"

@@ -6,7 +6,6 @@ pub mod cache;
 pub mod weights;
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use ort::memory::MemoryInfo;
 use ort::session::Session;
@@ -203,6 +202,3 @@ fn bind_view(
     };
     Err(ForwardError::Run(format!("binding {name:?}: {message}")))
 }
-
-/// Shares one set of weights between every worker.
-pub type Shared = Arc<SharedModel>;
