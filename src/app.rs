@@ -51,12 +51,11 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let (backends, kv_dtype): (Vec<Box<dyn Backend>>, String) = match read_weights(&files, choice)? {
         Some(shared) => {
             let t = Instant::now();
+            let session_err = |detail: String| ModelError::Session { path: shared.weights.source.clone(), detail };
+            let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
             let backends = (0..workers)
                 .map(|_| -> Result<Box<dyn Backend>, ModelError> {
-                    let session_err =
-                        |detail: String| ModelError::Session { path: shared.weights.source.clone(), detail };
-                    let session = shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?;
-                    let model = BuiltModel::new(session, &shared.shape, slots)
+                    let model = BuiltModel::new(session.clone(), &shared.shape, slots)
                         .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
                     Ok(Box::new(SlotBackend::new(model)))
                 })
@@ -69,7 +68,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 width = s.width,
                 context = s.positions,
                 workers,
-                "built graph: {workers} session(s) over one set of weights in {:.2?} (model loaded in {:.2?})",
+                "built graph: one session shared by {workers} worker(s) in {:.2?} (model loaded in {:.2?})",
                 t.elapsed(),
                 t0.elapsed()
             );
@@ -112,6 +111,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             max_batch_size: l.max_batch_size.max(1),
             max_batch_tokens: l.max_batch_tokens,
             max_prefill_tokens: l.max_prefill_tokens,
+            max_burst_prefill_tokens: l.max_burst_prefill_tokens,
         },
         max_queue: l.max_queue,
     };
@@ -126,7 +126,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         "onnxruntime" => runtime::ORT_VERSION
     )
     .set(1.0);
-    let (engine, worker_threads) = engine::spawn(backends, &engine_config);
+    let (engine, worker_threads) = engine::spawn(backends, &engine_config, &tokenizer);
     let state = AppState {
         model_name: files.name,
         kv_dtype,

@@ -158,6 +158,13 @@ pub struct LimitArgs {
     /// longest prompt accepted.)
     #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 128)]
     pub max_prefill_tokens: usize,
+    /// Prompt tokens one iteration may prefill during a burst: when at least
+    /// as many rows wait for their first token as are decoding, the
+    /// per-iteration bound grows to `--max-prefill-tokens` × (waiting rows /
+    /// decoding rows, rounded up), up to this (all of it when nothing
+    /// decodes). Set it to `--max-prefill-tokens` to never grow.
+    #[arg(long, env = "BATCHGEN_MAX_BURST_PREFILL_TOKENS", default_value_t = 1024)]
+    pub max_burst_prefill_tokens: usize,
     /// Largest num_beams a request may ask for (each beam is a row).
     #[arg(long, env = "BATCHGEN_MAX_BEAMS", default_value_t = 8)]
     pub max_beams: u32,

@@ -22,15 +22,17 @@ pub struct Piece {
     pub end: usize,
 }
 
+/// Cheap to clone: every clone shares one vocabulary (the engine's workers
+/// and each request's responder hold one).
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
 }
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(tok_err)?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer { inner: inner.into() })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {

@@ -1,10 +1,9 @@
 //! Choosing tokens, as chapter 5 of *NLP with Transformers* lays it out:
 //! logits processors and warpers (`logits`), greedy choice, log-softmax and
 //! the reported alternatives (`sampling`), beam search (`beam`), and when a
-//! sequence ends (`stopping` for token-level limits, `stop` for stop
-//! sequences matched on the text).
+//! sequence ends (`stopping`: token-level limits and stop sequences on the
+//! text, both decided as the token is chosen).
 pub mod beam;
 pub mod logits;
 pub mod sampling;
-pub mod stop;
 pub mod stopping;

@@ -19,6 +19,30 @@ pub struct Limits {
     /// KV budget in token slots (rows × columns).
     pub max_batch_tokens: usize,
     pub max_prefill_tokens: usize,
+    /// Prompt tokens one iteration may prefill when at least as many rows
+    /// wait for their first token as are decoding (see `prefill_budget`).
+    pub max_burst_prefill_tokens: usize,
+}
+
+/// Prompt tokens the next iteration may prefill (chunked backends).
+///
+/// A prefill delays every decoding row by its cost, and a row waiting for
+/// its first token waits for every iteration before its prompt's. With
+/// `max_prefill_tokens` per iteration, a burst of `W` waiting rows beside
+/// `D` decoding ones is served in about `W × prompt / max_prefill_tokens`
+/// iterations; when the waiting outnumber the decoding, the budget grows
+/// with the ratio, `max_prefill_tokens × ⌈W / D⌉` (everything up to
+/// `max_burst_prefill_tokens` when nothing decodes): the few decoding rows
+/// pay a longer step so that the many waiting start sooner. When the
+/// decoding rows are the majority (a steady load) the bound is
+/// `max_prefill_tokens`, so inter-token latency stays bounded by one chunk.
+pub fn prefill_budget(limits: &Limits, waiting_rows: usize, decoding_rows: usize) -> usize {
+    let base = limits.max_prefill_tokens.max(1);
+    let burst = limits.max_burst_prefill_tokens.max(base);
+    if decoding_rows == 0 {
+        return burst;
+    }
+    base.saturating_mul(waiting_rows.div_ceil(decoding_rows).max(1)).min(burst)
 }
 
 /// What the policy needs to know of a waiting request.
@@ -107,7 +131,8 @@ pub fn admit_slots(limits: &Limits, running: &[Candidate], queue: impl IntoItera
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_batch_size: 4, max_batch_tokens: 1000, max_prefill_tokens: 300 };
+    const LIMITS: Limits =
+        Limits { max_batch_size: 4, max_batch_tokens: 1000, max_prefill_tokens: 300, max_burst_prefill_tokens: 1200 };
 
     fn c(prompt_len: usize, max_new_tokens: usize) -> Candidate {
         Candidate { prompt_len, max_new_tokens, rows: 1 }
@@ -177,6 +202,23 @@ mod tests {
         // Rows are bounded by the batch size.
         let samples = Candidate { prompt_len: 1, max_new_tokens: 1, rows: 3 };
         assert_eq!(admit_slots(&LIMITS, &running, [samples, samples]), 1);
+    }
+
+    #[test]
+    fn the_prefill_budget_grows_only_while_the_waiting_outnumber_the_decoding() {
+        // Nothing decodes: nobody's inter-token time suffers.
+        assert_eq!(prefill_budget(&LIMITS, 16, 0), 1200);
+        assert_eq!(prefill_budget(&LIMITS, 0, 0), 1200);
+        // A steady load: one newcomer beside many decoding rows.
+        assert_eq!(prefill_budget(&LIMITS, 1, 15), 300);
+        assert_eq!(prefill_budget(&LIMITS, 4, 4), 300);
+        // A burst: the ratio, rounded up, times the base, up to the cap.
+        assert_eq!(prefill_budget(&LIMITS, 5, 4), 600);
+        assert_eq!(prefill_budget(&LIMITS, 12, 4), 900);
+        assert_eq!(prefill_budget(&LIMITS, 14, 2), 1200);
+        // A cap below the base never shrinks the base.
+        let small = Limits { max_burst_prefill_tokens: 10, ..LIMITS };
+        assert_eq!(prefill_budget(&small, 16, 0), 300);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub use stats::WorkerStats;
 
 use crate::decoding::sampling::Choice;
 use crate::pb::FinishReason;
+use crate::tokenizer::Tokenizer;
 use crate::validation::ValidRequest;
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -55,12 +56,17 @@ pub enum QueueError {
 pub enum Event {
     /// Prefill started (the request left the queue).
     Started { at: Instant },
-    /// A token was chosen for sequence `index`; `finish` is set on its last.
-    Token { index: u32, choice: Choice, finish: Option<FinishReason>, at: Instant },
-    /// Beam search ended: the hypotheses to return, best first.
-    Beams { hypotheses: Vec<crate::decoding::beam::Hypothesis>, at: Instant },
-    /// Sequence `index` ended without a new token (cancelled, deadline).
-    Ended { index: u32, reason: FinishReason },
+    /// A token was chosen for sequence `index`: `text` is what may be sent
+    /// now (whole characters, nothing that could start a stop sequence;
+    /// with the held-back rest on its last token); `finish` is set on its
+    /// last token, a stop sequence found in the text included.
+    Token { index: u32, choice: Choice, text: String, finish: Option<FinishReason>, at: Instant },
+    /// Beam search ended: the hypotheses to return, best first, each with its
+    /// text (cut at a stop sequence, its tokens too).
+    Beams { hypotheses: Vec<(crate::decoding::beam::Hypothesis, String)>, at: Instant },
+    /// Sequence `index` ended without a new token (cancelled, deadline), with
+    /// the text it had held back.
+    Ended { index: u32, reason: FinishReason, text: String },
     /// The request failed; nothing follows.
     Failed(EngineError),
 }
@@ -74,9 +80,6 @@ pub struct Job {
     pub span: tracing::Span,
     /// Set by `Cancel` or by shutdown: the row ends with CANCELLED.
     pub cancel: Arc<AtomicBool>,
-    /// Per sequence, set by the response side when it has ended the sequence
-    /// (a stop sequence matched): its row is evicted without a word.
-    pub stopped: Arc<[AtomicBool]>,
     /// Budget reserved on the worker (token slots), released when the job
     /// is dropped: after its last row leaves, or if it never reaches one.
     reservation: Option<Reservation>,
@@ -106,15 +109,7 @@ impl Job {
     }
 
     pub fn new(request: ValidRequest, events: mpsc::UnboundedSender<Event>, span: tracing::Span) -> Self {
-        let request_rows = request.decoding.rows();
-        Job {
-            request,
-            events,
-            span,
-            cancel: Arc::new(AtomicBool::new(false)),
-            stopped: (0..request_rows).map(|_| AtomicBool::new(false)).collect(),
-            reservation: None,
-        }
+        Job { request, events, span, cancel: Arc::new(AtomicBool::new(false)), reservation: None }
     }
 }
 
@@ -241,10 +236,13 @@ fn keep_large_allocations_on_the_heap() {
     }
 }
 
-/// Starts one worker thread per backend; they end when every handle is dropped.
+/// Starts one worker thread per backend; they end when every handle is
+/// dropped. The workers turn tokens into text with `tokenizer` (stop
+/// sequences are decided where the tokens are chosen).
 pub fn spawn(
     backends: Vec<Box<dyn Backend>>,
     config: &EngineConfig,
+    tokenizer: &Tokenizer,
 ) -> (EngineHandle, Vec<std::thread::JoinHandle<()>>) {
     keep_large_allocations_on_the_heap();
     let waiting = Arc::new(AtomicUsize::new(0));
@@ -253,7 +251,7 @@ pub fn spawn(
     for (id, backend) in backends.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(WorkerShared { id, waiting: waiting.clone(), ..Default::default() });
-        let w = worker::Worker::new(backend, config.limits, shared.clone(), rx);
+        let w = worker::Worker::new(backend, config.limits, shared.clone(), rx, tokenizer.clone());
         let thread = std::thread::Builder::new()
             .name(format!("batchgen-worker-{id}"))
             .spawn(move || w.run())

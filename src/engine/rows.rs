@@ -10,6 +10,9 @@ use super::{Event, Job};
 use crate::decoding::beam::BeamSearch;
 use crate::decoding::logits::{self, History};
 use crate::decoding::sampling;
+use crate::decoding::stopping::{Outcome, SequenceText};
+use crate::pb::FinishReason;
+use crate::tokenizer::Tokenizer;
 
 /// One running sequence: a sample or beam of a request, in its own slot.
 pub(super) struct Row {
@@ -30,13 +33,35 @@ pub(super) struct Row {
     pub rng: Option<ChaCha8Rng>,
     /// On the first row of a beam search request: the search.
     pub beam: Option<Box<BeamSearch>>,
+    /// The text so far and the stop sequences it is matched against.
+    pub text: SequenceText,
+}
+
+impl Row {
+    /// Ends the row (cancelled, deadline): tells its client why, with the
+    /// text it held back, when it is one of the sequences the client sees.
+    pub fn end(&mut self, tok: &Tokenizer, reason: Option<FinishReason>) {
+        if let Some(mut reason) = reason
+            && self.index < self.job.request.decoding.sequences()
+        {
+            let text = match self.text.finish(tok) {
+                Outcome::Text(t) => t,
+                Outcome::Stopped(t) => {
+                    reason = FinishReason::StopSequence;
+                    t
+                }
+            };
+            let _ = self.job.events.send(Event::Ended { index: self.index, reason, text });
+        }
+        self.done = true;
+    }
 }
 
 /// Picks each live row's next token and tells its client. Row `i` reads
 /// logits row `from[i]` (prefill: its request's prompt row). Returns the
 /// reorderings beam groups need: rows `start..start + perm.len()` of the
 /// cache must become `perm` of themselves.
-pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) -> Vec<(usize, Vec<usize>)> {
+pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer) -> Vec<(usize, Vec<usize>)> {
     let at = Instant::now();
     let mut scratch = Vec::new();
     let mut reorders = Vec::new();
@@ -48,7 +73,7 @@ pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) -> Vec<(
         }
         if let Some(plan) = rows[i].job.request.decoding.beam.clone() {
             let group = &mut rows[i..i + plan.num_beams];
-            if let Some(perm) = beam_step(group, logits, &from[i..i + plan.num_beams], at) {
+            if let Some(perm) = beam_step(group, logits, &from[i..i + plan.num_beams], tok, at) {
                 reorders.push((i, perm));
             }
             i += plan.num_beams;
@@ -75,8 +100,8 @@ pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) -> Vec<(
         row.generated += 1;
         row.next = choice.id;
         row.history.push(choice.id);
-        let finish = req.stop.check(choice.id, row.generated);
-        let sent = row.job.events.send(Event::Token { index: row.index, choice, finish, at }).is_ok();
+        let (text, finish) = row.text.push_and_end(tok, choice.id, req.stop.check(choice.id, row.generated));
+        let sent = row.job.events.send(Event::Token { index: row.index, choice, text, finish, at }).is_ok();
         row.done = finish.is_some() || !sent;
         i += 1;
     }
@@ -85,7 +110,7 @@ pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize]) -> Vec<(
 
 /// One beam search step for a request's rows (its beams, in order). Returns
 /// the KV reordering, or `None` when the search ended.
-fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], at: Instant) -> Option<Vec<usize>> {
+fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer, at: Instant) -> Option<Vec<usize>> {
     let job = group[0].job.clone();
     let req = &job.request;
     let top = req.top_logprobs as usize;
@@ -102,7 +127,8 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], at: Instant) ->
     let search = group[0].beam.as_mut().expect("the first row of a beam group holds its search");
     let step = search.step(&log_probs, &report);
     if step.done {
-        let hypotheses = search.results();
+        let stop = (&req.stop_sequences, req.include_stop_sequence);
+        let hypotheses = search.results().into_iter().map(|h| hypothesis_text(h, stop, tok)).collect();
         let _ = job.events.send(Event::Beams { hypotheses, at });
         for row in group.iter_mut() {
             row.done = true;
@@ -117,4 +143,26 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], at: Instant) ->
         row.generated += 1;
     }
     Some(step.parents)
+}
+
+/// A finished hypothesis's text, cut (with its tokens) where a stop sequence
+/// matches.
+fn hypothesis_text(
+    mut h: crate::decoding::beam::Hypothesis,
+    (stops, include): (&Vec<String>, bool),
+    tok: &Tokenizer,
+) -> (crate::decoding::beam::Hypothesis, String) {
+    let mut text = SequenceText::new(stops.clone(), include);
+    let mut out = String::new();
+    for (n, c) in h.tokens.iter().enumerate() {
+        let last = n + 1 == h.tokens.len();
+        let (piece, finish) = text.push_and_end(tok, c.id, last.then_some(h.finish));
+        out.push_str(&piece);
+        if finish == Some(FinishReason::StopSequence) {
+            h.tokens.truncate(n + 1);
+            h.finish = FinishReason::StopSequence;
+            break;
+        }
+    }
+    (h, out)
 }

@@ -20,8 +20,10 @@ use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
 use crate::decoding::beam::BeamSearch;
 use crate::decoding::logits::History;
+use crate::decoding::stopping::SequenceText;
 use crate::pb::FinishReason;
 use crate::telemetry;
+use crate::tokenizer::Tokenizer;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -42,6 +44,8 @@ pub(super) struct Worker {
     queue: VecDeque<Arc<Job>>,
     prefilling: VecDeque<Prefilling>,
     rows: Vec<Row>,
+    /// Turns chosen tokens into text (stop sequences are matched here).
+    tokenizer: Tokenizer,
 }
 
 fn now() -> Instant {
@@ -54,8 +58,10 @@ impl Worker {
         limits: admission::Limits,
         shared: Arc<WorkerShared>,
         rx: mpsc::UnboundedReceiver<Job>,
+        tokenizer: Tokenizer,
     ) -> Self {
-        Worker { backend, limits, shared, rx, queue: VecDeque::new(), prefilling: VecDeque::new(), rows: Vec::new() }
+        let (queue, prefilling, rows) = (VecDeque::new(), VecDeque::new(), Vec::new());
+        Worker { backend, limits, shared, rx, queue, prefilling, rows, tokenizer }
     }
 
     pub fn run(mut self) {
@@ -193,12 +199,17 @@ impl Worker {
     }
 
     /// Prefills the next prompt tokens, oldest request first: at most
-    /// `max_prefill_tokens` per iteration, a long prompt in chunks (whole
-    /// prompts where the backend cannot chunk; admission bounded them).
+    /// `admission::prefill_budget` per iteration, a long prompt in chunks
+    /// (whole prompts where the backend cannot chunk; admission bounded them).
     /// Requests whose prompt is complete become decoding rows.
     fn prefill(&mut self) {
         let chunked = self.backend.chunks();
-        let mut budget = self.limits.max_prefill_tokens.max(1);
+        let mut budget = if chunked {
+            let waiting = self.prefilling.iter().map(|p| p.slots.len()).sum();
+            admission::prefill_budget(&self.limits, waiting, self.rows.len())
+        } else {
+            self.limits.max_prefill_tokens.max(1)
+        };
         let mut work: Vec<(usize, usize)> = Vec::new();
         for (i, p) in self.prefilling.iter().enumerate() {
             let left = p.job.request.prompt_ids.len() - p.done;
@@ -298,12 +309,13 @@ impl Worker {
                         let ids = stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
                         Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
                     }),
+                    text: SequenceText::new(job.request.stop_sequences.clone(), job.request.include_stop_sequence),
                     job: job.clone(),
                 }
             })
             .collect();
         let from = vec![k; new_rows.len()];
-        for (start, perm) in choose(&mut new_rows, logits, &from) {
+        for (start, perm) in choose(&mut new_rows, logits, &from, &self.tokenizer) {
             self.reorder(&new_rows, start, &perm);
         }
         self.rows.extend(new_rows);
@@ -341,18 +353,10 @@ impl Worker {
             }
         }
         for row in &mut self.rows {
-            if !row.done && row.job.stopped[row.index as usize].load(Ordering::Relaxed) {
-                row.done = true;
-            }
             if !row.done
                 && let Some(reason) = row.job.ended_reason(t)
             {
-                if let Some(reason) = reason
-                    && row.index < row.job.request.decoding.sequences()
-                {
-                    let _ = row.job.events.send(Event::Ended { index: row.index, reason });
-                }
-                row.done = true;
+                row.end(&self.tokenizer, reason);
             }
         }
         let before = self.rows.len();
@@ -388,7 +392,7 @@ impl Worker {
             Ok(logits) => {
                 let from: Vec<usize> = (0..self.rows.len()).collect();
                 let mut rows = std::mem::take(&mut self.rows);
-                let reorders = choose(&mut rows, &logits, &from);
+                let reorders = choose(&mut rows, &logits, &from, &self.tokenizer);
                 let ok = reorders.iter().all(|(start, perm)| self.reorder(&rows, *start, perm));
                 self.rows = rows;
                 if !ok {
@@ -430,7 +434,7 @@ impl Job {
     fn tell_ended(&self, reason: Option<FinishReason>) {
         if let Some(reason) = reason {
             for index in 0..self.request.decoding.sequences() {
-                let _ = self.events.send(Event::Ended { index, reason });
+                let _ = self.events.send(Event::Ended { index, reason, text: String::new() });
             }
         }
     }

@@ -6,10 +6,11 @@ pub mod cache;
 pub mod weights;
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use ort::memory::MemoryInfo;
 use ort::session::Session;
-use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
+use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Shape, Tensor, TensorRefMut};
 
 pub use cache::{CacheShape, SlotCache};
@@ -27,23 +28,25 @@ fn run_err(e: impl std::fmt::Debug) -> ForwardError {
     ForwardError::Run(format!("{e:?}"))
 }
 
-/// The weights and serialized graph every worker's session is built from,
-/// and a pre-packed-weights container given to all their sessions. (ONNX
-/// Runtime still makes a copy per session: measured, not yet solved.)
+/// The weights and the serialized graph the session is built from. Workers
+/// share one session (ONNX Runtime runs one session from several threads
+/// at once, each run with its own binding), so a worker costs its KV cache
+/// and its activations, not another copy of the weights and of their
+/// pre-packed forms.
 pub struct SharedModel {
     pub shape: Gpt2Shape,
     pub weights: Weights,
     graph: Vec<u8>,
-    prepacked: PrepackedWeights,
 }
 
 impl SharedModel {
     pub fn new(shape: Gpt2Shape, weights: Weights) -> Self {
         let graph = builder::build(&shape, &weights);
-        SharedModel { shape, weights, graph, prepacked: PrepackedWeights::new() }
+        SharedModel { shape, weights, graph }
     }
 
-    /// A session over the shared weights.
+    /// A session over the weights. Build it once and give every worker's
+    /// `BuiltModel` the same one.
     pub fn session(
         &self,
         env: &ort::environment::Environment,
@@ -56,8 +59,6 @@ impl SharedModel {
             .with_intra_threads(options.intra_op_threads)
             .map_err(e)?
             .with_external_initializer_file_in_memory(builder::WEIGHTS_FILE, self.weights.data.clone())
-            .map_err(e)?
-            .with_prepacked_weights(&self.prepacked)
             .map_err(e)?
             .commit_from_memory(&self.graph)
     }
@@ -72,15 +73,16 @@ pub struct RowInput<'a> {
     pub logits: bool,
 }
 
-/// A session of the built graph and the slot cache it runs over.
+/// A session of the built graph (shared with the other workers) and the
+/// slot cache it runs over (this worker's own).
 pub struct BuiltModel {
-    session: Session,
+    session: Arc<Session>,
     pub cache: SlotCache,
     pub vocab: usize,
 }
 
 impl BuiltModel {
-    pub fn new(session: Session, shape: &Gpt2Shape, slots: usize) -> std::io::Result<Self> {
+    pub fn new(session: impl Into<Arc<Session>>, shape: &Gpt2Shape, slots: usize) -> std::io::Result<Self> {
         let cache = SlotCache::new(CacheShape {
             layers: shape.layers,
             slots,
@@ -88,7 +90,7 @@ impl BuiltModel {
             max_len: shape.positions,
             head_dim: shape.head_dim(),
         })?;
-        Ok(BuiltModel { session, cache, vocab: shape.vocab })
+        Ok(BuiltModel { session: session.into(), cache, vocab: shape.vocab })
     }
 
     /// Runs `rows` (one per slot of `slots`) and returns the logits of the
@@ -167,15 +169,45 @@ impl BuiltModel {
             binding.bind_output(ok, views.next().expect("4 views per layer")).map_err(run_err)?;
             binding.bind_output(ov, views.next().expect("4 views per layer")).map_err(run_err)?;
         }
-        binding.bind_output_to_device("logits", &info).map_err(run_err)?;
-        let outputs = self.session.run_binding(&binding).map_err(run_err)?;
-        let (shape, data) = outputs["logits"].try_extract_tensor::<f32>().map_err(run_err)?;
-        if shape.len() != 2 || shape[0] as usize != n_picked || shape[1] as usize != self.vocab {
-            return Err(run_err(format!("logits of shape {shape:?}, expected [{n_picked}, {}]", self.vocab)));
-        }
+        // The logits land in a buffer of ours: no copy out of ONNX Runtime's.
+        let mut logits = vec![0.0f32; n_picked * self.vocab];
+        let logits_shape = Shape::new([n_picked as i64, self.vocab as i64]);
+        // SAFETY: `logits` holds `n_picked * vocab` floats and outlives the run.
+        let out = unsafe { TensorRefMut::<f32>::from_raw(info.clone(), logits.as_mut_ptr().cast(), logits_shape) }
+            .map_err(run_err)?;
+        binding.bind_output("logits", out).map_err(run_err)?;
+        run_shared(&self.session, &binding)?;
+        drop(binding);
         let wanted = rows.iter().filter(|r| r.logits).count();
-        Ok(Logits { vocab: self.vocab, data: data[..wanted * self.vocab].to_vec() })
+        logits.truncate(wanted * self.vocab);
+        Ok(Logits { vocab: self.vocab, data: logits })
     }
+}
+
+/// Runs `binding` on a session other workers may be running at the same
+/// time. ONNX Runtime allows concurrent runs of one session; `ort` asks for
+/// `&mut Session` because a binding's outputs are collected into it, and
+/// every output here is bound to memory of ours, so nothing is collected.
+fn run_shared(session: &Session, binding: &ort::session::IoBinding) -> Result<(), ForwardError> {
+    use ort::AsPointer;
+    // SAFETY: both are live ORT objects; a null run options pointer means
+    // the defaults; the binding is this thread's own.
+    let status = unsafe { (ort::api().RunWithBinding)(session.ptr().cast_mut(), std::ptr::null(), binding.ptr()) };
+    check(status, "run")
+}
+
+/// Turns a raw ORT status into a result, releasing it.
+fn check(status: ort::sys::OrtStatusPtr, what: &str) -> Result<(), ForwardError> {
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status carries a message and is ours to release.
+    let message = unsafe {
+        let text = std::ffi::CStr::from_ptr((ort::api().GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+        (ort::api().ReleaseStatus)(status.0);
+        text
+    };
+    Err(ForwardError::Run(format!("{what}: {message}")))
 }
 
 /// Binds a view of the cache as an input without copying it. (`ort`'s
@@ -191,14 +223,5 @@ fn bind_view(
     let name = std::ffi::CString::new(name).map_err(run_err)?;
     // SAFETY: both pointers are live ORT objects; ORT does not keep `name`.
     let status = unsafe { (ort::api().BindInput)(binding.ptr_mut(), name.as_ptr(), view.ptr()) };
-    if status.0.is_null() {
-        return Ok(());
-    }
-    // SAFETY: a non-null status carries a message and is ours to release.
-    let message = unsafe {
-        let text = std::ffi::CStr::from_ptr((ort::api().GetErrorMessage)(status.0)).to_string_lossy().into_owned();
-        (ort::api().ReleaseStatus)(status.0);
-        text
-    };
-    Err(ForwardError::Run(format!("binding {name:?}: {message}")))
+    check(status, &format!("binding {name:?}"))
 }

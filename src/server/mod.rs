@@ -237,8 +237,6 @@ struct Started {
     valid: ValidRequest,
     events: EventStream,
     guard: InFlightGuard,
-    /// The engine's per-sequence stop flags (see `Job::stopped`).
-    stopped: Arc<[std::sync::atomic::AtomicBool]>,
     span: tracing::Span,
 }
 
@@ -281,20 +279,19 @@ impl GenerationService {
             max_new_tokens = valid.stop.max_new_tokens
         );
         let job = Job::new(valid.clone(), tx, span.clone());
-        let stopped = job.stopped.clone();
         engine.submit(job)?;
         let guard = InFlightGuard::new(engine, valid.request_id.clone());
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
-        Ok(Started { valid, events: rx, guard, stopped, span })
+        Ok(Started { valid, events: rx, guard, span })
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
-        let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, stopped, span);
+        let Started { valid, mut events, mut guard, span } = self.start(req).await?;
+        let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
         let mut collector = Collector::new(&valid.request_id);
         loop {
             let step = tokio::select! {
@@ -335,8 +332,8 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let Started { valid, mut events, mut guard, stopped, span } = self.start(req).await?;
-        let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, stopped, span);
+        let Started { valid, mut events, mut guard, span } = self.start(req).await?;
+        let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             loop {

@@ -1,25 +1,21 @@
-//! Turns engine events into response messages: incremental detokenization,
-//! per-token text and log-probabilities, finish reasons and usage.
+//! Turns engine events into response messages: per-token text (the engine
+//! detokenized it and matched the stop sequences) and log-probabilities,
+//! finish reasons and usage.
 //!
 //! `Generate` folds the very messages `GenerateStream` sends, so a unary
 //! answer's text is by construction the concatenation of the streamed texts.
 use std::time::Instant;
 
 use crate::decoding::sampling::Choice;
-use crate::decoding::stop::{Outcome, StopMatcher};
 use crate::engine::Event;
 use crate::error::Error;
 use crate::pb::{self, FinishReason};
 use crate::telemetry;
-use crate::tokenizer::{Detokenizer, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::validation::ValidRequest;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Per-sequence state on the response side.
 struct SequenceState {
-    detok: Detokenizer,
-    matcher: StopMatcher,
     logprob_sum: f64,
     finished: bool,
     seed: Option<u64>,
@@ -37,8 +33,6 @@ pub struct Responder {
     first_token: Option<Instant>,
     generated: u32,
     sequences: Vec<SequenceState>,
-    /// The engine's per-sequence "stop" flags (set when a stop sequence matches).
-    stopped: Arc<[AtomicBool]>,
     /// The request's span (id, prompt tokens, method): the log line of its end goes there.
     span: tracing::Span,
 }
@@ -59,7 +53,7 @@ pub enum Step {
 }
 
 impl Responder {
-    pub fn new(tokenizer: Tokenizer, req: &ValidRequest, stopped: Arc<[AtomicBool]>, span: tracing::Span) -> Self {
+    pub fn new(tokenizer: Tokenizer, req: &ValidRequest, span: tracing::Span) -> Self {
         let seed = req.decoding.sampling.as_ref().map(|s| s.seed);
         Responder {
             tokenizer,
@@ -71,15 +65,12 @@ impl Responder {
             generated: 0,
             sequences: (0..req.decoding.sequences())
                 .map(|i| SequenceState {
-                    detok: Detokenizer::new(),
-                    matcher: StopMatcher::new(req.stop_sequences.clone(), req.include_stop_sequence),
                     logprob_sum: 0.0,
                     finished: false,
                     seed: seed.map(|s| s.wrapping_add(u64::from(i))),
                     last_token_at: None,
                 })
                 .collect(),
-            stopped,
             span,
         }
     }
@@ -110,23 +101,10 @@ impl Responder {
         }
     }
 
-    /// Ends sequence `index` in `msg`, flushing what was held back unless a
-    /// stop sequence ended it; true when it was the request's last.
-    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, mut reason: FinishReason) -> bool {
+    /// Ends sequence `index` in `msg` (its text is complete); true when it
+    /// was the request's last.
+    fn finish(&mut self, msg: &mut pb::GenerateStreamResponse, reason: FinishReason) -> bool {
         let seq = &mut self.sequences[msg.index as usize];
-        if reason != FinishReason::StopSequence {
-            let tail = seq.detok.finish(&self.tokenizer).unwrap_or_default();
-            match seq.matcher.push(&tail) {
-                Outcome::Text(t) => {
-                    msg.text.push_str(&t);
-                    msg.text.push_str(&seq.matcher.finish());
-                }
-                Outcome::Stopped(t) => {
-                    msg.text.push_str(&t);
-                    reason = FinishReason::StopSequence;
-                }
-            }
-        }
         msg.finish_reason = reason as i32;
         msg.logprob_sum = seq.logprob_sum;
         msg.score = seq.logprob_sum;
@@ -168,28 +146,18 @@ impl Responder {
     }
 
     /// Beam search results: each returned sequence in one message.
-    fn beams(&mut self, hypotheses: Vec<crate::decoding::beam::Hypothesis>, at: Instant) -> Step {
+    fn beams(&mut self, hypotheses: Vec<(crate::decoding::beam::Hypothesis, String)>, at: Instant) -> Step {
         let mut msgs = Vec::new();
-        for (i, h) in hypotheses.into_iter().enumerate() {
+        for (i, (h, text)) in hypotheses.into_iter().enumerate() {
             let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
             msg.index = i as u32;
-            let mut reason = h.finish;
+            msg.text = text;
             for c in &h.tokens {
                 self.count_token(i, at);
-                let seq = &mut self.sequences[i];
-                seq.logprob_sum += f64::from(c.logprob);
-                let text = seq.detok.push(&self.tokenizer, c.id).unwrap_or_default();
-                match seq.matcher.push(&text) {
-                    Outcome::Text(t) => msg.text.push_str(&t),
-                    Outcome::Stopped(t) => {
-                        msg.text.push_str(&t);
-                        msg.tokens.push(self.token(c));
-                        reason = FinishReason::StopSequence;
-                        break;
-                    }
-                }
+                self.sequences[i].logprob_sum += f64::from(c.logprob);
                 msg.tokens.push(self.token(c));
             }
+            let reason = h.finish;
             self.finish(&mut msg, reason);
             msg.score = f64::from(h.score);
             msgs.push(msg);
@@ -205,13 +173,14 @@ impl Responder {
 
     /// The request's deadline passed: ends every unfinished sequence with
     /// FINISH_REASON_DEADLINE, whatever the engine is doing (dropping the
-    /// events then evicts the rows).
+    /// events then evicts the rows). Text the engine held back (an
+    /// unfinished character, a partial stop sequence) is not sent.
     pub fn expire(&mut self) -> Step {
         let unfinished: Vec<u32> =
             (0..self.sequences.len() as u32).filter(|&i| !self.sequences[i as usize].finished).collect();
         let mut msgs = Vec::new();
         for index in unfinished {
-            match self.on_event(Event::Ended { index, reason: FinishReason::Deadline }) {
+            match self.on_event(Event::Ended { index, reason: FinishReason::Deadline, text: String::new() }) {
                 Step::Message(m) => msgs.push(m),
                 Step::Last(m, status) => {
                     return if msgs.is_empty() { Step::Last(m, status) } else { Step::Many(msgs, m, status) };
@@ -235,32 +204,21 @@ impl Responder {
             }
             Event::Failed(e) => return Step::Fail(e.into()),
             Event::Beams { hypotheses, at } => return self.beams(hypotheses, at),
-            Event::Token { index, choice, finish, at } => {
+            Event::Token { index, choice, text, finish, at } => {
                 if self.sequences.get(index as usize).is_none_or(|s| s.finished) {
                     return Step::Nothing;
                 }
                 self.count_token(index as usize, at);
-                let seq = &mut self.sequences[index as usize];
-                seq.logprob_sum += f64::from(choice.logprob);
-                let text = seq.detok.push(&self.tokenizer, choice.id).unwrap_or_default();
-                let finish = match seq.matcher.push(&text) {
-                    Outcome::Text(t) => {
-                        msg.text = t;
-                        finish
-                    }
-                    Outcome::Stopped(t) => {
-                        msg.text = t;
-                        self.stopped[index as usize].store(true, Ordering::Relaxed);
-                        Some(FinishReason::StopSequence)
-                    }
-                };
+                self.sequences[index as usize].logprob_sum += f64::from(choice.logprob);
+                msg.text = text;
                 msg.tokens.push(self.token(&choice));
                 (index, finish)
             }
-            Event::Ended { index, reason } => {
+            Event::Ended { index, reason, text } => {
                 if self.sequences.get(index as usize).is_none_or(|s| s.finished) {
                     return Step::Nothing;
                 }
+                msg.text = text;
                 (index, Some(reason))
             }
         };

@@ -53,6 +53,7 @@ pub fn serve_args() -> ServeArgs {
             max_batch_size: 16,
             max_batch_tokens: 4096,
             max_prefill_tokens: 1024,
+            max_burst_prefill_tokens: 1024,
             max_prompt_tokens: 1024,
             max_beams: 8,
             max_new_tokens: 200,
