@@ -55,3 +55,30 @@ fn exported_graph_on_a_checkpoint_folder_says_what_is_missing() {
     };
     assert!(err.contains("--graph exported needs an ONNX export"), "{err}");
 }
+
+/// A cut-off or corrupt `model.safetensors` is refused at start-up with the
+/// file and what is wrong with it, never a panic or a half-read model.
+#[test]
+fn a_truncated_or_corrupt_checkpoint_is_refused_with_the_reason() {
+    let refused = |bytes: &[u8]| {
+        let dir = checkpoint_dir();
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        let mut args = common::serve_args();
+        args.model.model = dir.path().to_string_lossy().into_owned();
+        args.model.graph = batchgen::config::GraphChoice::Built;
+        match batchgen::app::load(&args) {
+            Ok(_) => panic!("a broken model.safetensors was served"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-3l-checkpoint");
+    let whole = std::fs::read(root.join("model.safetensors")).unwrap();
+    let err = refused(&whole[..whole.len() - 1000]);
+    assert!(err.contains("model.safetensors") && err.contains("of the data"), "{err}");
+    let err = refused(&whole[..4]);
+    assert!(err.contains("model.safetensors"), "{err}");
+    let mut garbage = 16u64.to_le_bytes().to_vec();
+    garbage.extend_from_slice(b"not a json head!rest");
+    let err = refused(&garbage);
+    assert!(err.contains("not a safetensors header"), "{err}");
+}

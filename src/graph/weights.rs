@@ -1,10 +1,8 @@
 //! GPT-2 weights as one float32 buffer, read from a transformers checkpoint
 //! (`model.safetensors`) or from the initializers of an optimum ONNX export.
 //!
-//! Every worker's session is built over this one buffer (ONNX Runtime's
-//! in-memory external data). Measured on GPT-2 small, each session still
-//! costs about 735 MB more, so ONNX Runtime copies from it; making workers
-//! share the weights is open work (BENCHMARKS.md).
+//! The one session every worker shares is built over this buffer (ONNX
+//! Runtime's in-memory external data, read in place).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,21 +246,47 @@ impl Weights {
         }
     }
 
-    /// Reads a transformers checkpoint (`model.safetensors`).
+    /// Reads a transformers checkpoint (`model.safetensors`): the header,
+    /// then each tensor straight from the file into its place (one tensor at
+    /// a time in memory beside the buffer, never the whole file).
     pub fn from_safetensors(path: &Path, shape: &Gpt2Shape) -> Result<Self, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|error| WeightsError::Read { path: path.into(), error })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| WeightsError::Format { path: path.into(), reason: e.to_string() })?;
-        assemble(path, &shape.tensors(), |name| {
-            let t = st.tensor(name).ok()?;
-            let source = match t.dtype() {
+        use std::io::Read;
+        use std::os::unix::fs::FileExt;
+        let read_err = |error| WeightsError::Read { path: path.into(), error };
+        let bad = |reason: String| WeightsError::Format { path: path.into(), reason };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len() as usize;
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).map_err(read_err)?;
+        let n = u64::from_le_bytes(n) as usize;
+        if n.saturating_add(8) > size {
+            return Err(bad(format!("a header of {n} bytes in a file of {size}")));
+        }
+        let mut header = vec![0u8; n];
+        file.read_exact(&mut header).map_err(read_err)?;
+        let meta: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors header: {e}")))?;
+        let mut error = None;
+        let weights = assemble(path, &shape.tensors(), |name| {
+            let t = meta.info(name)?;
+            let source = match t.dtype {
                 safetensors::Dtype::F32 => Source::F32,
                 safetensors::Dtype::F16 => Source::F16,
                 safetensors::Dtype::BF16 => Source::Bf16,
                 _ => return None,
             };
-            Some((std::borrow::Cow::Borrowed(t.data()), source, t.shape().to_vec()))
-        })
+            let (start, end) = t.data_offsets;
+            let mut bytes = vec![0u8; end.saturating_sub(start)];
+            if let Err(e) = file.read_exact_at(&mut bytes, (8 + n + start) as u64) {
+                error.get_or_insert(bad(format!("tensor {name} at bytes {start}..{end} of the data: {e}")));
+                return None;
+            }
+            Some((std::borrow::Cow::Owned(bytes), source, t.shape.clone()))
+        });
+        match (weights, error) {
+            (_, Some(e)) => Err(e),
+            (w, None) => w,
+        }
     }
 
     /// Reads the initializers of an optimum export (inline or external data,
