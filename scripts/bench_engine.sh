@@ -3,13 +3,14 @@
 # loads through `batchgen bench` on an OLD server binary (left-padded cache,
 # the export's graph) and on this tree's server (its own graph over the slot
 # cache), alternating, plus each server's peak resident memory (VmHWM).
-#   scripts/bench_engine.sh MODEL_DIR OLD_BATCHGEN [THREADS] [ROUNDS]
+#   scripts/bench_engine.sh MODEL_DIR OLD_BATCHGEN[:OLDER...] [THREADS] [ROUNDS]
 # MODEL_DIR: an optimum export of the 124M shape (scripts/make_fixture.py --shape 124m).
-# OLD_BATCHGEN: a release binary of the commit to compare with (e.g. built in a git worktree).
+# OLD_BATCHGEN: release binaries of the commits to compare with (e.g. built in git
+# worktrees), separated by colons; each is run in turn, then this tree's.
 # Needs: cargo build --release --bin batchgen --examples
 # DECODE=0 skips the decode-step table, MEMORY=0 the memory against workers.
 set -euo pipefail
-model=$1; old=$2; threads=${3:-2}; rounds=${4:-1}
+model=$1; olds=${2//:/ }; threads=${3:-2}; rounds=${4:-1}
 new=${NEW_BATCHGEN:-./target/release/batchgen}
 examples=$(dirname "$new")/examples
 port=50099
@@ -43,11 +44,10 @@ if [ "${DECODE:-1}" = 1 ]; then
   "$examples/decode_context" "$model" "$threads" 16 "$rounds"
 fi
 for round in $(seq "$rounds"); do
-  for which in old new; do
-    bin=$old; [ $which = new ] && bin=$new
+  for bin in $olds $new; do
     log=$(mktemp)
     serve "$bin" "$log"
-    echo "== round $round: $which ($bin)"
+    echo "== round $round: $bin"
     grep -E "VmRSS" /proc/$pid/status | sed 's/^/  idle /'
     load "long prompts" --concurrency 16 --prompt-tokens 500 --new-tokens 64 --requests 32
     load "short prompts" --concurrency 16 --prompt-tokens 32 --new-tokens 128 --requests 32
@@ -57,8 +57,7 @@ for round in $(seq "$rounds"); do
   done
 done
 [ "${MEMORY:-1}" = 1 ] && echo "== memory against workers (one set of weights shared by the built graph's sessions)"
-[ "${MEMORY:-1}" = 1 ] && for which in old new; do
-  bin=$old; [ $which = new ] && bin=$new
+[ "${MEMORY:-1}" = 1 ] && for bin in $olds $new; do
   for workers in 1 2 4; do
     log=$(mktemp)
     serve "$bin" "$log" "$workers"
@@ -66,7 +65,7 @@ done
     "$new" bench --target http://127.0.0.1:$port --concurrency 16 --prompt-tokens 200 --new-tokens 32 --requests 32 \
       >/dev/null 2>&1
     peak=$(grep VmHWM /proc/$pid/status | awk '{print $2}')
-    echo "  $which, $workers worker(s): idle RSS $((idle / 1024)) MiB, peak under load $((peak / 1024)) MiB"
+    echo "  $bin, $workers worker(s): idle RSS $((idle / 1024)) MiB, peak under load $((peak / 1024)) MiB"
     kill $pid; wait $pid 2>/dev/null || true
     rm -f "$log"
   done

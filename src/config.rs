@@ -101,10 +101,14 @@ pub struct RuntimeArgs {
     /// user cache, the Python onnxruntime package, else downloaded with pip.
     #[arg(long = "onnxruntime", env = "ORT_DYLIB_PATH")]
     pub onnxruntime: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads per worker. 0 lets ONNX Runtime use every core.
+    /// ONNX Runtime intra-op threads. With the built graph every worker runs
+    /// on one shared session, whose pool this sizes (each worker's own thread
+    /// also works on its runs); with `--graph exported` each worker's session
+    /// has its own pool of this size. 0 lets ONNX Runtime use every core.
     #[arg(long, env = "BATCHGEN_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
-    /// Engine workers, each with its own session and batch.
+    /// Engine workers, each with its own batch and KV cache (with the built
+    /// graph they share one session and one copy of the weights).
     #[arg(long, env = "BATCHGEN_WORKERS", default_value_t = 1)]
     pub workers: usize,
 }
@@ -158,11 +162,11 @@ pub struct LimitArgs {
     /// longest prompt accepted.)
     #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 128)]
     pub max_prefill_tokens: usize,
-    /// Prompt tokens one iteration may prefill during a burst: when at least
-    /// as many rows wait for their first token as are decoding, the
-    /// per-iteration bound grows to `--max-prefill-tokens` × (waiting rows /
-    /// decoding rows, rounded up), up to this (all of it when nothing
-    /// decodes). Set it to `--max-prefill-tokens` to never grow.
+    /// Prompt tokens one iteration may prefill when nothing decodes, or when
+    /// a burst of short prompts arrives (at least as many rows waiting for
+    /// their first token as decoding, and all their prompts within this):
+    /// then they are prefilled at once instead of `--max-prefill-tokens` per
+    /// iteration. Set it to `--max-prefill-tokens` to never grow.
     #[arg(long, env = "BATCHGEN_MAX_BURST_PREFILL_TOKENS", default_value_t = 1024)]
     pub max_burst_prefill_tokens: usize,
     /// Largest num_beams a request may ask for (each beam is a row).

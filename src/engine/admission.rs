@@ -24,25 +24,30 @@ pub struct Limits {
     pub max_burst_prefill_tokens: usize,
 }
 
-/// Prompt tokens the next iteration may prefill (chunked backends).
+/// Prompt tokens the next iteration may prefill (chunked backends), given
+/// the rows waiting for their first token, the prompt tokens they still
+/// need, and the rows decoding.
 ///
-/// A prefill delays every decoding row by its cost, and a row waiting for
-/// its first token waits for every iteration before its prompt's. With
-/// `max_prefill_tokens` per iteration, a burst of `W` waiting rows beside
-/// `D` decoding ones is served in about `W × prompt / max_prefill_tokens`
-/// iterations; when the waiting outnumber the decoding, the budget grows
-/// with the ratio, `max_prefill_tokens × ⌈W / D⌉` (everything up to
-/// `max_burst_prefill_tokens` when nothing decodes): the few decoding rows
-/// pay a longer step so that the many waiting start sooner. When the
-/// decoding rows are the majority (a steady load) the bound is
-/// `max_prefill_tokens`, so inter-token latency stays bounded by one chunk.
-pub fn prefill_budget(limits: &Limits, waiting_rows: usize, decoding_rows: usize) -> usize {
+/// A prefill delays every decoding row by its cost; a waiting row waits for
+/// every iteration before its prompt's last chunk. So the bound is
+/// `max_prefill_tokens` (inter-token latency stays within one chunk), except
+/// - when nothing decodes (nobody waits on the prefill): up to
+///   `max_burst_prefill_tokens`;
+/// - during a burst of short prompts (as many rows waiting as decoding, and
+///   all their prompts within `max_burst_prefill_tokens`): all of them at
+///   once, so the burst starts together after one longer step instead of
+///   over several, e.g. 16 clients arriving with 32-token prompts.
+///
+/// A burst of long prompts gains nothing from larger chunks (its last row
+/// still waits for all of them) and would only stall the decoding rows, so
+/// it is served one chunk at a time.
+pub fn prefill_budget(limits: &Limits, waiting_rows: usize, waiting_tokens: usize, decoding_rows: usize) -> usize {
     let base = limits.max_prefill_tokens.max(1);
     let burst = limits.max_burst_prefill_tokens.max(base);
-    if decoding_rows == 0 {
+    if decoding_rows == 0 || (waiting_rows >= decoding_rows && waiting_tokens <= burst) {
         return burst;
     }
-    base.saturating_mul(waiting_rows.div_ceil(decoding_rows).max(1)).min(burst)
+    base
 }
 
 /// What the policy needs to know of a waiting request.
@@ -205,20 +210,22 @@ mod tests {
     }
 
     #[test]
-    fn the_prefill_budget_grows_only_while_the_waiting_outnumber_the_decoding() {
+    fn the_prefill_budget_grows_for_idle_batches_and_bursts_of_short_prompts() {
         // Nothing decodes: nobody's inter-token time suffers.
-        assert_eq!(prefill_budget(&LIMITS, 16, 0), 1200);
-        assert_eq!(prefill_budget(&LIMITS, 0, 0), 1200);
+        assert_eq!(prefill_budget(&LIMITS, 16, 8000, 0), 1200);
+        assert_eq!(prefill_budget(&LIMITS, 0, 0, 0), 1200);
         // A steady load: one newcomer beside many decoding rows.
-        assert_eq!(prefill_budget(&LIMITS, 1, 15), 300);
-        assert_eq!(prefill_budget(&LIMITS, 4, 4), 300);
-        // A burst: the ratio, rounded up, times the base, up to the cap.
-        assert_eq!(prefill_budget(&LIMITS, 5, 4), 600);
-        assert_eq!(prefill_budget(&LIMITS, 12, 4), 900);
-        assert_eq!(prefill_budget(&LIMITS, 14, 2), 1200);
+        assert_eq!(prefill_budget(&LIMITS, 1, 500, 15), 300);
+        assert_eq!(prefill_budget(&LIMITS, 3, 90, 4), 300);
+        // A burst of short prompts is prefilled at once.
+        assert_eq!(prefill_budget(&LIMITS, 15, 480, 1), 1200);
+        assert_eq!(prefill_budget(&LIMITS, 4, 1200, 4), 1200);
+        // A burst of long prompts goes one chunk at a time.
+        assert_eq!(prefill_budget(&LIMITS, 14, 7000, 2), 300);
+        assert_eq!(prefill_budget(&LIMITS, 4, 1201, 4), 300);
         // A cap below the base never shrinks the base.
         let small = Limits { max_burst_prefill_tokens: 10, ..LIMITS };
-        assert_eq!(prefill_budget(&small, 16, 0), 300);
+        assert_eq!(prefill_budget(&small, 16, 100, 0), 300);
     }
 
     #[test]

@@ -206,7 +206,8 @@ impl Worker {
         let chunked = self.backend.chunks();
         let mut budget = if chunked {
             let waiting = self.prefilling.iter().map(|p| p.slots.len()).sum();
-            admission::prefill_budget(&self.limits, waiting, self.rows.len())
+            let tokens = self.prefilling.iter().map(|p| p.job.request.prompt_ids.len() - p.done).sum();
+            admission::prefill_budget(&self.limits, waiting, tokens, self.rows.len())
         } else {
             self.limits.max_prefill_tokens.max(1)
         };
