@@ -8,11 +8,12 @@
 # OLD_BATCHGEN: release binaries of the commits to compare with (e.g. built in git
 # worktrees), separated by colons; each is run in turn, then this tree's.
 # Needs: cargo build --release --bin batchgen --examples
-# DECODE=0 skips the decode-step table, MEMORY=0 the memory against workers.
+# DECODE=0 skips the decode-step table, LOADS=0 the two loads, MEMORY=0 the memory
+# against workers, SINGLE=0 the single-stream loop.
 set -euo pipefail
 model=$1; olds=${2//:/ }; threads=${3:-2}; rounds=${4:-1}
 new=${NEW_BATCHGEN:-./target/release/batchgen}
-examples=$(dirname "$new")/examples
+examples=${EXAMPLES:-./target/release/examples}
 port=50099
 grep -m1 "model name" /proc/cpuinfo
 grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|fma)$' | tr '\n' ' '; echo
@@ -43,7 +44,7 @@ if [ "${DECODE:-1}" = 1 ]; then
   echo "== decode step against context, 16 rows, nothing prefilling (examples/decode_context)"
   "$examples/decode_context" "$model" "$threads" 16 "$rounds"
 fi
-for round in $(seq "$rounds"); do
+[ "${LOADS:-1}" = 1 ] && for round in $(seq "$rounds"); do
   for bin in $olds $new; do
     log=$(mktemp)
     serve "$bin" "$log"
@@ -70,5 +71,7 @@ done
     rm -f "$log"
   done
 done
-echo "== single stream: built graph without a server (examples/ort_loop ... built)"
-"$examples/ort_loop" "$model" "$threads" 128 3 built
+if [ "${SINGLE:-1}" = 1 ]; then
+  echo "== single stream: built graph without a server (examples/ort_loop ... built)"
+  "$examples/ort_loop" "$model" "$threads" 128 3 built
+fi

@@ -63,7 +63,8 @@ pub struct ValidRequest {
     pub prompt_ids: Vec<u32>,
     pub stop: StopCriteria,
     pub decoding: DecodingPlan,
-    /// Stop on these strings (response side, see `stop.rs`).
+    /// Stop on these strings (matched by the engine as tokens are chosen, see
+    /// `decoding::stopping::SequenceText`).
     pub stop_sequences: Vec<String>,
     pub include_stop_sequence: bool,
     pub top_logprobs: u32,
