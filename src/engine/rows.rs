@@ -7,12 +7,13 @@ use rand_chacha::ChaCha8Rng;
 
 use super::model::Logits;
 use super::{Event, Job};
-use crate::decoding::beam::BeamSearch;
+use crate::decoding::beam::{BeamSearch, Hypothesis};
 use crate::decoding::logits::{self, History};
 use crate::decoding::sampling;
 use crate::decoding::stopping::{Outcome, SequenceText};
 use crate::pb::FinishReason;
 use crate::tokenizer::Tokenizer;
+use crate::validation::ValidRequest;
 
 /// One running sequence: a sample or beam of a request, in its own slot.
 pub(super) struct Row {
@@ -127,8 +128,7 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer
     let search = group[0].beam.as_mut().expect("the first row of a beam group holds its search");
     let step = search.step(&log_probs, &report);
     if step.done {
-        let stop = (&req.stop_sequences, req.include_stop_sequence);
-        let hypotheses = search.results().into_iter().map(|h| hypothesis_text(h, stop, tok)).collect();
+        let hypotheses = search.results().into_iter().map(|h| hypothesis_text(h, req, tok)).collect();
         let _ = job.events.send(Event::Beams { hypotheses, at });
         for row in group.iter_mut() {
             row.done = true;
@@ -147,12 +147,8 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer
 
 /// A finished hypothesis's text, cut (with its tokens) where a stop sequence
 /// matches.
-fn hypothesis_text(
-    mut h: crate::decoding::beam::Hypothesis,
-    (stops, include): (&Vec<String>, bool),
-    tok: &Tokenizer,
-) -> (crate::decoding::beam::Hypothesis, String) {
-    let mut text = SequenceText::new(stops.clone(), include);
+fn hypothesis_text(mut h: Hypothesis, req: &ValidRequest, tok: &Tokenizer) -> (Hypothesis, String) {
+    let mut text = SequenceText::for_request(req);
     let mut out = String::new();
     for (n, c) in h.tokens.iter().enumerate() {
         let last = n + 1 == h.tokens.len();

@@ -310,7 +310,7 @@ impl Worker {
                         let ids = stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
                         Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
                     }),
-                    text: SequenceText::new(job.request.stop_sequences.clone(), job.request.include_stop_sequence),
+                    text: SequenceText::for_request(&job.request),
                     job: job.clone(),
                 }
             })
