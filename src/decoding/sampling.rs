@@ -5,6 +5,35 @@
 //! (log-softmax of the raw logits); the choice is made on the processed
 //! scores (today: tokens masked by `min_new_tokens`).
 
+use super::logits::{self, History, Processors, Warpers};
+
+/// One row's next token: the request's processors on its raw logits, then
+/// greedy choice or, when `sampling` is given, its warpers and a draw from
+/// the row's own generator; reported under the model's own distribution.
+/// Greedy is the configuration without sampling (and with no processor on,
+/// the argmax of the raw logits, with no copy). `scratch` is reused.
+pub fn choose(
+    raw: &[f32],
+    processors: &Processors,
+    sampling: Option<(&Warpers, &mut impl rand::Rng)>,
+    history: &History,
+    masked: &[u32],
+    top: usize,
+    scratch: &mut Vec<f32>,
+) -> Choice {
+    if sampling.is_none() && processors.is_off() {
+        return greedy(raw, masked, top);
+    }
+    scratch.clear();
+    scratch.extend_from_slice(raw);
+    processors.apply(scratch, history, masked);
+    let id = match sampling {
+        Some((warpers, rng)) => logits::sample(&logits::distribution(scratch, warpers), rng),
+        None => argmax_unmasked(scratch, &[]),
+    };
+    report(raw, id, top)
+}
+
 /// The index of the largest value that is not masked; the lowest index wins ties
 /// (as `torch.argmax`).
 pub fn argmax_unmasked(logits: &[f32], masked: &[u32]) -> u32 {

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use super::model::Logits;
 use super::{Event, Job};
 use crate::decoding::beam::{BeamSearch, Hypothesis};
-use crate::decoding::logits::{self, History};
+use crate::decoding::logits::History;
 use crate::decoding::sampling;
 use crate::decoding::stopping::{Outcome, SequenceText};
 use crate::pb::FinishReason;
@@ -86,18 +86,8 @@ pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize], tok: &To
         let raw = logits.row(from[i]);
         let top = req.top_logprobs as usize;
         let plan = &req.decoding;
-        let choice = if plan.sampling.is_none() && plan.processors.is_off() {
-            sampling::greedy(raw, &masked, top)
-        } else {
-            scratch.clear();
-            scratch.extend_from_slice(raw);
-            plan.processors.apply(&mut scratch, &row.history, &masked);
-            let id = match (&plan.sampling, row.rng.as_mut()) {
-                (Some(s), Some(rng)) => logits::sample(&logits::distribution(&scratch, &s.warpers), rng),
-                _ => sampling::argmax_unmasked(&scratch, &[]),
-            };
-            sampling::report(raw, id, top)
-        };
+        let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
+        let choice = sampling::choose(raw, &plan.processors, sampling, &row.history, &masked, top, &mut scratch);
         row.generated += 1;
         row.next = choice.id;
         row.history.push(choice.id);
