@@ -20,6 +20,9 @@ pub enum Command {
     /// Load-test a running server: closed loop at fixed concurrencies and
     /// open loop at Poisson rates, with a sequential baseline in the same run.
     Bench(BenchArgs),
+    /// Draw SVG charts (throughput and latency percentiles against load) of
+    /// a saved `bench --json` run, optionally beside an earlier one.
+    Plot(PlotArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -55,6 +58,25 @@ pub struct BenchArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Write SVG charts of the run into this directory (see `batchgen plot`).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// An earlier run's `--json` output, drawn on the same axes as this run
+    /// with the ratio at every load (with `--plot`).
+    #[arg(long, requires = "plot")]
+    pub compare: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlotArgs {
+    /// A run saved with `batchgen bench --json`.
+    pub run: PathBuf,
+    /// An earlier saved run, drawn on the same axes with the ratio.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    /// Directory the SVG charts are written to.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -30,8 +30,21 @@ fn run() -> anyhow::Result<()> {
             } else {
                 print!("{}", batchgen::bench::table(&levels));
             }
+            if let Some(dir) = &args.plot {
+                let files = batchgen::bench::plot::write_with(dir, "this run", &levels, args.compare.as_deref())?;
+                eprintln!("wrote {} charts into {}", files.len(), dir.display());
+            }
             Ok(())
         }),
+        Command::Plot(args) => {
+            let levels = batchgen::bench::plot::read_run(&args.run)?;
+            let name = args.run.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
+            let files = batchgen::bench::plot::write_with(&args.out, &name, &levels, args.compare.as_deref())?;
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
         Command::Generate(args) => {
             rt.block_on(async { batchgen::client::generate(&args).await.map_err(|e| anyhow::anyhow!("{e}")) })
         }

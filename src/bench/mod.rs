@@ -2,11 +2,13 @@
 //! (like TGI's benchmark tool) and reports throughput and latency per level.
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::config::BenchArgs;
 use crate::pb::{self, generation_client::GenerationClient};
+
+pub mod plot;
 
 /// What one request saw.
 #[derive(Debug, Clone)]
@@ -18,7 +20,7 @@ struct Sample {
     itl: Vec<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
@@ -34,11 +36,12 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
     Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99) }
 }
 
-/// Results of one level (a concurrency or a rate).
-#[derive(Debug, Clone, Serialize)]
+/// Results of one level (a concurrency or a rate); what `--json` prints and
+/// `--compare` / `batchgen plot` read back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Level {
     /// "concurrency" or "rate".
-    pub mode: &'static str,
+    pub mode: String,
     pub value: f64,
     pub requests: usize,
     pub failed: usize,
@@ -103,7 +106,7 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
     let ok: Vec<Sample> = results.into_iter().filter_map(Result::ok).collect();
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
     Level {
-        mode,
+        mode: mode.into(),
         value,
         requests: ok.len(),
         failed,
