@@ -9,20 +9,22 @@
 # worktrees), separated by colons; each is run in turn, then this tree's.
 # Needs: cargo build --release --bin batchgen --examples
 # DECODE=0 skips the decode-step table, LOADS=0 the two loads, MEMORY=0 the memory
-# against workers, SINGLE=0 the single-stream loop.
+# against workers, SINGLE=0 the single-stream loop. Sizes: LONG_PROMPT (500),
+# LONG_NEW (64), SHORT_NEW (128), MEMORY_PROMPT (200), REQUESTS (32) per load.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 model=$1; olds=${2//:/ }; threads=${3:-2}; rounds=${4:-1}
-new=${NEW_BATCHGEN:-./target/release/batchgen}
-examples=${EXAMPLES:-./target/release/examples}
+new=${NEW_BATCHGEN:-$bin/batchgen}
+examples=${EXAMPLES:-$bin/examples}
+long=${LONG_PROMPT:-500}; long_new=${LONG_NEW:-64}; short_new=${SHORT_NEW:-128}
+mem_prompt=${MEMORY_PROMPT:-200}; requests=${REQUESTS:-32}
 port=50099
 grep -m1 "model name" /proc/cpuinfo
 grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|fma)$' | tr '\n' ' '; echo
 
 serve() { # binary, log, [workers]; starts a server and waits until it is ready
-  "$1" serve --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
-    --intra-op-threads "$threads" --workers "${3:-1}" >"$2" 2>&1 &
-  pid=$!
-  until grep -q "serving (ready" "$2"; do kill -0 $pid 2>/dev/null || { cat "$2"; exit 1; }; sleep 0.05; done
+  serve_ready "$1" "$2" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
+    --intra-op-threads "$threads" --workers "${3:-1}"
 }
 
 summary='
@@ -50,8 +52,8 @@ fi
     serve "$bin" "$log"
     echo "== round $round: $bin"
     grep -E "VmRSS" /proc/$pid/status | sed 's/^/  idle /'
-    load "long prompts" --concurrency 16 --prompt-tokens 500 --new-tokens 64 --requests 32
-    load "short prompts" --concurrency 16 --prompt-tokens 32 --new-tokens 128 --requests 32
+    load "long prompts" --concurrency 16 --prompt-tokens "$long" --new-tokens "$long_new" --requests "$requests"
+    load "short prompts" --concurrency 16 --prompt-tokens 32 --new-tokens "$short_new" --requests "$requests"
     grep -E "VmHWM" /proc/$pid/status | sed 's/^/  peak /'
     kill $pid; wait $pid 2>/dev/null || true
     rm -f "$log"
@@ -63,7 +65,7 @@ done
     log=$(mktemp)
     serve "$bin" "$log" "$workers"
     idle=$(grep VmRSS /proc/$pid/status | awk '{print $2}')
-    "$new" bench --target http://127.0.0.1:$port --concurrency 16 --prompt-tokens 200 --new-tokens 32 --requests 32 \
+    "$new" bench --target http://127.0.0.1:$port --concurrency 16 --prompt-tokens "$mem_prompt" --new-tokens 32 --requests "$requests" \
       >/dev/null 2>&1
     peak=$(grep VmHWM /proc/$pid/status | awk '{print $2}')
     echo "  $bin, $workers worker(s): idle RSS $((idle / 1024)) MiB, peak under load $((peak / 1024)) MiB"

@@ -5,26 +5,23 @@
 # alternating so both see the same machine state.
 #   scripts/bench_single_stream.sh MODEL_DIR [THREADS] [ROUNDS]
 # Needs a release build (cargo build --release --examples) and python3 with
-# onnxruntime==1.32.0 and numpy.
+# onnxruntime==1.32.0 and numpy (PYTHON=...); BATCHGEN_BIN_DIR: see scripts/lib.sh.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 model=$1; threads=${2:-2}; rounds=${3:-3}
 python=${PYTHON:-python3}
 port=50077
-start=$(date +%s.%N)
-./target/release/batchgen serve --model "$model" --listen 127.0.0.1:$port --intra-op-threads "$threads" \
-  > /tmp/batchgen-bench.log 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null' EXIT
-until grep -q "serving (ready" /tmp/batchgen-bench.log; do
-  kill -0 $pid 2>/dev/null || { cat /tmp/batchgen-bench.log; exit 1; }
-  sleep 0.05
-done
-echo "batchgen ready in $(echo "$(date +%s.%N) - $start" | bc) s (process start to listening)"
+log=$(mktemp)
+trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
+start=$(date +%s%N)
+serve_ready "$bin/batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
+  --intra-op-threads "$threads"
+echo "batchgen ready in $(( ($(date +%s%N) - start) / 1000000 )) ms (process start to ready)"
 for r in $(seq "$rounds"); do
   echo "== round $r: batchgen"
-  ./target/release/examples/single_stream http://127.0.0.1:$port 32 128 2
+  "$bin/examples/single_stream" http://127.0.0.1:$port 32 128 2
   echo "== round $r: plain ORT loop in Rust (examples/ort_loop.rs; server idle)"
-  ./target/release/examples/ort_loop "$model" "$threads" 128 2
+  "$bin/examples/ort_loop" "$model" "$threads" 128 2
   echo "== round $r: plain ONNX Runtime loop (Python)"
   "$python" scripts/ort_loop.py "$model" --prompt-tokens 32 --new-tokens 128 --threads "$threads" --runs 2 | grep run
 done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: the Rust tests (unit, end-to-end against the real
 # server on batchgen's own graph, then again on the exported graph, metrics
-# with a real Prometheus when installed), then the Python and
+# with a real Prometheus when installed), the benchmark scripts as a smoke
+# test, then the Python and
 # Node example clients against the real server binary. Needs Rust, python3
 # with pip and venv, Node.js with npm; dependencies come from the registries.
 set -euo pipefail
@@ -10,6 +11,9 @@ cargo test
 # The end-to-end tests again on the ONNX export as it is (--graph exported,
 # the left-padded path), which must stay as exact as batchgen's own graph.
 BATCHGEN_TEST_GRAPH=exported cargo test --test generation --test decoding --test batching --test variants --test metrics --test ecosystem
+# Every benchmark script, as a smoke test on the tiny fixture (debug binaries,
+# few tokens), so that the commands of BENCHMARKS.md cannot rot.
+scripts/bench_smoke.sh
 # The clients run the binary cargo test just built.
 export BATCHGEN_BIN="$PWD/target/debug/batchgen"
 venv=target/python-client-venv
