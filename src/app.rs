@@ -37,14 +37,18 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     if l.default_max_new_tokens == 0 || l.default_max_new_tokens > l.max_new_tokens {
         return Err(StartupError::Limits { default: l.default_max_new_tokens, max: l.max_new_tokens });
     }
+    let t = Instant::now();
     let rt = runtime::init(args.runtime.onnxruntime.as_deref())?;
     tracing::info!(path = %rt.path.display(), source = ?rt.source, "ONNX Runtime loaded");
+    phase("onnxruntime", t);
     let choice = args.model.graph;
+    let t = Instant::now();
     let files =
         ModelFiles::resolve(&args.model.model, args.model.revision.as_deref(), choice == GraphChoice::Exported)?;
     let config = ModelConfig::load(&files)?;
     let tokenizer = Tokenizer::from_file(&files.tokenizer)
         .map_err(|e| ModelError::Tokenizer { path: files.tokenizer.clone(), reason: e.0 })?;
+    phase("model files", t);
     let options = SessionOptions { intra_op_threads: args.runtime.intra_op_threads };
     let workers = args.runtime.workers.max(1);
     let slots = l.max_batch_size.max(1);
@@ -53,6 +57,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             let t = Instant::now();
             let session_err = |detail: String| ModelError::Session { path: shared.weights.source.clone(), detail };
             let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
+            phase("session", t);
             let backends = (0..workers)
                 .map(|_| -> Result<Box<dyn Backend>, ModelError> {
                     let model = BuiltModel::new(session.clone(), &shared.shape, slots)
@@ -79,9 +84,11 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 dir: files.config.parent().map(Into::into).unwrap_or_default(),
                 candidates: crate::model::ONNX_CANDIDATES.join(", "),
             })?;
+            let t = Instant::now();
             let models = (0..workers)
                 .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
                 .collect::<Result<Vec<_>, _>>()?;
+            phase("session", t);
             let sig = &models[0].signature;
             tracing::info!(
                 onnx = %onnx.display(),
@@ -148,6 +155,13 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     Ok(Loaded { state: Arc::new(state), worker_threads })
 }
 
+/// Logs that a start-up phase took since `started`: one line per phase in
+/// text logs, an event with `phase` and `seconds` fields in JSON logs.
+fn phase(name: &'static str, started: Instant) {
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(phase = name, seconds, "start-up phase {name}: {seconds:.2} s");
+}
+
 /// The weights for the built graph, or `None` to run the export as it is:
 /// `--graph exported`, or `auto` when they cannot be read (logged).
 fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<SharedModel>, StartupError> {
@@ -155,9 +169,14 @@ fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<Shared
         return Ok(None);
     }
     let read = || -> Result<SharedModel, WeightsError> {
+        let t = Instant::now();
         let shape = Gpt2Shape::load(&files.config)?;
         let weights = Weights::from_files(files, &shape)?;
-        Ok(SharedModel::new(shape, weights))
+        phase("weights", t);
+        let t = Instant::now();
+        let model = SharedModel::new(shape, weights);
+        phase("graph", t);
+        Ok(model)
     };
     match read() {
         Ok(shared) => Ok(Some(shared)),

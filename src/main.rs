@@ -14,7 +14,10 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let json = matches!(&cli.command, Command::Serve(a) if a.server.log_format == "json");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: a log file or a collector gets no
+    // control sequences.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json {
         logs.json().init();
     } else {
