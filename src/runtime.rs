@@ -146,6 +146,8 @@ pub fn download_into(dir: &Path) -> Result<PathBuf, RuntimeError> {
         .args(["--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON])
         .args(["--implementation", "cp", "--abi", WHEEL_ABI])
         .arg(format!("onnxruntime=={ORT_VERSION}"))
+        // pip's own progress bar on a terminal, none in a log.
+        .args(["--progress-bar", if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "on" } else { "off" }])
         .arg("-d")
         .arg(&tmp)
         .status()

@@ -18,7 +18,9 @@ pub fn looks_like_hub_id(s: &str) -> bool {
 /// external weights, when the repository has them).
 pub fn download(id: &str, revision: Option<&str>, want_onnx: bool) -> Result<ModelFiles, ModelError> {
     let err = |reason: String| ModelError::Hub { id: id.into(), reason };
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false).build().map_err(|e| err(e.to_string()))?;
+    // Download bars (bytes, rate, ETA) only on a terminal; logs stay plain.
+    let bars = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(bars).build().map_err(|e| err(e.to_string()))?;
     let repo = match revision {
         Some(rev) => api.repo(hf_hub::Repo::with_revision(id.into(), hf_hub::RepoType::Model, rev.into())),
         None => api.model(id.into()),
