@@ -185,8 +185,9 @@ pub struct LimitArgs {
     #[arg(long, env = "BATCHGEN_MAX_PREFILL_TOKENS", default_value_t = 128)]
     pub max_prefill_tokens: usize,
     /// Prompt tokens one iteration may prefill when nothing decodes, or when
-    /// a burst of short prompts arrives (at least as many rows waiting for
-    /// their first token as decoding, and all their prompts within this):
+    /// a burst of short prompts arrives (as many rows waiting for their first
+    /// token as decoding, each prompt within `--max-prefill-tokens`, all of
+    /// them within this):
     /// then they are prefilled at once instead of `--max-prefill-tokens` per
     /// iteration. Set it to `--max-prefill-tokens` to never grow.
     #[arg(long, env = "BATCHGEN_MAX_BURST_PREFILL_TOKENS", default_value_t = 1024)]

@@ -205,9 +205,14 @@ impl Worker {
     fn prefill(&mut self) {
         let chunked = self.backend.chunks();
         let mut budget = if chunked {
-            let waiting = self.prefilling.iter().map(|p| p.slots.len()).sum();
-            let tokens = self.prefilling.iter().map(|p| p.job.request.prompt_ids.len() - p.done).sum();
-            admission::prefill_budget(&self.limits, waiting, tokens, self.rows.len())
+            let mut waiting = admission::Waiting::default();
+            for p in &self.prefilling {
+                let left = p.job.request.prompt_ids.len() - p.done;
+                waiting.rows += p.slots.len();
+                waiting.tokens += left;
+                waiting.longest = waiting.longest.max(left);
+            }
+            admission::prefill_budget(&self.limits, waiting, self.rows.len())
         } else {
             self.limits.max_prefill_tokens.max(1)
         };
