@@ -43,6 +43,10 @@ impl Measure {
         }
     }
 
+    fn is_latency(self) -> bool {
+        matches!(self, Measure::Ttft | Measure::Itl)
+    }
+
     fn axis(self) -> &'static str {
         match self {
             Measure::TokensPerSecond => "generated tokens per second",
@@ -115,17 +119,46 @@ fn chart(path: &Path, runs: &[(&str, Vec<&Level>)], m: Measure, x_axis: &str) ->
         Some(r) => format!("{} against load — {r}", m.axis()),
         None => format!("{} against load", m.axis()),
     };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(16)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d((lo / 1.3..hi * 1.3).log_scale(), 0.0..(y_max * 1.15).max(1e-9))
-        .map_err(|e| err(&e))?;
+    let builder = || {
+        let mut b = ChartBuilder::on(&root);
+        b.caption(title.clone(), ("sans-serif", 18)).margin(16).x_label_area_size(50).y_label_area_size(70);
+        b
+    };
+    let x = (lo / 1.3..hi * 1.3).log_scale();
+    let y_min = runs
+        .iter()
+        .flat_map(|(_, ls)| ls.iter().flat_map(|l| m.values(l)))
+        .map(|v| v.1)
+        .filter(|&v| v > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    // Latencies that span more than a decade read better on a log axis.
+    if m.is_latency() && y_min.is_finite() && y_max / y_min > 20.0 {
+        let chart = builder().build_cartesian_2d(x, (y_min / 1.5..y_max * 1.5).log_scale()).map_err(|e| err(&e))?;
+        draw(chart, runs, m, x_axis, &format!("{} (log scale)", m.axis()))?;
+    } else {
+        let chart = builder().build_cartesian_2d(x, 0.0..(y_max * 1.15).max(1e-9)).map_err(|e| err(&e))?;
+        draw(chart, runs, m, x_axis, m.axis())?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+/// Draws the mesh, every run's series and the legend on `chart`.
+fn draw<'a, X, Y>(
+    mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    runs: &[(&str, Vec<&Level>)],
+    m: Measure,
+    x_axis: &str,
+    y_axis: &str,
+) -> Result<(), String>
+where
+    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
+    let err = |e: &dyn std::fmt::Debug| format!("{e:?}");
     chart
         .configure_mesh()
         .x_desc(x_axis)
-        .y_desc(m.axis())
+        .y_desc(y_axis)
         .x_label_formatter(&|x| format!("{x}"))
         .light_line_style(TRANSPARENT)
         .axis_desc_style(("sans-serif", 16))
@@ -165,8 +198,7 @@ fn chart(path: &Path, runs: &[(&str, Vec<&Level>)], m: Measure, x_axis: &str) ->
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
+        .map_err(|e| err(&e))
 }
 
 /// Reads a run saved with `batchgen bench --json`.
