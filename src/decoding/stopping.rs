@@ -158,12 +158,19 @@ impl SequenceText {
             Outcome::Stopped(t) => return (t, Some(FinishReason::StopSequence)),
             Outcome::Text(t) => t,
         };
-        if finish.is_none() {
+        let Some(reason) = finish else {
             return (text, None);
-        }
+        };
+        let (rest, reason) = self.end(tok, reason);
+        (text + &rest, Some(reason))
+    }
+
+    /// The sequence ends for `reason`: the held-back text, and the reason,
+    /// which becomes STOP_SEQUENCE when that text completes a stop sequence.
+    pub fn end(&mut self, tok: &Tokenizer, reason: FinishReason) -> (String, FinishReason) {
         match self.finish(tok) {
-            Outcome::Text(rest) => (text + &rest, finish),
-            Outcome::Stopped(rest) => (text + &rest, Some(FinishReason::StopSequence)),
+            Outcome::Text(rest) => (rest, reason),
+            Outcome::Stopped(rest) => (rest, FinishReason::StopSequence),
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{Event, Job};
 use crate::decoding::beam::{BeamSearch, Hypothesis};
 use crate::decoding::logits::History;
 use crate::decoding::sampling;
-use crate::decoding::stopping::{Outcome, SequenceText};
+use crate::decoding::stopping::SequenceText;
 use crate::pb::FinishReason;
 use crate::tokenizer::Tokenizer;
 use crate::validation::ValidRequest;
@@ -42,16 +42,10 @@ impl Row {
     /// Ends the row (cancelled, deadline): tells its client why, with the
     /// text it held back, when it is one of the sequences the client sees.
     pub fn end(&mut self, tok: &Tokenizer, reason: Option<FinishReason>) {
-        if let Some(mut reason) = reason
+        if let Some(reason) = reason
             && self.index < self.job.request.decoding.sequences()
         {
-            let text = match self.text.finish(tok) {
-                Outcome::Text(t) => t,
-                Outcome::Stopped(t) => {
-                    reason = FinishReason::StopSequence;
-                    t
-                }
-            };
+            let (text, reason) = self.text.end(tok, reason);
             let _ = self.job.events.send(Event::Ended { index: self.index, reason, text });
         }
         self.done = true;
