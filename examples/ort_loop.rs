@@ -108,7 +108,7 @@ fn built_loop(
         let (mut tokens, mut past) = (prompt.clone(), 0usize);
         for _ in 0..new_tokens {
             let t = Instant::now();
-            let logits = model.run(0..1, &[RowInput { tokens: &tokens, past, logits: true }])?;
+            let logits = model.run(0..1, &[RowInput { tokens: &tokens, past, logits: 1 }])?;
             let last = logits.row(0);
             let next = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
             past += tokens.len();

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use crate::config::{GraphChoice, ServeArgs};
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
-use crate::graph::{BuiltModel, Gpt2Shape, SharedModel, Weights, WeightsError};
+use crate::eval::QualityCheck;
+use crate::graph::{BuiltModel, Gpt2Shape, Precision, SharedModel, Weights, WeightsError};
 use crate::model::{ModelConfig, ModelError, ModelFiles};
 use crate::runtime::{self, RuntimeError};
 use crate::server::AppState;
@@ -19,6 +20,8 @@ pub enum StartupError {
     Model(#[from] ModelError),
     #[error("--graph built: {0}")]
     Weights(#[from] WeightsError),
+    #[error("--weights {0} needs batchgen's own graph (--graph built or auto); the export runs as it is")]
+    Precision(Precision),
     #[error("--default-max-new-tokens ({default}) must be between 1 and --max-new-tokens ({max})")]
     Limits { default: u32, max: u32 },
 }
@@ -42,6 +45,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     tracing::info!(path = %rt.path.display(), source = ?rt.source, "ONNX Runtime loaded");
     phase("onnxruntime", t);
     let choice = args.model.graph;
+    if args.model.weights != Precision::Fp32 && choice == GraphChoice::Exported {
+        return Err(StartupError::Precision(args.model.weights));
+    }
     let t = Instant::now();
     let files =
         ModelFiles::resolve(&args.model.model, args.model.revision.as_deref(), choice == GraphChoice::Exported)?;
@@ -52,64 +58,91 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let options = SessionOptions { intra_op_threads: args.runtime.intra_op_threads };
     let workers = args.runtime.workers.max(1);
     let slots = l.max_batch_size.max(1);
-    let (backends, kv_dtype): (Vec<Box<dyn Backend>>, String) = match read_weights(&files, choice)? {
-        Some(shared) => {
-            let t = Instant::now();
-            let session_err = |detail: String| ModelError::Session { path: shared.weights.source.clone(), detail };
-            let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
-            phase("session", t);
-            let backends = (0..workers)
-                .map(|_| -> Result<Box<dyn Backend>, ModelError> {
-                    let model = BuiltModel::new(session.clone(), &shared.shape, slots)
-                        .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
-                    Ok(Box::new(SlotBackend::new(model)))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let s = &shared.shape;
-            tracing::info!(
-                weights = %shared.weights.source.display(),
-                layers = s.layers,
-                heads = s.heads,
-                width = s.width,
-                context = s.positions,
-                workers,
-                "built graph: one session shared by {workers} worker(s) in {:.2?} (model loaded in {:.2?})",
-                t.elapsed(),
-                t0.elapsed()
-            );
-            (backends, "float32".to_string())
-        }
-        None => {
-            let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
-                dir: files.config.parent().map(Into::into).unwrap_or_default(),
-                candidates: crate::model::ONNX_CANDIDATES.join(", "),
-            })?;
-            let t = Instant::now();
-            let models = (0..workers)
-                .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
-                .collect::<Result<Vec<_>, _>>()?;
-            phase("session", t);
-            let sig = &models[0].signature;
-            tracing::info!(
-                onnx = %onnx.display(),
-                layers = sig.layers,
-                heads = sig.heads,
-                kv = %sig.kv_dtype,
-                position_ids = sig.has_position_ids,
-                merged = sig.has_use_cache_branch,
-                "exported graph loaded in {:.2?}",
-                t0.elapsed()
-            );
-            let (pad_id, kv_dtype) = (config.eos_token_id, sig.kv_dtype.to_string());
-            (
-                models
-                    .into_iter()
-                    .map(|m| Box::new(PaddedBackend::new(m, pad_id, slots)) as Box<dyn Backend>)
-                    .collect(),
-                kv_dtype,
-            )
-        }
-    };
+    let precision = args.model.weights;
+    let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) =
+        match read_weights(&files, choice, precision)? {
+            Some((shape, fp32)) => {
+                let source = fp32.source.clone();
+                let session_err = |detail: String| ModelError::Session { path: source.clone(), detail };
+                let eval_err = |e: String| session_err(format!("--eval-text: {e}"));
+                let mut quality = match &args.model.eval_text {
+                    Some(path) => Some(QualityCheck::read(path, args.model.eval_tokens, &tokenizer).map_err(eval_err)?),
+                    None => None,
+                };
+                if let Some(q) = quality.as_mut().filter(|_| precision != Precision::Fp32) {
+                    q.baseline(&shape, &fp32, &rt.env, &options).map_err(eval_err)?;
+                }
+                let t = Instant::now();
+                let weights = fp32.quantized(&shape, precision);
+                drop(fp32);
+                if precision != Precision::Fp32 {
+                    phase("quantize", t);
+                }
+                let t = Instant::now();
+                let shared = SharedModel::new(shape, weights);
+                phase("graph", t);
+                let t = Instant::now();
+                let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
+                phase("session", t);
+                if let Some(q) = quality {
+                    q.log(&session, &shared.shape, precision).map_err(eval_err)?;
+                }
+                let backends = (0..workers)
+                    .map(|_| -> Result<Box<dyn Backend>, ModelError> {
+                        let model = BuiltModel::new(session.clone(), &shared.shape, slots)
+                            .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
+                        Ok(Box::new(SlotBackend::new(model)))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let s = &shared.shape;
+                tracing::info!(
+                    weights = %shared.weights.source.display(),
+                    precision = %precision,
+                    weight_bytes = shared.weights.data.len(),
+                    layers = s.layers,
+                    heads = s.heads,
+                    width = s.width,
+                    context = s.positions,
+                    workers,
+                    "built graph: one session shared by {workers} worker(s) in {:.2?} (model loaded in {:.2?})",
+                    t.elapsed(),
+                    t0.elapsed()
+                );
+                (backends, "float32".to_string(), precision.to_string())
+            }
+            None => {
+                let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
+                    dir: files.config.parent().map(Into::into).unwrap_or_default(),
+                    candidates: crate::model::ONNX_CANDIDATES.join(", "),
+                })?;
+                let t = Instant::now();
+                let models = (0..workers)
+                    .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
+                    .collect::<Result<Vec<_>, _>>()?;
+                phase("session", t);
+                let sig = &models[0].signature;
+                tracing::info!(
+                    onnx = %onnx.display(),
+                    layers = sig.layers,
+                    heads = sig.heads,
+                    kv = %sig.kv_dtype,
+                    position_ids = sig.has_position_ids,
+                    merged = sig.has_use_cache_branch,
+                    "exported graph loaded in {:.2?}",
+                    t0.elapsed()
+                );
+                let (pad_id, kv_dtype) = (config.eos_token_id, sig.kv_dtype.to_string());
+                let weights = if kv_dtype == "float16" { "fp16" } else { "fp32" }.to_string();
+                (
+                    models
+                        .into_iter()
+                        .map(|m| Box::new(PaddedBackend::new(m, pad_id, slots)) as Box<dyn Backend>)
+                        .collect(),
+                    kv_dtype,
+                    weights,
+                )
+            }
+        };
     // A backend that cannot chunk prompts prefills them whole, so there the
     // prefill bound is also the longest prompt.
     let prefill_cap = if backends[0].chunks() { u32::MAX } else { l.max_prefill_tokens as u32 };
@@ -137,6 +170,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let state = AppState {
         model_name: files.name,
         kv_dtype,
+        weights,
         tokenizer,
         limits: Limits {
             vocab_size: config.vocab_size,
@@ -162,25 +196,27 @@ fn phase(name: &'static str, started: Instant) {
     tracing::info!(phase = name, seconds, "start-up phase {name}: {seconds:.2} s");
 }
 
-/// The weights for the built graph, or `None` to run the export as it is:
-/// `--graph exported`, or `auto` when they cannot be read (logged).
-fn read_weights(files: &ModelFiles, choice: GraphChoice) -> Result<Option<SharedModel>, StartupError> {
+/// The weights for the built graph (float32), or `None` to run the export
+/// as it is: `--graph exported`, or `auto` when they cannot be read (logged;
+/// not with `--weights int8`, which needs them).
+fn read_weights(
+    files: &ModelFiles,
+    choice: GraphChoice,
+    precision: Precision,
+) -> Result<Option<(Gpt2Shape, Weights)>, StartupError> {
     if choice == GraphChoice::Exported {
         return Ok(None);
     }
-    let read = || -> Result<SharedModel, WeightsError> {
+    let read = || -> Result<(Gpt2Shape, Weights), WeightsError> {
         let t = Instant::now();
         let shape = Gpt2Shape::load(&files.config)?;
         let weights = Weights::from_files(files, &shape)?;
         phase("weights", t);
-        let t = Instant::now();
-        let model = SharedModel::new(shape, weights);
-        phase("graph", t);
-        Ok(model)
+        Ok((shape, weights))
     };
     match read() {
-        Ok(shared) => Ok(Some(shared)),
-        Err(e) if choice == GraphChoice::Auto && files.onnx.is_some() => {
+        Ok(read) => Ok(Some(read)),
+        Err(e) if choice == GraphChoice::Auto && files.onnx.is_some() && precision == Precision::Fp32 => {
             tracing::warn!(
                 "cannot build batchgen's own graph ({e}); serving the ONNX export as it is (--graph exported)"
             );

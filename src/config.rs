@@ -23,6 +23,53 @@ pub enum Command {
     /// Draw SVG charts (throughput and latency percentiles against load) of
     /// a saved `bench --json` run, optionally beside an earlier one.
     Plot(PlotArgs),
+    /// Measure what a weight precision costs in quality: perplexity of a text
+    /// (sliding window) and top-1 agreement with float32, with throughput.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// A GPT-2 model directory or hub id, as for `serve`.
+    #[arg(long, env = "BATCHGEN_MODEL")]
+    pub model: String,
+    /// Hub revision when --model is a hub id.
+    #[arg(long, env = "BATCHGEN_REVISION")]
+    pub revision: Option<String>,
+    /// The text to score (UTF-8).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Precisions measured against float32 (which is always measured first).
+    #[arg(long, value_delimiter = ',', default_value = "int8,int8-fp32-head", value_enum)]
+    pub weights: Vec<crate::graph::Precision>,
+    /// Tokens per perplexity window (0: the model's context).
+    #[arg(long, default_value_t = 0)]
+    pub window: usize,
+    /// Tokens between window starts (0: half the window).
+    #[arg(long, default_value_t = 0)]
+    pub stride: usize,
+    /// Score only the text's first this many tokens (0: all of it).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: usize,
+    /// Greedy continuations compared with float32's: how many prompts
+    /// (slices of the text spread over it), ...
+    #[arg(long, default_value_t = 32)]
+    pub prompts: usize,
+    /// ... how long each prompt is, ...
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// ... and how many tokens float32 continues each with.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Path to libonnxruntime.so (1.32), found as `serve` finds it when not given.
+    #[arg(long = "onnxruntime", env = "ORT_DYLIB_PATH")]
+    pub onnxruntime: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (0: every core).
+    #[arg(long, env = "BATCHGEN_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -104,6 +151,21 @@ pub struct ModelArgs {
     /// join and eviction), or "auto" (built when the weights can be read).
     #[arg(long, env = "BATCHGEN_GRAPH", default_value = "auto", value_enum)]
     pub graph: GraphChoice,
+    /// Precision of the weights (built graph only): "fp32" as read; "int8"
+    /// per output channel for every layer's MatMuls and the LM head, made at
+    /// load; "int8-fp32-head" the same with the LM head left in float32.
+    /// Measure what it costs with `batchgen eval` or `--eval-text`.
+    #[arg(long, env = "BATCHGEN_WEIGHTS", default_value = "fp32", value_enum)]
+    pub weights: crate::graph::Precision,
+    /// A text file to measure the quality of `--weights` on at start-up: the
+    /// perplexity of its first `--eval-tokens` tokens and the top-1 agreement
+    /// with float32, logged in one line before serving (costs a float32
+    /// session for the duration of the measurement).
+    #[arg(long, env = "BATCHGEN_EVAL_TEXT")]
+    pub eval_text: Option<PathBuf>,
+    /// Tokens of `--eval-text` measured at start-up.
+    #[arg(long, env = "BATCHGEN_EVAL_TOKENS", default_value_t = 2048)]
+    pub eval_tokens: usize,
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long, env = "BATCHGEN_REVISION")]
     pub revision: Option<String>,

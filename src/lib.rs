@@ -10,6 +10,7 @@ pub mod config;
 pub mod decoding;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod graph;
 pub mod model;
 pub mod runtime;

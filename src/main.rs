@@ -48,6 +48,15 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Eval(args) => {
+            let report = batchgen::eval::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", batchgen::eval::table(&report));
+            }
+            Ok(())
+        }
         Command::Generate(args) => {
             rt.block_on(async { batchgen::client::generate(&args).await.map_err(|e| anyhow::anyhow!("{e}")) })
         }

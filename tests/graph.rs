@@ -40,7 +40,7 @@ fn built_graph_logits_equal_the_exported_graph() {
         // Prefill in chunks of 20 tokens: one row per run, on its own slot.
         let mut logits = None;
         for (c, chunk) in p.chunks(20).enumerate() {
-            let row = RowInput { tokens: chunk, past: c * 20, logits: true };
+            let row = RowInput { tokens: chunk, past: c * 20, logits: 1 };
             logits = Some(model.run(slot..slot + 1, &[row]).unwrap());
         }
         let logits = logits.unwrap();
@@ -59,7 +59,7 @@ fn built_graph_logits_equal_the_exported_graph() {
             wanted[slot] = true;
         }
         let rows: Vec<RowInput<'_>> =
-            (0..6).map(|s| RowInput { tokens: &tokens[s], past: past[s], logits: wanted[s] }).collect();
+            (0..6).map(|s| RowInput { tokens: &tokens[s], past: past[s], logits: usize::from(wanted[s]) }).collect();
         let logits = model.run(0..6, &rows).unwrap();
         for (i, _) in slots.iter().enumerate() {
             seqs[i].push(last[i]);
@@ -72,10 +72,8 @@ fn built_graph_logits_equal_the_exported_graph() {
     // A copied slot continues exactly like its source.
     let len = seqs[1].len();
     model.cache.copy_slot(2, 3, len);
-    let rows = [
-        RowInput { tokens: &[last[1]], past: len, logits: true },
-        RowInput { tokens: &[last[1]], past: len, logits: true },
-    ];
+    let rows =
+        [RowInput { tokens: &[last[1]], past: len, logits: 1 }, RowInput { tokens: &[last[1]], past: len, logits: 1 }];
     let logits = model.run(2..4, &rows).unwrap();
     assert_eq!(logits.row(0), logits.row(1));
     assert_eq!(shape.layers, 2);
@@ -89,7 +87,7 @@ fn prompts_prefilled_together_equal_the_exported_graph() {
     let mut session = common::fixture_session();
     let prompts: Vec<Vec<u32>> =
         vec![(0..9).map(|i| 300 + i * 5).collect(), vec![464, 2068], (0..23).map(|i| 1000 + i).collect()];
-    let rows: Vec<RowInput<'_>> = prompts.iter().map(|p| RowInput { tokens: p, past: 0, logits: true }).collect();
+    let rows: Vec<RowInput<'_>> = prompts.iter().map(|p| RowInput { tokens: p, past: 0, logits: 1 }).collect();
     let logits = model.run(1..4, &rows).unwrap();
     let mut next = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -101,7 +99,7 @@ fn prompts_prefilled_together_equal_the_exported_graph() {
     // next tokens and never attended to.
     let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
     let rows: Vec<RowInput<'_>> =
-        prompts.iter().zip(&tokens).map(|(p, t)| RowInput { tokens: t, past: p.len(), logits: true }).collect();
+        prompts.iter().zip(&tokens).map(|(p, t)| RowInput { tokens: t, past: p.len(), logits: 1 }).collect();
     let logits = model.run(1..4, &rows).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let seq: Vec<i64> = p.iter().chain([&next[i]]).map(|&t| i64::from(t)).collect();

@@ -66,3 +66,31 @@ fn json_logs_carry_each_phase_as_an_event() {
     }
     assert!(phases.iter().all(|p| p.1 >= 0.0 && p.1 < 120.0), "{phases:?}");
 }
+
+/// `--weights int8 --eval-text`: quantized at load (its own phase), then the
+/// quality line with float32's figure beside it, before serving.
+#[test]
+fn int8_weights_log_their_measured_quality_before_serving() {
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval-text.txt");
+    let text = text.to_string_lossy();
+    let log = startup_log(&["--graph", "built", "--weights", "int8", "--eval-text", &text, "--eval-tokens", "300"]);
+    assert!(log.contains("start-up phase quantize: "), "{log}");
+    let line = log.lines().find(|l| l.contains("quality: int8 perplexity")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(" vs fp32 ") && line.contains("top-1 agreement with fp32 ") && line.contains("(299 tokens)"));
+    assert!(log.contains("precision=int8"), "{log}");
+    let quality = log.find("quality: int8").unwrap();
+    assert!(quality < log.find("serving (ready").unwrap(), "{log}");
+}
+
+#[test]
+fn int8_weights_are_refused_for_an_export_served_as_it_is() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchgen"))
+        .args(["serve", "--model"])
+        .arg(common::fixture_dir())
+        .args(["--graph", "exported", "--weights", "int8", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--weights int8 needs batchgen's own graph"), "{err}");
+}

@@ -162,10 +162,8 @@ impl Backend for SlotBackend {
                 }
             }
             let group = &chunks[i..j];
-            let rows: Vec<RowInput<'_>> = group
-                .iter()
-                .map(|c| RowInput { tokens: c.tokens, past: self.slots.lens[c.slot], logits: true })
-                .collect();
+            let rows: Vec<RowInput<'_>> =
+                group.iter().map(|c| RowInput { tokens: c.tokens, past: self.slots.lens[c.slot], logits: 1 }).collect();
             let logits = self.model.run(group[0].slot..group[0].slot + group.len(), &rows)?;
             for c in group {
                 self.slots.lens[c.slot] += c.tokens.len();
@@ -203,7 +201,7 @@ impl Backend for SlotBackend {
             .map(|s| RowInput {
                 tokens: &tokens[s - lo],
                 past: self.slots.lens[s],
-                logits: wanted[s - lo] != usize::MAX,
+                logits: usize::from(wanted[s - lo] != usize::MAX),
             })
             .collect();
         let logits = self.model.run(lo..hi + 1, &inputs)?;

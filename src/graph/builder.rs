@@ -16,8 +16,12 @@
 //! next SkipLayerNormalization, MatMul + FastGelu (bias fused) for the MLP.
 //! The LM head (Gemm against the tied embedding, transposed in the kernel)
 //! runs on the `logits_index` rows only.
+//!
+//! With int8 weights (`quant`) each of those MatMuls (and the LM head, when
+//! it is quantized too) is a `DynamicQuantizeMatMul` instead.
 use super::onnx::{self, tensor_proto::DataType};
-use super::weights::{Activation, Gpt2Shape, Weights};
+use super::quant;
+use super::weights::{Activation, Elem, Gpt2Shape, Weights};
 
 /// Name of the in-memory "file" the weight initializers point into.
 pub const WEIGHTS_FILE: &str = "batchgen-weights.bin";
@@ -107,9 +111,13 @@ impl Graph {
     fn weight(&mut self, weights: &Weights, name: &str) -> String {
         let slice = &weights.index[name];
         let entry = |k: &str, v: String| onnx::StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        let dtype = match slice.elem {
+            Elem::F32 => DataType::Float,
+            Elem::I8 => DataType::Int8,
+        };
         self.initializers.push(onnx::TensorProto {
             name: Some(name.into()),
-            data_type: Some(DataType::Float as i32),
+            data_type: Some(dtype as i32),
             dims: slice.dims.iter().map(|&d| d as i64).collect(),
             data_location: Some(onnx::tensor_proto::DataLocation::External as i32),
             external_data: vec![
@@ -120,6 +128,28 @@ impl Graph {
             ..Default::default()
         });
         name.to_string()
+    }
+
+    /// `out = input × W (+ bias)`: a MatMul (Gemm with a bias) for a float32
+    /// weight, a DynamicQuantizeMatMul (bias fused) for an int8 one.
+    fn matmul(&mut self, weights: &Weights, input: &str, w: &str, bias: Option<&str>, out: &str) {
+        if weights.index[w].elem == Elem::I8 {
+            let (q, s, z) = (
+                self.weight(weights, w),
+                self.weight(weights, &quant::scale_name(w)),
+                self.weight(weights, &quant::zero_point_name(w)),
+            );
+            let b = bias.map(|b| self.weight(weights, b));
+            let mut inputs = vec![input, &q, &s, &z];
+            inputs.extend(b.as_deref());
+            self.node("DynamicQuantizeMatMul", "com.microsoft", &inputs, &[out], vec![]);
+            return;
+        }
+        let w = self.weight(weights, w);
+        match bias.map(|b| self.weight(weights, b)) {
+            Some(b) => self.node("Gemm", "", &[input, &w, &b], &[out], vec![]),
+            None => self.node("MatMul", "", &[input, &w], &[out], vec![]),
+        }
     }
 }
 
@@ -164,9 +194,8 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
                 );
             }
         }
-        let (wqkv, bqkv) = (g.weight(weights, &w("attn.c_attn.weight")), g.weight(weights, &w("attn.c_attn.bias")));
         let qkv = format!("l{i}_qkv");
-        g.node("Gemm", "", &[&ln1, &wqkv, &bqkv], &[&qkv], vec![]);
+        g.matmul(weights, &ln1, &w("attn.c_attn.weight"), Some(&w("attn.c_attn.bias")), &qkv);
         let qkv3 = format!("l{i}_qkv3");
         g.node("Reshape", "", &[&qkv, "qkv_shape"], &[&qkv3], vec![]);
         let (pk, pv) = past_names(i);
@@ -182,8 +211,7 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
         let attn = format!("l{i}_attn");
         g.node("Reshape", "", &[&attn3, "c_flat"], &[&attn], vec![]);
         let proj = format!("l{i}_proj");
-        let wo = g.weight(weights, &w("attn.c_proj.weight"));
-        g.node("MatMul", "", &[&attn, &wo], &[&proj], vec![]);
+        g.matmul(weights, &attn, &w("attn.c_proj.weight"), None, &proj);
         let (g2, b2, bo) = (
             g.weight(weights, &w("ln_2.weight")),
             g.weight(weights, &w("ln_2.bias")),
@@ -191,23 +219,26 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
         );
         let (ln2, res2) = (format!("l{i}_ln2"), format!("l{i}_res2"));
         g.node("SkipLayerNormalization", ms, &[&proj, &residual, &g2, &b2, &bo], &[&ln2, "", "", &res2], vec![eps()]);
-        let (wfc, bfc) = (g.weight(weights, &w("mlp.c_fc.weight")), g.weight(weights, &w("mlp.c_fc.bias")));
+        let bfc = g.weight(weights, &w("mlp.c_fc.bias"));
         let (fc, act) = (format!("l{i}_fc"), format!("l{i}_act"));
-        g.node("MatMul", "", &[&ln2, &wfc], &[&fc], vec![]);
+        g.matmul(weights, &ln2, &w("mlp.c_fc.weight"), None, &fc);
         match shape.activation {
             Activation::GeluTanh => g.node("FastGelu", ms, &[&fc, &bfc], &[&act], vec![]),
             Activation::GeluErf => g.node("BiasGelu", ms, &[&fc, &bfc], &[&act], vec![]),
         }
         let mlp = format!("l{i}_mlp");
-        let wp = g.weight(weights, &w("mlp.c_proj.weight"));
-        g.node("MatMul", "", &[&act, &wp], &[&mlp], vec![]);
+        g.matmul(weights, &act, &w("mlp.c_proj.weight"), None, &mlp);
         carry = Some((mlp, res2, g.weight(weights, &w("mlp.c_proj.bias"))));
     }
     let (mlp, res, bias) = carry.expect("at least one layer");
     let (gf, bf) = (g.weight(weights, "ln_f.weight"), g.weight(weights, "ln_f.bias"));
     g.node("SkipLayerNormalization", ms, &[&mlp, &res, &gf, &bf, &bias], &["hidden"], vec![eps()]);
     g.node("Gather", "", &["hidden", "logits_index"], &["picked"], vec![attr_i("axis", 0)]);
-    g.node("Gemm", "", &["picked", &wte], &["logits"], vec![attr_i("transB", 1)]);
+    if weights.index.contains_key(quant::LM_HEAD) {
+        g.matmul(weights, "picked", quant::LM_HEAD, None, "logits");
+    } else {
+        g.node("Gemm", "", &["picked", &wte], &["logits"], vec![attr_i("transB", 1)]);
+    }
 
     let (d, mx) = (shape.head_dim() as i64, "max_len");
     let kv = |name: &str| value_info(name, DataType::Float, &[Err("batch"), Ok(heads), Err(mx), Ok(d)]);

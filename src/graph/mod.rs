@@ -3,6 +3,7 @@
 //! Runtime over a slot KV cache that is never copied between steps.
 pub mod builder;
 pub mod cache;
+pub mod quant;
 pub mod weights;
 
 use std::ops::Range;
@@ -14,6 +15,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Shape, Tensor, TensorRefMut};
 
 pub use cache::{CacheShape, SlotCache};
+pub use quant::Precision;
 pub use weights::{Gpt2Shape, Weights, WeightsError};
 
 use crate::engine::model::{ForwardError, Logits, SessionOptions};
@@ -69,8 +71,9 @@ impl SharedModel {
 pub struct RowInput<'a> {
     pub tokens: &'a [u32],
     pub past: usize,
-    /// Whether the logits of its last token are wanted.
-    pub logits: bool,
+    /// How many of its last tokens' logits are wanted (1 to sample the next
+    /// token, 0 for none, all of them to score a text).
+    pub logits: usize,
 }
 
 /// A session of the built graph (shared with the other workers) and the
@@ -93,8 +96,8 @@ impl BuiltModel {
         Ok(BuiltModel { session: session.into(), cache, vocab: shape.vocab })
     }
 
-    /// Runs `rows` (one per slot of `slots`) and returns the logits of the
-    /// rows that want them, in order.
+    /// Runs `rows` (one per slot of `slots`) and returns the logits they
+    /// want, row after row, in order.
     ///
     /// Rows with one new token each (decode) may be at any lengths. Rows
     /// with several new tokens must either all start from an empty cache
@@ -109,8 +112,11 @@ impl BuiltModel {
         if b == 0 || s == 0 || slots.len() != b || slots.end > c.slots {
             return bad(format!("{b} rows of up to {s} tokens for slots {slots:?} of {}", c.slots));
         }
-        if rows.iter().any(|r| r.tokens.is_empty() || r.past + s > c.max_len) {
-            return bad(format!("every row needs new tokens, within {} positions", c.max_len));
+        if rows.iter().any(|r| r.tokens.is_empty() || r.past + s > c.max_len || r.logits > r.tokens.len()) {
+            return bad(format!(
+                "every row needs new tokens, within {} positions, and logits of those only",
+                c.max_len
+            ));
         }
         if b > 1 && s > 1 && rows.iter().any(|r| r.past > 0) {
             return bad("a chunk on a cached past runs one row at a time".into());
@@ -126,9 +132,7 @@ impl BuiltModel {
             ids.extend(row.tokens.iter().map(|&t| i64::from(t)).chain(std::iter::repeat_n(0, s - n)));
             positions.extend((row.past..row.past + s).map(|p| p as i64));
             seqlens.push((row.past + n - 1) as i32);
-            if row.logits {
-                picked.push((r * s + n - 1) as i64);
-            }
+            picked.extend((n - row.logits..n).map(|j| (r * s + j) as i64));
         }
         if picked.is_empty() {
             // The LM head needs one row; its result is dropped.
@@ -178,7 +182,7 @@ impl BuiltModel {
         binding.bind_output("logits", out).map_err(run_err)?;
         run_shared(&self.session, &binding)?;
         drop(binding);
-        let wanted = rows.iter().filter(|r| r.logits).count();
+        let wanted: usize = rows.iter().map(|r| r.logits).sum();
         logits.truncate(wanted * self.vocab);
         Ok(Logits { vocab: self.vocab, data: logits })
     }

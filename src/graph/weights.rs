@@ -135,32 +135,60 @@ impl Gpt2Shape {
     }
 }
 
+/// Element type of a tensor in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    /// int8 weights of a quantized MatMul (see `quant`).
+    I8,
+}
+
+impl Elem {
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::I8 => 1,
+        }
+    }
+}
+
 /// Where one tensor lies in the buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slice {
     /// Byte offset (a multiple of 64).
     pub offset: usize,
     pub dims: Vec<usize>,
+    pub elem: Elem,
 }
 
 impl Slice {
     pub fn bytes(&self) -> usize {
-        4 * self.dims.iter().product::<usize>()
+        self.elem.size() * self.dims.iter().product::<usize>()
     }
 }
 
-/// All weights, float32, in one shared buffer.
+/// All weights in one shared buffer: float32 as read, or with the large
+/// MatMul weights in int8 (`Weights::quantized`).
+#[derive(Clone)]
 pub struct Weights {
     pub data: Arc<[u8]>,
     /// By name without the `transformer.` prefix.
     pub index: HashMap<String, Slice>,
     /// Where they were read from (for messages).
     pub source: PathBuf,
+    pub precision: super::quant::Precision,
 }
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Weights({} tensors, {} bytes, from {})", self.index.len(), self.data.len(), self.source.display())
+        write!(
+            f,
+            "Weights({} tensors, {} bytes, {}, from {})",
+            self.index.len(),
+            self.data.len(),
+            self.precision,
+            self.source.display()
+        )
     }
 }
 
@@ -198,7 +226,7 @@ fn assemble<'a>(
     let mut index = HashMap::new();
     let mut offset = 0;
     for (name, dims) in wanted {
-        let slice = Slice { offset, dims: dims.clone() };
+        let slice = Slice { offset, dims: dims.clone(), elem: Elem::F32 };
         offset += slice.bytes().div_ceil(64) * 64;
         index.insert(name.clone(), slice);
     }
@@ -232,7 +260,7 @@ fn assemble<'a>(
     }
     // SAFETY: every byte was initialised (zeroed, then written).
     let data = unsafe { data.assume_init() };
-    Ok(Weights { data, index, source: path.into() })
+    Ok(Weights { data, index, source: path.into(), precision: super::quant::Precision::Fp32 })
 }
 
 impl Weights {

@@ -30,6 +30,8 @@ use tonic_health::server::HealthReporter;
 pub struct AppState {
     pub model_name: String,
     pub kv_dtype: String,
+    /// `ModelInfo.weights`.
+    pub weights: String,
     pub tokenizer: Tokenizer,
     pub limits: Limits,
     pub engine: EngineHandle,
@@ -445,6 +447,7 @@ impl Generation for GenerationService {
             decoding_methods: vec!["greedy".into(), "sampling".into(), "beam_search".into()],
             server_version: env!("CARGO_PKG_VERSION").into(),
             kv_dtype: s.kv_dtype.clone(),
+            weights: s.weights.clone(),
             max_beams: s.limits.max_beams,
             max_stop_sequences: validation::MAX_STOP_SEQUENCES as u32,
             max_stop_sequence_bytes: validation::MAX_STOP_SEQUENCE_BYTES as u32,

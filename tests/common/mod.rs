@@ -33,7 +33,14 @@ pub fn built() -> bool {
 
 pub fn serve_args() -> ServeArgs {
     ServeArgs {
-        model: ModelArgs { model: fixture_dir().to_string_lossy().into_owned(), revision: None, graph: graph() },
+        model: ModelArgs {
+            model: fixture_dir().to_string_lossy().into_owned(),
+            revision: None,
+            graph: graph(),
+            weights: batchgen::graph::Precision::Fp32,
+            eval_text: None,
+            eval_tokens: 2048,
+        },
         runtime: RuntimeArgs {
             onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
             intra_op_threads: 1,

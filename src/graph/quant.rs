@@ -1,0 +1,191 @@
+//! int8 weights, made by batchgen at load from the float32 ones.
+//!
+//! Every large MatMul weight `W [K, N]` (attention QKV and output
+//! projections, the MLP's two, and optionally the LM head) becomes int8 with
+//! one scale per output column, symmetric (zero point 0):
+//! `scale[n] = max_k |W[k, n]| / 127`, `q[k, n] = round(W[k, n] / scale[n])`.
+//! The graph runs them with `com.microsoft.DynamicQuantizeMatMul`, which
+//! quantizes the activations per tensor (uint8, asymmetric) at run time and
+//! multiplies in integers (VNNI where the CPU has it). Measured on this
+//! machine against `MatMulNBits` (8 bits, blocks of 32 or 128, accuracy
+//! level 4): DynamicQuantizeMatMul is faster at every batch (see
+//! `BENCHMARKS.md`), so it is the one used.
+//!
+//! The LM head is tied to the token embedding `wte [V, E]`; its int8 form is
+//! a transposed copy `[E, V]` with one scale per vocabulary entry, beside the
+//! float32 embedding that the input lookup still reads.
+use super::weights::{Elem, Gpt2Shape, Slice, Weights};
+
+/// The int8 copy of the LM head (`wte` transposed).
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// Precision of the weights (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// float32 as read (float16 or bfloat16 checkpoints are widened).
+    Fp32,
+    /// int8 per output channel for every layer's MatMuls and the LM head.
+    Int8,
+    /// int8 for every layer's MatMuls, the LM head left in float32.
+    #[value(name = "int8-fp32-head")]
+    Int8Fp32Head,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+            Precision::Int8Fp32Head => "int8-fp32-head",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+pub fn scale_name(weight: &str) -> String {
+    format!("{weight}.scale")
+}
+
+pub fn zero_point_name(weight: &str) -> String {
+    format!("{weight}.zero_point")
+}
+
+/// Whether a checkpoint tensor is a layer's MatMul weight (`[in, out]`).
+fn is_matmul(name: &str) -> bool {
+    ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+        .iter()
+        .any(|s| name.strip_suffix(s).is_some_and(|p| p.starts_with("h.")))
+}
+
+/// int8 values and one scale per column of a row-major `[k, n]` matrix.
+pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(w.len(), k * n);
+    let mut max = vec![0f32; n];
+    for row in w.chunks_exact(n) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x.abs());
+        }
+    }
+    let scale: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
+    let inv: Vec<f32> = scale.iter().map(|s| 1.0 / s).collect();
+    let mut q = Vec::with_capacity(w.len());
+    for row in w.chunks_exact(n) {
+        q.extend(row.iter().zip(&inv).map(|(&x, &i)| (x * i).round().clamp(-127.0, 127.0) as i8));
+    }
+    (q, scale)
+}
+
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+impl Weights {
+    /// The same weights with the layers' MatMuls (and, for
+    /// `Precision::Int8`, the LM head) in int8; at the precision they
+    /// already have, the same buffer.
+    pub fn quantized(&self, shape: &Gpt2Shape, precision: Precision) -> Weights {
+        if precision == self.precision {
+            return self.clone();
+        }
+        assert_eq!(self.precision, Precision::Fp32, "weights are quantized from float32 only");
+        // What the new buffer holds, in order, and how each is made.
+        enum Make {
+            Copy(String),
+            Int8(String),
+            Head,
+        }
+        let mut plan: Vec<(String, Vec<usize>, Elem, Make)> = Vec::new();
+        for (name, dims) in shape.tensors() {
+            if is_matmul(&name) {
+                let n = dims[1];
+                plan.push((name.clone(), dims, Elem::I8, Make::Int8(name.clone())));
+                plan.push((scale_name(&name), vec![n], Elem::F32, Make::Copy(String::new())));
+                plan.push((zero_point_name(&name), vec![n], Elem::I8, Make::Copy(String::new())));
+            } else {
+                plan.push((name.clone(), dims, Elem::F32, Make::Copy(name)));
+            }
+        }
+        if precision == Precision::Int8 {
+            let (v, e) = (shape.vocab, shape.width);
+            plan.push((LM_HEAD.into(), vec![e, v], Elem::I8, Make::Head));
+            plan.push((scale_name(LM_HEAD), vec![v], Elem::F32, Make::Copy(String::new())));
+            plan.push((zero_point_name(LM_HEAD), vec![v], Elem::I8, Make::Copy(String::new())));
+        }
+        let mut index = std::collections::HashMap::new();
+        let mut offset = 0;
+        for (name, dims, elem, _) in &plan {
+            let slice = Slice { offset, dims: dims.clone(), elem: *elem };
+            offset += slice.bytes().div_ceil(64) * 64;
+            index.insert(name.clone(), slice);
+        }
+        // Zero-filled: zero points stay 0, scales are written with their weights.
+        let mut data = vec![0u8; offset];
+        let src = |name: &str| {
+            let s = &self.index[name];
+            &self.data[s.offset..s.offset + s.bytes()]
+        };
+        let mut put = |name: &str, bytes: &[u8]| {
+            let s: &Slice = &index[name];
+            data[s.offset..s.offset + bytes.len()].copy_from_slice(bytes);
+        };
+        for (name, dims, _, make) in &plan {
+            match make {
+                Make::Copy(from) if !from.is_empty() => put(name, src(from)),
+                Make::Copy(_) => {}
+                Make::Int8(from) => {
+                    let (q, scale) = quantize_columns(&floats(src(from)), dims[0], dims[1]);
+                    put(name, &q.iter().map(|&x| x as u8).collect::<Vec<_>>());
+                    put(&scale_name(name), &scale.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<_>>());
+                }
+                Make::Head => {
+                    // wte [V, E] transposed to [E, V]: one column per entry.
+                    let (v, e) = (shape.vocab, shape.width);
+                    let wte = floats(src("wte.weight"));
+                    let mut t = vec![0f32; v * e];
+                    for (r, row) in wte.chunks_exact(e).enumerate() {
+                        for (c, &x) in row.iter().enumerate() {
+                            t[c * v + r] = x;
+                        }
+                    }
+                    drop(wte);
+                    let (q, scale) = quantize_columns(&t, e, v);
+                    put(name, &q.iter().map(|&x| x as u8).collect::<Vec<_>>());
+                    put(&scale_name(name), &scale.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<_>>());
+                }
+            }
+        }
+        Weights { data: data.into(), index, source: self.source.clone(), precision }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_scale_by_their_largest_magnitude() {
+        // [k=3, n=2]: column 0 max 2.54, column 1 all zero.
+        let w = [1.0, 0.0, -2.54, 0.0, 0.011, 0.0];
+        let (q, s) = quantize_columns(&w, 3, 2);
+        assert!((s[0] - 0.02).abs() < 1e-7);
+        assert_eq!(s[1], 1.0);
+        assert_eq!(q, vec![50, 0, -127, 0, 1, 0]);
+        // Dequantized values are within half a step of the originals.
+        for (i, &x) in w.iter().enumerate() {
+            assert!((f32::from(q[i]) * s[i % 2] - x).abs() <= s[i % 2] / 2.0 + 1e-7);
+        }
+    }
+
+    #[test]
+    fn only_layer_matmuls_are_quantized() {
+        assert!(is_matmul("h.0.attn.c_attn.weight"));
+        assert!(is_matmul("h.11.mlp.c_proj.weight"));
+        assert!(!is_matmul("h.0.mlp.c_proj.bias"));
+        assert!(!is_matmul("wte.weight"));
+    }
+}

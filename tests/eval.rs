@@ -1,0 +1,86 @@
+//! `batchgen eval`: perplexity by sliding window equal to transformers'
+//! (`scripts/eval_reference.py`, saved in tests/fixtures/eval-reference.json),
+//! and int8 weights measured against float32 on the same text.
+mod common;
+
+use std::path::PathBuf;
+
+use batchgen::config::EvalArgs;
+use batchgen::graph::Precision;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The 3-layer checkpoint (exact GELU, attention scaled by the inverse
+/// layer index) with the fixture's tokenizer beside it.
+fn checkpoint_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("gpt2-3l-checkpoint").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(common::fixture_dir().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    dir
+}
+
+fn args(model: &std::path::Path, window: usize, stride: usize, weights: Vec<Precision>) -> EvalArgs {
+    EvalArgs {
+        model: model.to_string_lossy().into_owned(),
+        revision: None,
+        text: fixtures().join("eval-text.txt"),
+        weights,
+        window,
+        stride,
+        max_tokens: 0,
+        prompts: 4,
+        prompt_tokens: 16,
+        new_tokens: 16,
+        json: false,
+        onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+        intra_op_threads: 1,
+    }
+}
+
+#[test]
+fn perplexity_equals_transformers_for_every_window_and_stride() {
+    let dir = checkpoint_dir();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("eval-reference.json")).unwrap()).unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        let (window, stride) = (case["window"].as_u64().unwrap() as usize, case["stride"].as_u64().unwrap() as usize);
+        let report = batchgen::eval::run(&args(dir.path(), window, stride, vec![])).unwrap();
+        assert_eq!(report.tokens as u64, reference["tokens"].as_u64().unwrap());
+        assert_eq!(report.scored as u64, case["scored"].as_u64().unwrap(), "window {window} stride {stride}");
+        let (ours, theirs) = (report.rows[0].perplexity, case["perplexity"].as_f64().unwrap());
+        assert_eq!(report.rows[0].precision, "fp32");
+        assert!((ours / theirs - 1.0).abs() < 1e-3, "window {window} stride {stride}: {ours} vs transformers {theirs}");
+        // float32 against itself: its own greedy continuations, predicted
+        // again teacher-forced in one run, agree token for token.
+        assert_eq!(report.rows[0].greedy_agreement, 1.0);
+        assert_eq!(report.rows[0].identical_continuations, report.prompts);
+    }
+}
+
+#[test]
+fn int8_weights_score_close_to_float32_but_not_equal() {
+    let dir = checkpoint_dir();
+    let report =
+        batchgen::eval::run(&args(dir.path(), 128, 64, vec![Precision::Int8, Precision::Int8Fp32Head])).unwrap();
+    let names: Vec<&str> = report.rows.iter().map(|r| r.precision.as_str()).collect();
+    assert_eq!(names, ["fp32", "int8", "int8-fp32-head"]);
+    let fp32 = &report.rows[0];
+    for row in &report.rows[1..] {
+        // Quantized: not the float32 numbers (the graph really changed) ...
+        assert!(row.delta != 0.0 && row.perplexity.is_finite(), "{row:?}");
+        // ... but near them, even on random weights.
+        assert!(row.delta.abs() < 0.05, "{row:?}");
+        assert!(row.top1_agreement > 0.9 && row.greedy_agreement > 0.9, "{row:?}");
+    }
+    // The layers' MatMuls are a quarter of their float32 size; the int8 LM
+    // head is a copy beside the float32 embedding the input lookup reads
+    // (less the scales, zero points and 64-byte alignment).
+    let matmul_bytes: usize = 3 * 4 * (48 * 3 * 48 + 48 * 48 + 2 * 48 * 4 * 48);
+    let head_fp32 = &report.rows[2];
+    assert!(fp32.weight_bytes - head_fp32.weight_bytes >= matmul_bytes * 3 / 4 - 8192, "{report:?}");
+    assert!(report.rows[1].weight_bytes > head_fp32.weight_bytes + 50257 * 48);
+}
