@@ -30,7 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shape = Gpt2Shape::load(&dir.join("config.json"))?;
     let onnx = dir.join("model.onnx");
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("decode_context", &dir)?, &shape)?;
-    let shared = SharedModel::new(shape.clone(), weights);
+    // BATCHGEN_WEIGHTS: the built graph's precision, as `serve --weights`.
+    let precision = batchgen::graph::Precision::from_env()?;
+    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
+    println!("built graph weights: {precision}");
     let mut built: Box<dyn Backend> =
         Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));
     let mut exported: Box<dyn Backend> =

@@ -98,7 +98,10 @@ fn built_loop(
     let rt = batchgen::runtime::init(None)?;
     let shape = Gpt2Shape::load(&dir.join("config.json"))?;
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("ort_loop", dir)?, &shape)?;
-    let shared = SharedModel::new(shape.clone(), weights);
+    // BATCHGEN_WEIGHTS picks the precision as `serve --weights` does.
+    let precision = batchgen::graph::Precision::from_env()?;
+    println!("built graph, weights {precision}");
+    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
     let session = shared.session(&rt.env, &batchgen::engine::SessionOptions { intra_op_threads: threads })?;
     let mut model = BuiltModel::new(session, &shape, 1)?;
     let prompt: Vec<u32> = (0..32).map(|i| i * 7 + 100).collect();

@@ -78,7 +78,7 @@ fn int8_weights_score_close_to_float32_but_not_equal() {
     }
     // The layers' MatMuls are a quarter of their float32 size; the int8 LM
     // head is a copy beside the float32 embedding the input lookup reads
-    // (less the scales, zero points and 64-byte alignment).
+    // (less the scales and 64-byte alignment).
     let matmul_bytes: usize = 3 * 4 * (48 * 3 * 48 + 48 * 48 + 2 * 48 * 4 * 48);
     let head_fp32 = &report.rows[2];
     assert!(fp32.weight_bytes - head_fp32.weight_bytes >= matmul_bytes * 3 / 4 - 8192, "{report:?}");

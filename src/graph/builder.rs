@@ -134,14 +134,12 @@ impl Graph {
     /// weight, a DynamicQuantizeMatMul (bias fused) for an int8 one.
     fn matmul(&mut self, weights: &Weights, input: &str, w: &str, bias: Option<&str>, out: &str) {
         if weights.index[w].elem == Elem::I8 {
-            let (q, s, z) = (
-                self.weight(weights, w),
-                self.weight(weights, &quant::scale_name(w)),
-                self.weight(weights, &quant::zero_point_name(w)),
-            );
+            let (q, s) = (self.weight(weights, w), self.weight(weights, &quant::scale_name(w)));
             let b = bias.map(|b| self.weight(weights, b));
-            let mut inputs = vec![input, &q, &s, &z];
-            inputs.extend(b.as_deref());
+            let mut inputs = vec![input, &q, &s];
+            if let Some(b) = &b {
+                inputs.extend(["", b]);
+            }
             self.node("DynamicQuantizeMatMul", "com.microsoft", &inputs, &[out], vec![]);
             return;
         }

@@ -55,14 +55,19 @@ impl SharedModel {
         options: &SessionOptions,
     ) -> Result<Session, ort::Error> {
         let e = |e: ort::Error<ort::session::builder::SessionBuilder>| -> ort::Error { e.into() };
-        Session::builder(env)?
+        let mut builder = Session::builder(env)?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(e)?
             .with_intra_threads(options.intra_op_threads)
             .map_err(e)?
             .with_external_initializer_file_in_memory(builder::WEIGHTS_FILE, self.weights.data.clone())
-            .map_err(e)?
-            .commit_from_memory(&self.graph)
+            .map_err(e)?;
+        // ONNX Runtime's per-operator profile (a Chrome trace JSON named
+        // from this prefix), for finding where a step's time goes.
+        if let Some(prefix) = std::env::var_os("BATCHGEN_ORT_PROFILE") {
+            builder = builder.with_profiling(prefix).map_err(e)?;
+        }
+        builder.commit_from_memory(&self.graph)
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Every large MatMul weight `W [K, N]` (attention QKV and output
 //! projections, the MLP's two, and optionally the LM head) becomes int8 with
-//! one scale per output column, symmetric (zero point 0):
+//! one scale per output column, symmetric (no zero point):
 //! `scale[n] = max_k |W[k, n]| / 127`, `q[k, n] = round(W[k, n] / scale[n])`.
 //! The graph runs them with `com.microsoft.DynamicQuantizeMatMul`, which
 //! quantizes the activations per tensor (uint8, asymmetric) at run time and
@@ -32,6 +32,15 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// `BATCHGEN_WEIGHTS` as `serve --weights` reads it, float32 when unset
+    /// (for the benchmark programs, which take no flags).
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("BATCHGEN_WEIGHTS") {
+            Ok(p) => <Self as clap::ValueEnum>::from_str(&p, true),
+            Err(_) => Ok(Precision::Fp32),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
@@ -49,10 +58,6 @@ impl std::fmt::Display for Precision {
 
 pub fn scale_name(weight: &str) -> String {
     format!("{weight}.scale")
-}
-
-pub fn zero_point_name(weight: &str) -> String {
-    format!("{weight}.zero_point")
 }
 
 /// Whether a checkpoint tensor is a layer's MatMul weight (`[in, out]`).
@@ -76,6 +81,32 @@ pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
     let mut q = Vec::with_capacity(w.len());
     for row in w.chunks_exact(n) {
         q.extend(row.iter().zip(&inv).map(|(&x, &i)| (x * i).round().clamp(-127.0, 127.0) as i8));
+    }
+    (q, scale)
+}
+
+/// The int8 form of `wᵀ` for a row-major `[rows, cols]` matrix `w` (the
+/// LM head from the embedding): `[cols, rows]`, one scale per row of `w`.
+/// Works on blocks of rows so that reads stay in cache.
+pub fn quantize_transposed(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(w.len(), rows * cols);
+    let scale: Vec<f32> = w
+        .chunks_exact(cols)
+        .map(|row| row.iter().fold(0f32, |m, x| m.max(x.abs())))
+        .map(|m| if m > 0.0 { m / 127.0 } else { 1.0 })
+        .collect();
+    let inv: Vec<f32> = scale.iter().map(|s| 1.0 / s).collect();
+    let mut q = vec![0i8; rows * cols];
+    const BLOCK: usize = 64;
+    for r0 in (0..rows).step_by(BLOCK) {
+        let r1 = (r0 + BLOCK).min(rows);
+        for c in 0..cols {
+            let out = &mut q[c * rows + r0..c * rows + r1];
+            for (j, o) in out.iter_mut().enumerate() {
+                let r = r0 + j;
+                *o = (w[r * cols + c] * inv[r]).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
     }
     (q, scale)
 }
@@ -105,7 +136,6 @@ impl Weights {
                 let n = dims[1];
                 plan.push((name.clone(), dims, Elem::I8, Make::Int8(name.clone())));
                 plan.push((scale_name(&name), vec![n], Elem::F32, Make::Copy(String::new())));
-                plan.push((zero_point_name(&name), vec![n], Elem::I8, Make::Copy(String::new())));
             } else {
                 plan.push((name.clone(), dims, Elem::F32, Make::Copy(name)));
             }
@@ -114,7 +144,6 @@ impl Weights {
             let (v, e) = (shape.vocab, shape.width);
             plan.push((LM_HEAD.into(), vec![e, v], Elem::I8, Make::Head));
             plan.push((scale_name(LM_HEAD), vec![v], Elem::F32, Make::Copy(String::new())));
-            plan.push((zero_point_name(LM_HEAD), vec![v], Elem::I8, Make::Copy(String::new())));
         }
         let mut index = std::collections::HashMap::new();
         let mut offset = 0;
@@ -123,42 +152,58 @@ impl Weights {
             offset += slice.bytes().div_ceil(64) * 64;
             index.insert(name.clone(), slice);
         }
-        // Zero-filled: zero points stay 0, scales are written with their weights.
+        // Each entry gets its own part of the buffer; the int8 ones (with
+        // their scales, which follow them) are made on every core.
         let mut data = vec![0u8; offset];
         let src = |name: &str| {
             let s = &self.index[name];
             &self.data[s.offset..s.offset + s.bytes()]
         };
-        let mut put = |name: &str, bytes: &[u8]| {
-            let s: &Slice = &index[name];
-            data[s.offset..s.offset + bytes.len()].copy_from_slice(bytes);
-        };
-        for (name, dims, _, make) in &plan {
-            match make {
-                Make::Copy(from) if !from.is_empty() => put(name, src(from)),
-                Make::Copy(_) => {}
-                Make::Int8(from) => {
-                    let (q, scale) = quantize_columns(&floats(src(from)), dims[0], dims[1]);
-                    put(name, &q.iter().map(|&x| x as u8).collect::<Vec<_>>());
-                    put(&scale_name(name), &scale.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<_>>());
+        let mut parts: Vec<&mut [u8]> = Vec::with_capacity(plan.len());
+        let mut rest = data.as_mut_slice();
+        for (name, ..) in &plan {
+            let s = &index[name];
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(s.bytes().div_ceil(64) * 64);
+            parts.push(&mut part[..s.bytes()]);
+            rest = tail;
+        }
+        let mut jobs = Vec::new();
+        // An int8 entry's scale is the entry after it: taken with it.
+        let mut entries = plan.iter().zip(parts);
+        while let Some(((_, dims, _, make), part)) = entries.next() {
+            let (from, dims) = match make {
+                Make::Copy(from) => {
+                    if !from.is_empty() {
+                        part.copy_from_slice(src(from));
+                    }
+                    continue;
                 }
-                Make::Head => {
-                    // wte [V, E] transposed to [E, V]: one column per entry.
-                    let (v, e) = (shape.vocab, shape.width);
-                    let wte = floats(src("wte.weight"));
-                    let mut t = vec![0f32; v * e];
-                    for (r, row) in wte.chunks_exact(e).enumerate() {
-                        for (c, &x) in row.iter().enumerate() {
-                            t[c * v + r] = x;
+                Make::Int8(from) => (from.as_str(), dims.clone()),
+                Make::Head => ("wte.weight", vec![]),
+            };
+            let (_, scale) = entries.next().expect("a scale after each int8 entry");
+            jobs.push((src(from), dims, part, scale));
+        }
+        let jobs = std::sync::Mutex::new(jobs);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while let Some((w, dims, q, scale)) = jobs.lock().expect("no panics while held").pop() {
+                        let (q8, s) = match dims.as_slice() {
+                            [k, n] => quantize_columns(&floats(w), *k, *n),
+                            _ => quantize_transposed(&floats(w), shape.vocab, shape.width),
+                        };
+                        for (d, x) in q.iter_mut().zip(q8) {
+                            *d = x as u8;
+                        }
+                        for (d, x) in scale.chunks_exact_mut(4).zip(s) {
+                            d.copy_from_slice(&x.to_le_bytes());
                         }
                     }
-                    drop(wte);
-                    let (q, scale) = quantize_columns(&t, e, v);
-                    put(name, &q.iter().map(|&x| x as u8).collect::<Vec<_>>());
-                    put(&scale_name(name), &scale.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<_>>());
-                }
+                });
             }
-        }
+        });
         Weights { data: data.into(), index, source: self.source.clone(), precision }
     }
 }
@@ -179,6 +224,19 @@ mod tests {
         for (i, &x) in w.iter().enumerate() {
             assert!((f32::from(q[i]) * s[i % 2] - x).abs() <= s[i % 2] / 2.0 + 1e-7);
         }
+    }
+
+    #[test]
+    fn the_transposed_form_equals_quantizing_the_transpose() {
+        let (rows, cols) = (130, 7);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0).collect();
+        let mut t = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = w[r * cols + c];
+            }
+        }
+        assert_eq!(quantize_transposed(&w, rows, cols), quantize_columns(&t, cols, rows));
     }
 
     #[test]
