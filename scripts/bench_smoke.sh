@@ -40,4 +40,11 @@ expect engine "concurrency 16: .* tok/s"
 expect engine "4 worker(s): idle RSS"
 expect engine "single stream"
 grep -q "failed [1-9]" "$out/engine" && { cat "$out/engine"; echo "bench smoke: requests failed" >&2; exit 1; }
+run precision 300 env SHORT_NEW=8 LONG_PROMPT=100 LONG_NEW=8 PRECISIONS=fp32,int8 \
+  TRAINED="$model" HELDOUT=tests/fixtures/eval-text.txt scripts/bench_precision.sh "$model" 1 1
+expect precision "short int8 c16: .* tok/s"
+expect precision "long int8 c16: .* tok/s"
+expect precision "--weights int8 (.* MiB idle)"
+expect precision "^int8 .* %"
+grep -q "failed [1-9]" "$out/precision" && { cat "$out/precision"; echo "bench smoke: requests failed" >&2; exit 1; }
 echo "bench smoke: every benchmark script ran"
