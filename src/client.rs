@@ -1,4 +1,5 @@
-//! `batchgen generate`: the reference client, streaming text to a terminal.
+//! `batchgen generate`: the reference client, streaming text to a terminal;
+//! `batchgen health`: a grpc.health.v1 check.
 use std::io::Write;
 
 use crate::config::GenerateArgs;
@@ -58,4 +59,31 @@ pub async fn generate(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Err
         }
     }
     Ok(())
+}
+
+/// The serving status `batchgen health` reports: `Ok` with the status name
+/// when SERVING, `Err` with what was answered (or why nothing was) otherwise.
+pub async fn health(args: &crate::config::HealthArgs) -> Result<String, String> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let timeout = std::time::Duration::from_secs_f64(args.timeout.max(0.001));
+    let ask = async {
+        let channel = tonic::transport::Endpoint::from_shared(args.target.clone())
+            .map_err(|e| format!("bad --target {}: {e}", args.target))?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", args.target))?;
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: args.service.clone() })
+            .await
+            .map_err(|s| format!("{}: {:?} {}", args.target, s.code(), s.message()))?;
+        let status = ServingStatus::try_from(answer.into_inner().status).unwrap_or(ServingStatus::Unknown);
+        match status {
+            ServingStatus::Serving => Ok(status.as_str_name().to_string()),
+            other => Err(format!("{}: {}", args.target, other.as_str_name())),
+        }
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("{}: no answer within {timeout:?}", args.target)))
 }

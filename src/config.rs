@@ -17,6 +17,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Stream a generation from a running server to the terminal.
     Generate(GenerateArgs),
+    /// Ask a server's grpc.health.v1 service whether it is SERVING: exit
+    /// status 0 if so, 1 otherwise (for container health checks and scripts).
+    Health(HealthArgs),
     /// Load-test a running server: closed loop at fixed concurrencies and
     /// open loop at Poisson rates, with a sequential baseline in the same run.
     Bench(BenchArgs),
@@ -266,6 +269,20 @@ pub struct LimitArgs {
     /// max_new_tokens for requests that leave it 0.
     #[arg(long, env = "BATCHGEN_DEFAULT_MAX_NEW_TOKENS", default_value_t = 64)]
     pub default_max_new_tokens: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// The server's address.
+    #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// The service asked about ("" is the whole server; the model's service
+    /// is batchgen.v1.Generation).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Seconds to wait for the answer, connecting included.
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -57,6 +57,16 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Health(args) => match rt.block_on(batchgen::client::health(&args)) {
+            Ok(status) => {
+                println!("{status}");
+                Ok(())
+            }
+            Err(why) => {
+                eprintln!("{why}");
+                std::process::exit(1);
+            }
+        },
         Command::Generate(args) => {
             rt.block_on(async { batchgen::client::generate(&args).await.map_err(|e| anyhow::anyhow!("{e}")) })
         }

@@ -24,9 +24,9 @@ pub const LIB_NAME: &str = "libonnxruntime.so.1.32.0";
 const WHEEL_PLATFORM: &str = "manylinux_2_28_x86_64";
 const WHEEL_PYTHON: &str = "3.11";
 const WHEEL_ABI: &str = "cp311";
-const WHEEL_FILE: &str = "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_x86_64.whl";
+pub const WHEEL_FILE: &str = "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_x86_64.whl";
 /// sha256 of `WHEEL_FILE` as published on PyPI.
-const WHEEL_SHA256: &str = "5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d";
+pub const WHEEL_SHA256: &str = "5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {

@@ -23,7 +23,7 @@ async fn health(addr: std::net::SocketAddr, service: &str) -> ServingStatus {
 }
 
 #[tokio::test]
-async fn health_is_not_serving_while_loading_and_draining() {
+async fn health_is_not_serving_while_loading_and_draining_but_alive() {
     // A server whose model never loads.
     let server = batchgen::server::Server::loading().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -34,6 +34,8 @@ async fn health_is_not_serving_while_loading_and_draining() {
     );
     assert_eq!(health(addr, "").await, ServingStatus::NotServing);
     assert_eq!(health(addr, "batchgen.v1.Generation").await, ServingStatus::NotServing);
+    // Alive while loading: a liveness probe must not restart it.
+    assert_eq!(health(addr, "liveness").await, ServingStatus::Serving);
     let mut client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
     let status = client.generate(request(vec![1], 1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
@@ -47,6 +49,8 @@ async fn health_is_not_serving_while_loading_and_draining() {
     batchgen::server::drain(&s.server, Duration::ZERO).await;
     assert_eq!(health(s.addr, "").await, ServingStatus::NotServing);
     assert_eq!(health(s.addr, "batchgen.v1.Generation").await, ServingStatus::NotServing);
+    // ... and while draining.
+    assert_eq!(health(s.addr, "liveness").await, ServingStatus::Serving);
 }
 
 #[tokio::test]

@@ -113,6 +113,9 @@ impl Server {
         for name in ["", GENERATION_SERVICE] {
             health.set_service_status(name, ServingStatus::NotServing).await;
         }
+        // Alive from the first moment to the last: loading and draining are
+        // not reasons to restart the process.
+        health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
         Arc::new(Server { state: OnceLock::new(), health })
     }
 
@@ -129,8 +132,12 @@ impl Server {
     }
 }
 
-/// The service name health checks use for the Generation service.
+/// The service name health checks use for the Generation service (SERVING
+/// once the model is loaded, NOT_SERVING again from SIGTERM: readiness).
 pub const GENERATION_SERVICE: &str = "batchgen.v1.Generation";
+/// A health service name that is SERVING for as long as the gRPC server
+/// answers, loading and draining included (liveness).
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// Transport settings (from the command line).
 #[derive(Debug, Clone)]
