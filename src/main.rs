@@ -88,12 +88,24 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let server = batchgen::server::Server::loading().await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let front = server.clone();
+    // On SIGTERM the listener closes and every connection gets GOAWAY at
+    // once, so balancers and clients send new calls elsewhere; the calls
+    // already accepted (running or queued) go on for up to the grace period
+    // (the drain), and the server stops when the last of them has ended.
     let shutdown = async move {
         tokio::select! {
             _ = shutdown_signal() => {}
             _ = stopped => {}
         }
-        batchgen::server::drain(&front, grace).await;
+        let draining = tokio::spawn({
+            let front = front.clone();
+            async move { batchgen::server::drain(&front, grace).await }
+        });
+        // Health turns NOT_SERVING and new calls are refused before GOAWAY.
+        let marked = || front.state().is_none_or(|s| s.draining.load(std::sync::atomic::Ordering::SeqCst));
+        while !marked() && !draining.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     };
     tracing::info!("listening on {} (NOT_SERVING while the model loads)", listener.local_addr()?);
     let serving = tokio::spawn({

@@ -94,3 +94,65 @@ fn int8_weights_are_refused_for_an_export_served_as_it_is() {
     assert!(!out.status.success());
     assert!(err.contains("--weights int8 needs batchgen's own graph"), "{err}");
 }
+
+/// SIGTERM: the listener closes and connections get GOAWAY at once (a
+/// balancer sends new calls elsewhere: a new connection is refused), while
+/// every call already accepted — running or queued behind it — finishes in
+/// full; then the process exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
+    use batchgen::pb;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_batchgen"))
+        .args(["serve", "--model"])
+        .arg(common::fixture_dir())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+        .args(["--intra-op-threads", "1", "--max-batch-size", "1", "--shutdown-grace", "60"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("serving (ready") {
+        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = pb::generation_client::GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let request = || pb::GenerateRequest {
+        prompt: "Hello".into(),
+        stopping: Some(pb::Stopping { max_new_tokens: 200, ignore_eos: true, ..Default::default() }),
+        ..Default::default()
+    };
+    // One batch row: the first call runs, the others queue behind it.
+    let mut first = client.clone().generate_stream(request()).await.unwrap().into_inner();
+    let first_message = first.message().await.unwrap().expect("a first token");
+    let queued: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.generate(request()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err();
+    let still_running = queued.iter().any(|q| !q.is_finished());
+    assert!(refused, "a new connection was accepted after SIGTERM");
+    assert!(still_running, "the queued calls ended too soon to show anything");
+    let mut tokens = first_message.tokens.len();
+    while let Some(m) = first.message().await.unwrap() {
+        tokens += m.tokens.len();
+    }
+    assert_eq!(tokens, 200);
+    for q in queued {
+        let r = q.await.unwrap().expect("an accepted call finishes after SIGTERM").into_inner();
+        assert_eq!(r.sequences[0].tokens.len(), 200);
+    }
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("SIGTERM: shutting down") && log.contains("stopped"), "{log}");
+}
