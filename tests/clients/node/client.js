@@ -1,6 +1,7 @@
 // A small batchgen client in Node.js (@grpc/grpc-js + @grpc/proto-loader), usable as an example.
 //
 //   node client.js localhost:50051 "The quick brown fox"
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -23,6 +24,24 @@ const batchgen = grpc.loadPackageDefinition(definition).batchgen.v1;
 export function connect(target) {
   return new batchgen.Generation(target, grpc.credentials.createInsecure());
 }
+
+export const SERVICE_CONFIG = path.join(ROOT, 'deploy', 'grpc', 'service-config.json');
+
+/**
+ * A client that balances calls over every address the target resolves to (round robin) and retries
+ * UNAVAILABLE on another one: for several replicas, e.g. the headless Kubernetes Service
+ * (`dns:///batchgen-headless:50051`).
+ */
+export function connectBalanced(target, { serviceConfig = SERVICE_CONFIG, authority } = {}) {
+  const config = fs.readFileSync(serviceConfig, 'utf8');
+  const options = { 'grpc.service_config': config, 'grpc.enable_retries': 1 };
+  // A list of addresses (`ipv4:a:p,b:q`) is no valid :authority: name one.
+  if (authority) options['grpc.default_authority'] = authority;
+  return new batchgen.Generation(target, grpc.credentials.createInsecure(), options);
+}
+
+/** The Generation service definition (for servers in tests). */
+export const GenerationService = batchgen.Generation.service;
 
 /** Unary call: resolves with the whole GenerateResponse. */
 export function generate(client, prompt, maxNewTokens = 32, deadlineMs = 30000) {

@@ -5,10 +5,13 @@ import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { ROOT, connect, generate, grpc, modelInfo, stream, streamAndCancel } from './client.js';
+import {
+  GenerationService, ROOT, connect, connectBalanced, generate, grpc, modelInfo, stream, streamAndCancel,
+} from './client.js';
 
 let server;
 let client;
+let target;
 
 function freePort() {
   return new Promise((resolve) => {
@@ -26,7 +29,8 @@ before(async () => {
   server = spawn(binary, ['serve', '--model', path.join(ROOT, 'tests', 'fixtures', 'tiny-gpt2'),
     '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${metrics}`, '--intra-op-threads', '1'],
   { stdio: 'ignore' });
-  client = connect(`127.0.0.1:${port}`);
+  target = `127.0.0.1:${port}`;
+  client = connect(target);
   const deadline = Date.now() + 120000;
   for (;;) {
     try {
@@ -88,4 +92,41 @@ test('model info', async () => {
   const info = await modelInfo(client);
   assert.equal(info.vocab_size, 50257);
   assert.deepEqual(info.decoding_methods, ['greedy', 'sampling', 'beam_search']);
+});
+
+test('a balanced client retries UNAVAILABLE on another replica (deploy/grpc/service-config.json)', async () => {
+  // Round robin over two "replicas", one answering every call UNAVAILABLE (as a draining one does).
+  const fake = new grpc.Server();
+  fake.addService(GenerationService, {
+    Generate: (call, callback) => callback({ code: grpc.status.UNAVAILABLE, details: 'replica going away' }),
+  });
+  const fakePort = await new Promise((resolve, reject) => fake.bindAsync('127.0.0.1:0',
+    grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port))));
+  const addresses = `ipv4:127.0.0.1:${fakePort},${target}`;
+  const balanced = connectBalanced(addresses, { authority: 'batchgen' });
+  const plain = new (grpc.makeGenericClientConstructor(GenerationService))(addresses,
+    grpc.credentials.createInsecure(), {
+      'grpc.service_config': '{"loadBalancingConfig": [{"round_robin": {}}]}',
+      'grpc.default_authority': 'batchgen',
+    });
+  try {
+    for (let i = 0; i < 8; i++) {
+      const r = await generate(balanced, 'Hello', 4);
+      assert.equal(r.sequences.length, 1);
+    }
+    let failed = 0;
+    for (let i = 0; i < 8; i++) {
+      try {
+        await generate(plain, 'Hello', 4);
+      } catch (err) {
+        assert.equal(err.code, grpc.status.UNAVAILABLE);
+        failed += 1;
+      }
+    }
+    assert.ok(failed > 0, 'without the retry policy some calls reach the unavailable replica');
+  } finally {
+    balanced.close();
+    plain.close();
+    fake.forceShutdown();
+  }
 });

@@ -38,6 +38,22 @@ def connect(target):
     return pb2_grpc.GenerationStub(grpc.insecure_channel(target))
 
 
+SERVICE_CONFIG = os.path.join(ROOT, "deploy", "grpc", "service-config.json")
+
+
+def connect_balanced(target, service_config=SERVICE_CONFIG, authority=None):
+    """A channel that balances calls over every address the target resolves to (round robin) and
+    retries UNAVAILABLE on another one: for several replicas, e.g. the headless Kubernetes Service
+    (`dns:///batchgen-headless:50051`). `authority`: the :authority to send when the target is a list
+    of addresses (`ipv4:a:p,b:q`), whose text is not a valid authority."""
+    with open(service_config) as f:
+        config = f.read()
+    options = [("grpc.service_config", config), ("grpc.enable_retries", 1)]
+    if authority:
+        options.append(("grpc.default_authority", authority))
+    return pb2_grpc.GenerationStub(grpc.insecure_channel(target, options=options))
+
+
 def generate(stub, prompt, max_new_tokens=32, timeout=30):
     """Unary call: the whole answer at once."""
     request = pb2.GenerateRequest(prompt=prompt, stopping=pb2.Stopping(max_new_tokens=max_new_tokens))

@@ -119,3 +119,39 @@ def test_the_readme_grpcurl_command_works_through_reflection(target):
     code, out, err, _ = grpcurl("-d", '{"prompt_token_ids": [1, 60000]}', target, "batchgen.v1.Generation/Generate")
     assert code != 0
     assert "InvalidArgument" in err and "google.rpc.BadRequest" in err and "is not recognized" not in err, err
+
+
+def test_balanced_channel_retries_unavailable_on_another_replica(target):
+    """deploy/grpc/service-config.json: round robin over two "replicas", one of which answers every
+    call UNAVAILABLE (as a draining or dying replica does); with the retry policy every call lands on
+    the live one, without it some fail."""
+    from concurrent import futures
+
+    def down(request, context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "replica going away")
+
+    handler = grpc.method_handlers_generic_handler(
+        "batchgen.v1.Generation", {"Generate": grpc.unary_unary_rpc_method_handler(down)})
+    fake = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    fake.add_generic_rpc_handlers((handler,))
+    fake_port = fake.add_insecure_port("127.0.0.1:0")
+    fake.start()
+    try:
+        addresses = f"ipv4:127.0.0.1:{fake_port},{target}"
+        # A list of addresses is no valid :authority (the server refuses the stream): name one.
+        stub = client.connect_balanced(addresses, authority="batchgen")
+        for _ in range(8):
+            assert client.generate(stub, "Hello", max_new_tokens=4).sequences
+        plain = client.pb2_grpc.GenerationStub(
+            grpc.insecure_channel(addresses, options=[
+                ("grpc.lb_policy_name", "round_robin"), ("grpc.default_authority", "batchgen")]))
+        failed = 0
+        for _ in range(8):
+            try:
+                client.generate(plain, "Hello", max_new_tokens=4)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                failed += 1
+        assert failed > 0
+    finally:
+        fake.stop(0)
