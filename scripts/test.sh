@@ -14,6 +14,9 @@ BATCHGEN_TEST_GRAPH=exported cargo test --test generation --test decoding --test
 # Every benchmark script, as a smoke test on the tiny fixture (debug binaries,
 # few tokens), so that the commands of BENCHMARKS.md cannot rot.
 scripts/bench_smoke.sh
+# Three replicas in network namespaces behind nginx: drain, kill, restart
+# (root, iproute2 and nginx; prints SKIPPED without them).
+tests/scaleout/run.sh
 # The clients run the binary cargo test just built.
 export BATCHGEN_BIN="$PWD/target/debug/batchgen"
 venv=target/python-client-venv

@@ -81,7 +81,7 @@ pub struct BenchArgs {
     #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// Closed-loop concurrency levels (clients each sending one request after
-    /// another). 1 (the sequential baseline) is always run first.
+    /// another). 1 (the sequential baseline) is run first unless --no-sequential.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub concurrency: Vec<usize>,
     /// Open-loop Poisson arrival rates, in requests per second (none by default).
@@ -105,6 +105,14 @@ pub struct BenchArgs {
     /// Nucleus mass when sampling (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub top_p: f32,
+    /// Send a request again, up to this many times, when it is lost with the
+    /// replica serving it (UNAVAILABLE, or a stream a proxy reset mid-answer);
+    /// `retried` in the results counts them.
+    #[arg(long, default_value_t = 0)]
+    pub retries: usize,
+    /// Skip the sequential baseline (concurrency 1 first); speedups are then 0.
+    #[arg(long)]
+    pub no_sequential: bool,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -13,6 +13,8 @@ pub mod plot;
 /// What one request saw.
 #[derive(Debug, Clone)]
 struct Sample {
+    /// Times it was sent again after UNAVAILABLE.
+    retried: usize,
     tokens: usize,
     ttft: f64,
     e2e: f64,
@@ -45,6 +47,13 @@ pub struct Level {
     pub value: f64,
     pub requests: usize,
     pub failed: usize,
+    /// Failed calls by gRPC code (after retries).
+    #[serde(default)]
+    pub failed_by_code: std::collections::BTreeMap<String, usize>,
+    /// Attempts lost with their replica (UNAVAILABLE, or a stream reset by a
+    /// proxy) and sent again (`--retries`).
+    #[serde(default)]
+    pub retried: usize,
     pub seconds: f64,
     pub requests_per_second: f64,
     pub tokens_per_second: f64,
@@ -68,7 +77,32 @@ fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
         .collect()
 }
 
-async fn one(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+/// Whether a failed call was lost with the replica serving it rather than
+/// refused by it: UNAVAILABLE (no replica, a refused or dropped connection)
+/// or a stream a proxy reset mid-answer (nginx cannot send a status after
+/// its upstream died, so the client sees an HTTP/2 error, INTERNAL).
+fn lost_in_transit(e: &tonic::Status) -> bool {
+    e.code() == tonic::Code::Unavailable
+        || (e.code() == tonic::Code::Internal && e.message().starts_with("h2 protocol error"))
+}
+
+/// Request `i`, sent again (up to `--retries` times, 50 ms apart) while it is
+/// lost in transit: a replica that was stopped or killed under it.
+async fn one(client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+    let mut retried = 0;
+    loop {
+        match attempt(client.clone(), args, i).await {
+            Err(e) if lost_in_transit(&e) && retried < args.retries => {
+                retried += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(sample) => return Ok(Sample { retried, ..sample }),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn attempt(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
     let method = (args.temperature > 0.0).then(|| {
         pb::decoding::Method::Sampling(pb::Sampling {
             temperature: args.temperature,
@@ -91,6 +125,7 @@ async fn one(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) 
         arrivals.extend(std::iter::repeat_n(t, msg.tokens.len()));
     }
     Ok(Sample {
+        retried: 0,
         tokens: arrivals.len(),
         ttft: arrivals.first().copied().unwrap_or(0.0),
         e2e: start.elapsed().as_secs_f64(),
@@ -103,13 +138,20 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
         eprintln!("{mode} {value}: {failed} requests failed, e.g. {:?}: {}", e.code(), e.message());
     }
+    let mut failed_by_code = std::collections::BTreeMap::new();
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        *failed_by_code.entry(format!("{:?}", e.code())).or_insert(0) += 1;
+    }
     let ok: Vec<Sample> = results.into_iter().filter_map(Result::ok).collect();
+    let retried = ok.iter().map(|s| s.retried).sum();
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
     Level {
         mode: mode.into(),
         value,
         requests: ok.len(),
         failed,
+        failed_by_code,
+        retried,
         seconds,
         requests_per_second: ok.len() as f64 / seconds,
         tokens_per_second: tokens as f64 / seconds,
@@ -174,8 +216,8 @@ async fn open_loop(client: &GenerationClient<Channel>, args: &BenchArgs, rate: f
 
 pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Error>> {
     let client = GenerationClient::connect(args.target.clone()).await?;
-    let mut levels: Vec<usize> = vec![1];
-    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1));
+    let mut levels: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
+    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1 || args.no_sequential));
     // Warm-up: the first request pays for lazy initialisation in ORT.
     one(client.clone(), args, usize::MAX / 2).await?;
     let mut out = Vec::new();
@@ -193,7 +235,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Err
         first += level.requests + level.failed;
         out.push(level);
     }
-    let base = out[0].tokens_per_second;
+    let base = if args.no_sequential { 0.0 } else { out.first().map_or(0.0, |l| l.tokens_per_second) };
     for l in &mut out {
         l.speedup_vs_sequential = if base > 0.0 { l.tokens_per_second / base } else { 0.0 };
     }
@@ -253,6 +295,16 @@ mod tests {
         assert_eq!(prompt(1, 3, 32), prompt(1, 3, 32));
         assert_ne!(prompt(1, 3, 32), prompt(1, 4, 32));
         assert!(prompt(1, 3, 32).iter().all(|&t| t < 50_000));
+    }
+
+    #[test]
+    fn only_calls_lost_in_transit_are_retried() {
+        use tonic::{Code, Status};
+        assert!(lost_in_transit(&Status::unavailable("connection refused")));
+        assert!(lost_in_transit(&Status::internal("h2 protocol error: error reading a body from connection")));
+        assert!(!lost_in_transit(&Status::internal("ONNX Runtime run failed")));
+        assert!(!lost_in_transit(&Status::new(Code::ResourceExhausted, "queue full")));
+        assert!(!lost_in_transit(&Status::invalid_argument("max_new_tokens")));
     }
 
     #[test]
