@@ -156,3 +156,69 @@ async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("SIGTERM: shutting down") && log.contains("stopped"), "{log}");
 }
+
+/// Privacy of logs: at the default level (INFO) neither a prompt, nor the
+/// text generated for it, nor its stop sequences appear in the server's log,
+/// for a served call and for a refused one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_and_generated_text_stay_out_of_the_logs() {
+    use batchgen::pb;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_batchgen"))
+        .args(["serve", "--model"])
+        .arg(common::fixture_dir())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--intra-op-threads", "1"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("serving (ready") {
+        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client =
+        pb::generation_client::GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let prompt = "Zebra quartz canary of privacy";
+    let stop = "xylophone-stop-canary";
+    let served = client
+        .generate(pb::GenerateRequest {
+            prompt: prompt.into(),
+            stopping: Some(pb::Stopping {
+                max_new_tokens: 24,
+                ignore_eos: true,
+                stop_sequences: vec![stop.into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let text = served.sequences[0].text.clone();
+    let refused = client
+        .generate(pb::GenerateRequest {
+            prompt: format!("{prompt} refused"),
+            decoding: Some(pb::Decoding {
+                method: Some(pb::decoding::Method::Sampling(pb::Sampling { temperature: -1.0, ..Default::default() })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await.unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("request finished"), "the calls were not logged at all:\n{log}");
+    assert!(!log.contains("Zebra quartz") && !log.contains(stop), "the prompt is in the log:\n{log}");
+    // The generated text (24 greedy tokens: long enough not to occur by chance).
+    let generated: String = text.trim().chars().take(40).collect();
+    assert!(generated.chars().count() >= 12, "{generated:?}");
+    assert!(!log.contains(&generated), "the generated text {generated:?} is in the log:\n{log}");
+}
