@@ -129,13 +129,15 @@ impl Weights {
             Copy(String),
             Int8(String),
             Head,
+            /// Written with the int8 entry before it.
+            Scale,
         }
         let mut plan: Vec<(String, Vec<usize>, Elem, Make)> = Vec::new();
         for (name, dims) in shape.tensors() {
             if is_matmul(&name) {
                 let n = dims[1];
                 plan.push((name.clone(), dims, Elem::I8, Make::Int8(name.clone())));
-                plan.push((scale_name(&name), vec![n], Elem::F32, Make::Copy(String::new())));
+                plan.push((scale_name(&name), vec![n], Elem::F32, Make::Scale));
             } else {
                 plan.push((name.clone(), dims, Elem::F32, Make::Copy(name)));
             }
@@ -143,7 +145,7 @@ impl Weights {
         if precision == Precision::Int8 {
             let (v, e) = (shape.vocab, shape.width);
             plan.push((LM_HEAD.into(), vec![e, v], Elem::I8, Make::Head));
-            plan.push((scale_name(LM_HEAD), vec![v], Elem::F32, Make::Copy(String::new())));
+            plan.push((scale_name(LM_HEAD), vec![v], Elem::F32, Make::Scale));
         }
         let mut index = std::collections::HashMap::new();
         let mut offset = 0;
@@ -173,13 +175,12 @@ impl Weights {
         while let Some(((_, dims, _, make), part)) = entries.next() {
             let (from, dims) = match make {
                 Make::Copy(from) => {
-                    if !from.is_empty() {
-                        part.copy_from_slice(src(from));
-                    }
+                    part.copy_from_slice(src(from));
                     continue;
                 }
                 Make::Int8(from) => (from.as_str(), dims.clone()),
                 Make::Head => ("wte.weight", vec![]),
+                Make::Scale => unreachable!("a scale is taken with its int8 entry"),
             };
             let (_, scale) = entries.next().expect("a scale after each int8 entry");
             jobs.push((src(from), dims, part, scale));
