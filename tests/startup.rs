@@ -7,33 +7,67 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Starts `batchgen serve` on the fixture with stderr to a file, waits (at
-/// most 120 s) for the ready line, stops it, returns what it logged.
-fn startup_log(extra: &[&str]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stderr.log");
-    let file = std::fs::File::create(&path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_batchgen"))
-        .args(["serve", "--model"])
-        .arg(common::fixture_dir())
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--intra-op-threads", "1"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut log = String::new();
-    while !log.contains("serving (ready") {
-        assert!(Instant::now() < deadline, "not ready within 120 s:\n{log}");
-        assert!(child.try_wait().unwrap().is_none(), "the server exited:\n{log}");
-        std::thread::sleep(Duration::from_millis(50));
-        log.clear();
-        std::fs::File::open(&path).unwrap().read_to_string(&mut log).unwrap();
+/// `batchgen serve` on the fixture on a free loopback port, stderr to a file,
+/// at the default log level, once it has logged that it is ready (at most
+/// 120 s).
+struct Served {
+    child: std::process::Child,
+    port: u16,
+    log_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    fn start(extra: &[&str]) -> Served {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("stderr.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_batchgen"))
+            .args(["serve", "--model"])
+            .arg(common::fixture_dir())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .args(["--intra-op-threads", "1"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains("serving (ready") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not ready within 120 s:\n{log}");
+            assert!(child.try_wait().unwrap().is_none(), "the server exited:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Served { child, port, log_path, _dir: dir }
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    log
+
+    fn log(&self) -> String {
+        let mut log = String::new();
+        std::fs::File::open(&self.log_path).unwrap().read_to_string(&mut log).unwrap();
+        log
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        (status, self.log())
+    }
+}
+
+/// The start-up log of `batchgen serve` with `extra` flags (the server is
+/// killed once ready).
+fn startup_log(extra: &[&str]) -> String {
+    let mut served = Served::start(extra);
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    served.log()
 }
 
 #[test]
@@ -102,23 +136,8 @@ fn int8_weights_are_refused_for_an_export_served_as_it_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
     use batchgen::pb;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_batchgen"))
-        .args(["serve", "--model"])
-        .arg(common::fixture_dir())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
-        .args(["--intra-op-threads", "1", "--max-batch-size", "1", "--shutdown-grace", "60"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("serving (ready") {
-        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let served = Served::start(&["--max-batch-size", "1", "--shutdown-grace", "60"]);
+    let port = served.port;
     let client = pb::generation_client::GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     let request = || pb::GenerateRequest {
         prompt: "Hello".into(),
@@ -135,8 +154,7 @@ async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited = tokio::task::spawn_blocking(move || served.terminate());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let refused = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err();
     let still_running = queued.iter().any(|q| !q.is_finished());
@@ -151,9 +169,8 @@ async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
         let r = q.await.unwrap().expect("an accepted call finishes after SIGTERM").into_inner();
         assert_eq!(r.sequences[0].tokens.len(), 200);
     }
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let (exit, log) = exited.await.unwrap();
     assert!(exit.success(), "{exit:?}");
-    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("SIGTERM: shutting down") && log.contains("stopped"), "{log}");
 }
 
@@ -163,23 +180,8 @@ async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompts_and_generated_text_stay_out_of_the_logs() {
     use batchgen::pb;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_batchgen"))
-        .args(["serve", "--model"])
-        .arg(common::fixture_dir())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--intra-op-threads", "1"])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("serving (ready") {
-        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = Served::start(&[]);
+    let port = server.port;
     let mut client =
         pb::generation_client::GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     let prompt = "Zebra quartz canary of privacy";
@@ -211,10 +213,7 @@ async fn prompts_and_generated_text_stay_out_of_the_logs() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await.unwrap();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let (_, log) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
     assert!(log.contains("request finished"), "the calls were not logged at all:\n{log}");
     assert!(!log.contains("Zebra quartz") && !log.contains(stop), "the prompt is in the log:\n{log}");
     // The generated text (24 greedy tokens: long enough not to occur by chance).
