@@ -19,27 +19,17 @@ examples=${EXAMPLES:-$bin/examples}
 long=${LONG_PROMPT:-500}; long_new=${LONG_NEW:-64}; short_new=${SHORT_NEW:-128}
 mem_prompt=${MEMORY_PROMPT:-200}; requests=${REQUESTS:-32}
 port=50099
-grep -m1 "model name" /proc/cpuinfo
-grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|fma)$' | tr '\n' ' '; echo
+cpu_info
 
 serve() { # binary, log, [workers]; starts a server and waits until it is ready
   serve_ready "$1" "$2" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
     --intra-op-threads "$threads" --workers "${3:-1}"
 }
 
-summary='
-import json, sys
-for l in json.load(sys.stdin):
-    t, i = l["ttft_seconds"], l["itl_seconds"]
-    print("  %s %g: %.1f tok/s, TTFT p50/p99 %.0f/%.0f ms, ITL p50/p99 %.1f/%.1f ms, failed %d" % (
-        l["mode"], l["value"], l["tokens_per_second"], t["p50"] * 1e3, t["p99"] * 1e3,
-        i["p50"] * 1e3, i["p99"] * 1e3, l["failed"]))
-'
-
 load() { # name, bench args...
   local name=$1; shift
   echo "--- $name: $*"
-  "$new" bench --target http://127.0.0.1:$port --json "$@" 2>/dev/null | python3 -c "$summary"
+  "$new" bench --target http://127.0.0.1:$port --json "$@" 2>/dev/null | bench_summary
 }
 
 if [ "${DECODE:-1}" = 1 ]; then

@@ -17,18 +17,8 @@ batchgen=$bin/batchgen
 precisions=${PRECISIONS:-fp32,int8,int8-fp32-head}
 short_new=${SHORT_NEW:-128}; long=${LONG_PROMPT:-500}; long_new=${LONG_NEW:-64}
 port=50098
-grep -m1 "model name" /proc/cpuinfo
-grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx_vnni|fma)$' | tr '\n' ' '; echo
+cpu_info
 
-summary='
-import json, sys
-name = sys.argv[1]
-for l in json.load(sys.stdin):
-    t, i = l["ttft_seconds"], l["itl_seconds"]
-    print("  %s c%g: %.1f tok/s, TTFT p50/p99 %.0f/%.0f ms, ITL p50/p99 %.1f/%.1f ms, failed %d" % (
-        name, l["value"], l["tokens_per_second"], t["p50"] * 1e3, t["p99"] * 1e3,
-        i["p50"] * 1e3, i["p99"] * 1e3, l["failed"]))
-'
 for round in $(seq "$rounds"); do
   for p in ${precisions//,/ }; do
     log=$(mktemp)
@@ -36,10 +26,10 @@ for round in $(seq "$rounds"); do
       --intra-op-threads "$threads" --weights "$p"
     echo "== round $round: --weights $p ($(grep VmRSS /proc/$pid/status | awk '{print int($2/1024)}') MiB idle)"
     "$batchgen" bench --target http://127.0.0.1:$port --json --concurrency 16 --prompt-tokens 32 \
-      --new-tokens "$short_new" 2>/dev/null | python3 -c "$summary" "short $p"
+      --new-tokens "$short_new" 2>/dev/null | bench_summary "short $p"
     if [ "${LONG:-1}" = 1 ]; then
       "$batchgen" bench --target http://127.0.0.1:$port --json --concurrency 16 --requests 32 \
-        --prompt-tokens "$long" --new-tokens "$long_new" 2>/dev/null | python3 -c "$summary" "long $p" | grep c16
+        --prompt-tokens "$long" --new-tokens "$long_new" 2>/dev/null | bench_summary "long $p" | grep c16
     fi
     echo "  peak $(grep VmHWM /proc/$pid/status | awk '{print int($2/1024)}') MiB"
     kill $pid; wait $pid 2>/dev/null || true

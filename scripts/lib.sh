@@ -23,3 +23,25 @@ serve_ready() {
     sleep 0.05
   done
 }
+
+# cpu_info: the CPU's model name and the SIMD flags that decide the speed (every
+# benchmark states them).
+cpu_info() {
+  grep -m1 "model name" /proc/cpuinfo
+  grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_vnni|avx_vnni|fma)$' | tr '\n' ' '; echo
+}
+
+# bench_summary [LABEL]: reads `batchgen bench --json` on stdin and prints one
+# line per level: "MODE VALUE: ..." or, with a label, "LABEL cVALUE: ...".
+bench_summary() {
+  python3 -c '
+import json, sys
+label = sys.argv[1] if len(sys.argv) > 1 else None
+for l in json.load(sys.stdin):
+    t, i = l["ttft_seconds"], l["itl_seconds"]
+    name = "%s c%g" % (label, l["value"]) if label else "%s %g" % (l["mode"], l["value"])
+    print("  %s: %.1f tok/s, TTFT p50/p99 %.0f/%.0f ms, ITL p50/p99 %.1f/%.1f ms, failed %d" % (
+        name, l["tokens_per_second"], t["p50"] * 1e3, t["p99"] * 1e3,
+        i["p50"] * 1e3, i["p99"] * 1e3, l["failed"]))
+' "$@"
+}
