@@ -77,9 +77,8 @@ pub struct EvalArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// The server's address.
-    #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Closed-loop concurrency levels (clients each sending one request after
     /// another). 1 (the sequential baseline) is run first unless --no-sequential.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
@@ -229,6 +228,18 @@ pub struct ServerArgs {
     /// Log format: "text" for people, "json" for machines.
     #[arg(long, env = "BATCHGEN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// TLS on the gRPC port: the server's certificate chain (PEM). Re-read,
+    /// with the key, on SIGHUP and when the file changes; open connections
+    /// keep the certificate they were accepted with.
+    #[arg(long, env = "BATCHGEN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "BATCHGEN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by one of the
+    /// CAs in this PEM file (and valid today). Needs --tls-cert.
+    #[arg(long, env = "BATCHGEN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// On SIGTERM, seconds running requests may take to finish before they
     /// are ended with FINISH_REASON_CANCELLED.
     #[arg(long, env = "BATCHGEN_SHUTDOWN_GRACE", default_value_t = 30.0)]
@@ -279,11 +290,35 @@ pub struct LimitArgs {
     pub default_max_new_tokens: u32,
 }
 
+/// How a client subcommand reaches the server.
 #[derive(Debug, Clone, Args)]
-pub struct HealthArgs {
-    /// The server's address.
+pub struct ConnectArgs {
+    /// The server's address: http://host:port, or https://host:port for TLS.
     #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
     pub target: String,
+    /// PEM file of the CA that signed the server's certificate (https
+    /// targets; default: none, so a TLS target needs it).
+    #[arg(long, env = "BATCHGEN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require one (mutual TLS).
+    #[arg(long, env = "BATCHGEN_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// The private key of --tls-client-cert (PEM).
+    #[arg(long, env = "BATCHGEN_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// The name the server's certificate must be valid for (default: the
+    /// target's host).
+    #[arg(long, env = "BATCHGEN_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+    /// API key, sent as `authorization: Bearer <key>` (servers run with --api-keys).
+    #[arg(long, env = "BATCHGEN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// The service asked about ("" is the whole server; the model's service
     /// is batchgen.v1.Generation).
     #[arg(long, default_value = "")]
@@ -295,9 +330,8 @@ pub struct HealthArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// The server's address.
-    #[arg(long, env = "BATCHGEN_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// The prompt.
     pub prompt: String,
     /// Tokens to generate (0: the server's default).
@@ -330,12 +364,23 @@ pub struct GenerateArgs {
 }
 
 impl ServerArgs {
-    pub fn serve_options(&self) -> crate::server::ServeOptions {
+    /// The transport settings, with the TLS files read (an error names the
+    /// file that cannot be used).
+    pub fn serve_options(&self) -> Result<crate::server::ServeOptions, crate::server::tls::TlsError> {
         let secs = |s: f64| (s > 0.0).then(|| std::time::Duration::from_secs_f64(s));
-        crate::server::ServeOptions {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::server::tls::Tls::load(crate::server::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })?),
+            _ => None,
+        };
+        Ok(crate::server::ServeOptions {
             max_message_bytes: self.max_message_bytes,
             keepalive_interval: secs(self.http2_keepalive_interval),
             keepalive_timeout: secs(self.http2_keepalive_timeout),
-        }
+            tls,
+        })
     }
 }

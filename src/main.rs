@@ -76,7 +76,22 @@ fn run() -> anyhow::Result<()> {
 async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let grace = std::time::Duration::from_secs_f64(args.server.shutdown_grace.max(0.0));
-    let options = args.server.serve_options();
+    let options = args.server.serve_options()?;
+    let scheme = match &options.tls {
+        Some(tls) if tls.mutual() => "TLS, client certificates required",
+        Some(_) => "TLS",
+        None => "plaintext",
+    };
+    // SIGHUP: read the certificates again (open connections keep theirs).
+    tokio::spawn({
+        let options = options.clone();
+        async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                options.reload("SIGHUP");
+            }
+        }
+    });
     // Listen first: health checks answer NOT_SERVING while the model loads.
     let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
     let metrics_listener = tokio::net::TcpListener::bind(args.server.metrics_listen).await?;
@@ -107,7 +122,7 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     };
-    tracing::info!("listening on {} (NOT_SERVING while the model loads)", listener.local_addr()?);
+    tracing::info!("listening on {} ({scheme}; NOT_SERVING while the model loads)", listener.local_addr()?);
     let serving = tokio::spawn({
         let server = server.clone();
         async move { batchgen::server::serve(listener, server, &options, shutdown).await }

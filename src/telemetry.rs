@@ -40,6 +40,8 @@ pub const KV_COPY_BYTES: &str = "batchgen_kv_copy_bytes_total";
 pub const WORKER_BUSY: &str = "batchgen_worker_busy";
 pub const WORKER_RESTARTS: &str = "batchgen_worker_restarts_total";
 pub const BUILD_INFO: &str = "batchgen_build_info";
+pub const TLS_RELOADS: &str = "batchgen_tls_reloads_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "batchgen_tls_handshake_failures_total";
 
 /// Latency buckets: 1 ms to 60 s.
 const SECONDS: [f64; 18] =
@@ -100,12 +102,20 @@ fn describe_all() {
     describe_gauge!(WORKER_BUSY, "1 while a worker has running or waiting requests, else 0.");
     describe_counter!(WORKER_RESTARTS, "Worker restarts after a caught panic.");
     describe_gauge!(BUILD_INFO, "Build and model information (always 1).");
+    describe_counter!(
+        TLS_RELOADS,
+        "Times the TLS certificates were read again (SIGHUP or a changed file) and taken into use."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS connections closed during the handshake (bad or missing client certificate, wrong CA, timeout, not TLS)."
+    );
 }
 
 /// Creates every unlabelled metric and each value of the closed label sets,
 /// so that a scrape shows them (at 0) before the first request.
 fn register_all() {
-    for name in [REQUESTS_RECEIVED, PROMPT_TOKENS, GENERATED_TOKENS] {
+    for name in [REQUESTS_RECEIVED, PROMPT_TOKENS, GENERATED_TOKENS, TLS_RELOADS, TLS_HANDSHAKE_FAILURES] {
         metrics::counter!(name).increment(0);
     }
     for kind in ["validation", "overloaded", "deadline", "cancelled", "internal", "unavailable"] {

@@ -3,10 +3,9 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 
 use crate::config::BenchArgs;
-use crate::pb::{self, generation_client::GenerationClient};
+use crate::pb;
 
 pub mod plot;
 
@@ -88,7 +87,7 @@ fn lost_in_transit(e: &tonic::Status) -> bool {
 
 /// Request `i`, sent again (up to `--retries` times, 50 ms apart) while it is
 /// lost in transit: a replica that was stopped or killed under it.
-async fn one(client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+async fn one(client: crate::client::Client, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
     let mut retried = 0;
     loop {
         match attempt(client.clone(), args, i).await {
@@ -102,7 +101,7 @@ async fn one(client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> R
     }
 }
 
-async fn attempt(mut client: GenerationClient<Channel>, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+async fn attempt(mut client: crate::client::Client, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
     let method = (args.temperature > 0.0).then(|| {
         pb::decoding::Method::Sampling(pb::Sampling {
             temperature: args.temperature,
@@ -163,7 +162,7 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
 }
 
 /// `concurrency` clients, each sending requests back to back, `total` in all.
-async fn closed_loop(client: &GenerationClient<Channel>, args: &BenchArgs, concurrency: usize, first: usize) -> Level {
+async fn closed_loop(client: &crate::client::Client, args: &BenchArgs, concurrency: usize, first: usize) -> Level {
     let total = if args.requests > 0 { args.requests } else { (4 * concurrency).max(8) };
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
@@ -189,7 +188,7 @@ async fn closed_loop(client: &GenerationClient<Channel>, args: &BenchArgs, concu
 }
 
 /// Requests arriving as a Poisson process at `rate` per second.
-async fn open_loop(client: &GenerationClient<Channel>, args: &BenchArgs, rate: f64, first: usize) -> Level {
+async fn open_loop(client: &crate::client::Client, args: &BenchArgs, rate: f64, first: usize) -> Level {
     let total = if args.requests > 0 { args.requests } else { ((8.0 * rate) as usize).max(8) };
     let mut x = args.seed.wrapping_add(0x2545_F491_4F6C_DD1D) | 1;
     let mut uniform = move || {
@@ -215,7 +214,7 @@ async fn open_loop(client: &GenerationClient<Channel>, args: &BenchArgs, rate: f
 }
 
 pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Error>> {
-    let client = GenerationClient::connect(args.target.clone()).await?;
+    let client = crate::client::connect(&args.connect).await?;
     let mut levels: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
     levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1 || args.no_sequential));
     // Warm-up: the first request pays for lazy initialisation in ORT.

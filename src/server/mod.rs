@@ -1,6 +1,7 @@
 //! The gRPC service: validation at the edge, submission to the engine, and
 //! responses built from the engine's events.
 pub mod stream;
+pub mod tls;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -146,11 +147,23 @@ pub struct ServeOptions {
     pub max_message_bytes: usize,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,
+    /// TLS (and mutual TLS) on the port; plaintext without.
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { max_message_bytes: 16 << 20, keepalive_interval: None, keepalive_timeout: None }
+        ServeOptions { max_message_bytes: 16 << 20, keepalive_interval: None, keepalive_timeout: None, tls: None }
+    }
+}
+
+impl ServeOptions {
+    /// Reads again what the server reads from files (TLS certificates), as
+    /// on SIGHUP; what fails to read is logged and the old one kept.
+    pub fn reload(&self, why: &str) {
+        if let Some(tls) = &self.tls {
+            tls.log_reload(why, tls.reload());
+        }
     }
 }
 
@@ -193,19 +206,27 @@ pub async fn serve(
     }
     let reflection_v1 = v1.build_v1().expect("the descriptor sets are valid");
     let reflection_v1alpha = v1alpha.build_v1alpha().expect("the descriptor sets are valid");
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(options.keepalive_timeout)
         .add_service(generation)
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        // TCP_NODELAY: without it a token's small HTTP/2 frame waits behind
-        // the previous unacknowledged one until the client's delayed ACK
-        // (about 40 ms on Linux): measured as a 44 ms time to first token on
-        // the tiny fixture, whose whole generation takes 2 ms.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await
+        .add_service(reflection_v1alpha);
+    match &options.tls {
+        // TCP_NODELAY (here and in the TLS accept loop): without it a token's
+        // small HTTP/2 frame waits behind the previous unacknowledged one
+        // until the client's delayed ACK (about 40 ms on Linux): measured as
+        // a 44 ms time to first token on the tiny fixture, whose whole
+        // generation takes 2 ms.
+        None => {
+            router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown).await
+        }
+        Some(tls) => {
+            tls.watch();
+            router.serve_with_incoming_shutdown(tls::incoming(listener, tls.clone()), shutdown).await
+        }
+    }
 }
 
 /// Completes at `deadline`, or never.

@@ -54,6 +54,9 @@ pub fn serve_args() -> ServeArgs {
             http2_keepalive_timeout: 20.0,
             log_format: "text".into(),
             shutdown_grace: 1.0,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         },
         limits: LimitArgs {
             max_queue: 64,
@@ -93,7 +96,8 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(args: ServeArgs) -> TestServer {
-    let args_options = args.server.serve_options();
+    let args_options = args.server.serve_options().unwrap();
+    let tls = args_options.tls.is_some();
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await.unwrap().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -113,7 +117,12 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
         })
         .await
     });
-    let client = GenerationClient::connect(format!("http://{addr}")).await.unwrap();
+    // A TLS server's tests make their own clients.
+    let client = if tls {
+        GenerationClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
+    } else {
+        GenerationClient::connect(format!("http://{addr}")).await.unwrap()
+    };
     TestServer { client, state, server, metrics_addr, addr, shutdown: Some(tx) }
 }
 

@@ -1,0 +1,219 @@
+//! TLS and mutual TLS on the gRPC port (rustls): certificates read from PEM
+//! files, re-read on SIGHUP or when a file changes, without touching the
+//! connections already open (each keeps the configuration it was accepted
+//! with; new connections get the new one).
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+
+use crate::telemetry;
+
+/// Where the server's certificate chain, its key and (for mutual TLS) the
+/// CA that client certificates must be signed by are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {path}: {reason}")]
+    Read { what: &'static str, path: PathBuf, reason: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A TLS handshake may take this long; then the connection is closed (a
+/// client that connects and sends nothing holds no task for longer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the files' modification times are compared.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The current TLS configuration and the files it was read from.
+pub struct Tls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    /// The files' modification times when last read.
+    stamp: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Reads the files; an error names the file and what is wrong with it.
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let stamp = stamps(&files);
+        let config = read_config(&files)?;
+        Ok(Arc::new(Tls { files, current: RwLock::new(config), stamp: Mutex::new(stamp) }))
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn mutual(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// Reads the files again and, if they make a valid configuration, uses it
+    /// for the connections accepted from now on; if not, keeps the old one
+    /// and returns why.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamp = stamps(&self.files);
+        let config = read_config(&self.files);
+        // Remember these times even when the files are broken, so that a
+        // half-written file is read again only when it changes again.
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        let config = config?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        metrics::counter!(telemetry::TLS_RELOADS).increment(1);
+        Ok(())
+    }
+
+    /// Reloads if any of the files changed since they were last read.
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+        let now = stamps(&self.files);
+        let changed = *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) != now;
+        changed.then(|| self.reload())
+    }
+
+    /// Logs the outcome of a reload.
+    pub fn log_reload(&self, why: &str, result: Result<(), TlsError>) {
+        match result {
+            Ok(()) => tracing::info!("TLS certificates reloaded ({why}): {}", self.files.cert.display()),
+            Err(e) => tracing::error!("TLS certificates not reloaded ({why}), keeping the previous ones: {e}"),
+        }
+    }
+
+    /// Polls the files every second for the lifetime of the process and
+    /// reloads when one changes (a renewed certificate from cert-manager or
+    /// certbot, a rotated key).
+    pub fn watch(self: &Arc<Self>) {
+        let tls = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_INTERVAL).await;
+                let Some(tls) = tls.upgrade() else { return };
+                if let Some(result) = tls.reload_if_changed() {
+                    tls.log_reload("a file changed", result);
+                }
+            }
+        });
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
+    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |reason: String| TlsError::Read { what, path: path.to_path_buf(), reason };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+fn read_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = certificates("--tls-cert", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
+        what: "--tls-key",
+        path: files.key.clone(),
+        reason: e.to_string(),
+    })?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in certificates("--tls-client-ca", path)? {
+                roots.add(cert).map_err(|e| TlsError::Read {
+                    what: "--tls-client-ca",
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Config(format!("--tls-client-ca {}: {e}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("--tls-cert and --tls-key do not make a server identity: {e}")))?;
+    // gRPC is HTTP/2 only; clients that negotiate by ALPN (grpcio, grpc-js) require it.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The TLS connections accepted on `listener`. Handshakes run in their own
+/// tasks (a slow one delays nobody) with a timeout; a failed one is counted
+/// and logged at debug level, and the listener goes on. The accept loop
+/// ends, closing the listener, when the receiving side is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<Tls>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tls.acceptor();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => handshake_failed(peer, &e.to_string()),
+                    Err(_) => handshake_failed(peer, "timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn handshake_failed(peer: std::net::SocketAddr, why: &str) {
+    metrics::counter!(telemetry::TLS_HANDSHAKE_FAILURES).increment(1);
+    tracing::debug!(%peer, "TLS handshake failed: {why}");
+}

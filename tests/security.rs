@@ -1,0 +1,204 @@
+//! TLS and mutual TLS on the gRPC port, with certificates made here by
+//! rcgen: the right CA, a wrong CA, no client certificate, expired
+//! certificates, and a reload that changes the certificate under an open stream.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use batchgen::pb::generation_client::GenerationClient;
+use common::{expected, ids, request, serve_args, start_with};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A CA and what it signs, written as PEM files into a temporary directory.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    dir: PathBuf,
+    name: String,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, format!("batchgen test CA {name}"));
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).unwrap();
+        Ca { issuer, dir: dir.to_path_buf(), name: name.to_string() }
+    }
+
+    fn ca_pem(&self) -> PathBuf {
+        self.dir.join(format!("{}-ca.pem", self.name))
+    }
+
+    /// Signs a leaf certificate for `names` (DNS names or IP addresses);
+    /// `expired` puts its validity wholly in the past. Returns (cert, key) paths.
+    fn leaf(&self, file: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, file);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// A client endpoint for `addr` trusting `ca`, with an optional client identity.
+fn endpoint(addr: std::net::SocketAddr, ca: &Path, identity: Option<&(PathBuf, PathBuf)>) -> Endpoint {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(5))
+}
+
+/// The greedy "short" case through `endpoint`: the generated ids, or why not.
+async fn short_case(endpoint: Endpoint) -> Result<Vec<u32>, String> {
+    let channel: Channel = endpoint.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+    let case = &expected()["greedy"]["short"];
+    let reply = GenerationClient::new(channel)
+        .generate(request(ids(&case["prompt_ids"]), 24))
+        .await
+        .map_err(|s| format!("call: {:?} {}", s.code(), s.message()))?;
+    Ok(reply.into_inner().sequences[0].tokens.iter().map(|t| t.id).collect())
+}
+
+fn short_reference() -> Vec<u32> {
+    ids(&expected()["greedy"]["short"]["output_ids"])
+}
+
+async fn tls_server(cert: &(PathBuf, PathBuf), client_ca: Option<PathBuf>) -> common::TestServer {
+    let mut args = serve_args();
+    args.server.tls_cert = Some(cert.0.clone());
+    args.server.tls_key = Some(cert.1.clone());
+    args.server.tls_client_ca = client_ca;
+    start_with(args).await
+}
+
+#[tokio::test]
+async fn tls_serves_clients_that_trust_its_ca_and_no_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "good");
+    let other = Ca::new(dir.path(), "other");
+    let server = tls_server(&ca.leaf("server", &["localhost", "127.0.0.1"], false), None).await;
+
+    assert_eq!(short_case(endpoint(server.addr, &ca.ca_pem(), None)).await.unwrap(), short_reference());
+    // A client trusting another CA refuses the server's certificate.
+    let err = short_case(endpoint(server.addr, &other.ca_pem(), None)).await.unwrap_err();
+    assert!(err.starts_with("connect:"), "{err}");
+    // Plaintext HTTP/2 to the TLS port gets no answer.
+    let plain = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap();
+    assert!(short_case(plain).await.is_err());
+    // And the server still serves after the failed handshakes.
+    assert_eq!(short_case(endpoint(server.addr, &ca.ca_pem(), None)).await.unwrap(), short_reference());
+}
+
+#[tokio::test]
+async fn an_expired_server_certificate_is_refused_by_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "good");
+    let server = tls_server(&ca.leaf("server", &["localhost"], true), None).await;
+    let err = short_case(endpoint(server.addr, &ca.ca_pem(), None)).await.unwrap_err();
+    assert!(err.starts_with("connect:") && err.contains("xpired"), "{err}");
+}
+
+#[tokio::test]
+async fn mutual_tls_serves_only_clients_with_a_valid_certificate_from_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "good");
+    let other = Ca::new(dir.path(), "other");
+    let server = tls_server(&ca.leaf("server", &["localhost"], false), Some(ca.ca_pem())).await;
+    let good = ca.leaf("client", &["client.example"], false);
+    let expired = ca.leaf("client-expired", &["client.example"], true);
+    let foreign = other.leaf("client-foreign", &["client.example"], false);
+
+    assert_eq!(short_case(endpoint(server.addr, &ca.ca_pem(), Some(&good))).await.unwrap(), short_reference());
+    // Under TLS 1.3 the client may finish its side of the handshake before
+    // the server has judged its certificate: the refusal then shows on the
+    // first call. Either way no answer comes back.
+    for (what, identity) in [("no client certificate", None), ("expired", Some(&expired)), ("other CA", Some(&foreign))]
+    {
+        let result = short_case(endpoint(server.addr, &ca.ca_pem(), identity)).await;
+        assert!(result.is_err(), "{what}: served {result:?}");
+    }
+    assert_eq!(short_case(endpoint(server.addr, &ca.ca_pem(), Some(&good))).await.unwrap(), short_reference());
+}
+
+#[tokio::test]
+async fn a_changed_certificate_is_used_for_new_connections_while_open_streams_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Ca::new(dir.path(), "first");
+    let second = Ca::new(dir.path(), "second");
+    let (cert, key) = first.leaf("server", &["localhost"], false);
+    let server = tls_server(&(cert.clone(), key.clone()), None).await;
+
+    // A stream open on a connection made with the first certificate.
+    let channel = endpoint(server.addr, &first.ca_pem(), None).connect().await.unwrap();
+    let mut client = GenerationClient::new(channel);
+    let case = &expected()["greedy"]["long"];
+    let mut req = request(ids(&case["prompt_ids"]), 24);
+    req.stopping.as_mut().unwrap().ignore_eos = true;
+    let mut stream = client.generate_stream(req).await.unwrap().into_inner();
+    let mut got: Vec<u32> = stream.message().await.unwrap().unwrap().tokens.iter().map(|t| t.id).collect();
+
+    // Renew: the second CA's certificate replaces the first in the same files.
+    let (new_cert, new_key) = second.leaf("server-renewed", &["localhost"], false);
+    std::fs::copy(&new_key, &key).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    let start = std::time::Instant::now();
+    while short_case(endpoint(server.addr, &second.ca_pem(), None)).await.is_err() {
+        assert!(start.elapsed().as_secs() < 20, "the renewed certificate was not taken into use");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // New connections that trust only the first CA are refused now ...
+    assert!(short_case(endpoint(server.addr, &first.ca_pem(), None)).await.is_err());
+    // ... while the stream opened before goes on to its end, and its
+    // connection takes new calls.
+    while let Some(m) = stream.message().await.unwrap() {
+        got.extend(m.tokens.iter().map(|t| t.id));
+    }
+    assert_eq!(got, ids(&case["output_ids"]));
+    let again = client.generate(request(ids(&expected()["greedy"]["short"]["prompt_ids"]), 24)).await.unwrap();
+    assert_eq!(again.into_inner().sequences[0].tokens.iter().map(|t| t.id).collect::<Vec<_>>(), short_reference());
+}
+
+#[tokio::test]
+async fn broken_tls_files_are_refused_at_start_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "good");
+    let (cert, key) = ca.leaf("server", &["localhost"], false);
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    for (c, k, ca_file, flag) in [
+        (garbage.clone(), key.clone(), None, "--tls-cert"),
+        (cert.clone(), garbage.clone(), None, "--tls-key"),
+        (cert.clone(), key.clone(), Some(garbage.clone()), "--tls-client-ca"),
+        (dir.path().join("missing.pem"), key.clone(), None, "--tls-cert"),
+    ] {
+        let mut args = serve_args();
+        args.server.tls_cert = Some(c);
+        args.server.tls_key = Some(k);
+        args.server.tls_client_ca = ca_file;
+        let err = args.server.serve_options().unwrap_err().to_string();
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+    // A key that is not the certificate's.
+    let (_, other_key) = ca.leaf("other", &["localhost"], false);
+    let mut args = serve_args();
+    args.server.tls_cert = Some(cert);
+    args.server.tls_key = Some(other_key);
+    let err = args.server.serve_options().unwrap_err().to_string();
+    assert!(err.contains("--tls-key"), "{err}");
+}
