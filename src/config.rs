@@ -29,6 +29,23 @@ pub enum Command {
     /// Measure what a weight precision costs in quality: perplexity of a text
     /// (sliding window) and top-1 agreement with float32, with throughput.
     Eval(EvalArgs),
+    /// Make an API key: prints the key (give it to the caller; it is shown
+    /// only now) and then its line for the `--api-keys` file, which holds
+    /// only the key's SHA-256.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// The key's name: metrics label and log field (A-Z a-z 0-9 - _ .).
+    pub name: String,
+    /// Most requests the key may have in flight at once.
+    #[arg(long)]
+    pub concurrency: Option<u32>,
+    /// Most tokens per minute (prompt + max_new_tokens × sequences, charged
+    /// when accepted; what a finished request did not use is given back).
+    #[arg(long)]
+    pub tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -240,6 +257,13 @@ pub struct ServerArgs {
     /// CAs in this PEM file (and valid today). Needs --tls-cert.
     #[arg(long, env = "BATCHGEN_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// API keys the Generation service requires (one per line: name,
+    /// sha256:<hash of the key>, optional concurrency=N and
+    /// tokens_per_minute=N; make lines with `batchgen keygen`). Calls send
+    /// `authorization: Bearer <key>`. Health and reflection stay open.
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "BATCHGEN_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
     /// On SIGTERM, seconds running requests may take to finish before they
     /// are ended with FINISH_REASON_CANCELLED.
     #[arg(long, env = "BATCHGEN_SHUTDOWN_GRACE", default_value_t = 30.0)]
@@ -288,6 +312,15 @@ pub struct LimitArgs {
     /// max_new_tokens for requests that leave it 0.
     #[arg(long, env = "BATCHGEN_DEFAULT_MAX_NEW_TOKENS", default_value_t = 64)]
     pub default_max_new_tokens: u32,
+}
+
+/// A file `serve` reads at start-up that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error(transparent)]
+    Tls(#[from] crate::server::tls::TlsError),
+    #[error(transparent)]
+    Keys(#[from] crate::server::auth::KeysError),
 }
 
 /// How a client subcommand reaches the server.
@@ -366,7 +399,7 @@ pub struct GenerateArgs {
 impl ServerArgs {
     /// The transport settings, with the TLS files read (an error names the
     /// file that cannot be used).
-    pub fn serve_options(&self) -> Result<crate::server::ServeOptions, crate::server::tls::TlsError> {
+    pub fn serve_options(&self) -> Result<crate::server::ServeOptions, OptionsError> {
         let secs = |s: f64| (s > 0.0).then(|| std::time::Duration::from_secs_f64(s));
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::server::tls::Tls::load(crate::server::tls::TlsFiles {
@@ -381,6 +414,7 @@ impl ServerArgs {
             keepalive_interval: secs(self.http2_keepalive_interval),
             keepalive_timeout: secs(self.http2_keepalive_timeout),
             tls,
+            keys: self.api_keys.as_deref().map(crate::server::auth::ApiKeys::load).transpose()?,
         })
     }
 }

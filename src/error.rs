@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::{EngineError, QueueError};
+use crate::server::auth::AuthError;
 use crate::validation::ValidationError;
 
 /// Everything a request can fail with, across layers.
@@ -22,6 +23,8 @@ pub enum Error {
     ShuttingDown,
     #[error("the model is still loading; retry shortly")]
     Loading,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl Error {
@@ -34,6 +37,8 @@ impl Error {
             Error::Queue(QueueError::Stopped) | Error::ShuttingDown | Error::Loading => "unavailable",
             Error::Engine(_) => "internal",
             Error::Deadline => "deadline",
+            Error::Auth(AuthError::Unauthenticated) => "unauthenticated",
+            Error::Auth(_) => "rate_limited",
         }
     }
 
@@ -45,6 +50,8 @@ impl Error {
             Error::Queue(QueueError::Stopped) | Error::ShuttingDown | Error::Loading => Code::Unavailable,
             Error::Engine(_) => Code::Internal,
             Error::Deadline => Code::DeadlineExceeded,
+            Error::Auth(AuthError::Unauthenticated) => Code::Unauthenticated,
+            Error::Auth(_) => Code::ResourceExhausted,
         }
     }
 }
@@ -68,6 +75,10 @@ impl From<Error> for Status {
             Error::Loading | Error::ShuttingDown | Error::Queue(QueueError::Stopped) => {
                 ErrorDetails::with_retry_info(Some(Duration::from_secs(5)))
             }
+            Error::Auth(e) => match e.retry_after() {
+                Some(after) => ErrorDetails::with_retry_info(Some(after)),
+                None => return Status::new(code, message),
+            },
             Error::Engine(_) | Error::Deadline => return Status::new(code, message),
         };
         Status::with_error_details(code, message, details)

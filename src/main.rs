@@ -57,6 +57,15 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Keygen(args) => {
+            let limits = batchgen::server::auth::Limits {
+                concurrency: args.concurrency,
+                tokens_per_minute: args.tokens_per_minute,
+            };
+            let (key, line) = batchgen::server::auth::keygen(&args.name, limits).map_err(|e| anyhow::anyhow!(e))?;
+            println!("{key}\n{line}");
+            Ok(())
+        }
         Command::Health(args) => match rt.block_on(batchgen::client::health(&args)) {
             Ok(status) => {
                 println!("{status}");

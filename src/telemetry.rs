@@ -40,6 +40,7 @@ pub const KV_COPY_BYTES: &str = "batchgen_kv_copy_bytes_total";
 pub const WORKER_BUSY: &str = "batchgen_worker_busy";
 pub const WORKER_RESTARTS: &str = "batchgen_worker_restarts_total";
 pub const BUILD_INFO: &str = "batchgen_build_info";
+pub const KEY_IN_FLIGHT: &str = "batchgen_api_key_requests_in_flight";
 pub const TLS_RELOADS: &str = "batchgen_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "batchgen_tls_handshake_failures_total";
 
@@ -51,10 +52,10 @@ const SIZES: [f64; 16] =
     [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
 
 fn describe_all() {
-    describe_counter!(REQUESTS_RECEIVED, "Generate and GenerateStream calls received.");
+    describe_counter!(REQUESTS_RECEIVED, "Generate and GenerateStream calls received (by key, with --api-keys).");
     describe_counter!(
         REQUESTS_FAILED,
-        "Calls that ended with an error status, by error_type (validation, overloaded, deadline, cancelled, internal, unavailable)."
+        "Calls that ended with an error status, by error_type (validation, overloaded, deadline, cancelled, internal, unavailable, unauthenticated, rate_limited) and, with --api-keys, key."
     );
     describe_counter!(
         SEQUENCES_FINISHED,
@@ -118,7 +119,16 @@ fn register_all() {
     for name in [REQUESTS_RECEIVED, PROMPT_TOKENS, GENERATED_TOKENS, TLS_RELOADS, TLS_HANDSHAKE_FAILURES] {
         metrics::counter!(name).increment(0);
     }
-    for kind in ["validation", "overloaded", "deadline", "cancelled", "internal", "unavailable"] {
+    for kind in [
+        "validation",
+        "overloaded",
+        "deadline",
+        "cancelled",
+        "internal",
+        "unavailable",
+        "unauthenticated",
+        "rate_limited",
+    ] {
         metrics::counter!(REQUESTS_FAILED, "error_type" => kind).increment(0);
     }
     for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {

@@ -6,37 +6,11 @@
 //! The metrics recorder is process-wide, so this file holds one test.
 mod common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use batchgen::pb::{self, FinishReason};
-use common::{expected, ids, request, wait_until};
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{path}: {head}");
-    body.to_string()
-}
-
-/// The value of `name` whose labels include all of `labels`.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(series, _)| {
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|(_, v)| v.parse().unwrap())
-        .unwrap_or_else(|| panic!("no series {name} {labels:?} in:\n{text}"))
-}
+use common::{expected, http_get, ids, metric as value, request, wait_until};
 
 // Multi-threaded: the test reads /metrics with blocking sockets while the
 // server runs on the runtime.

@@ -1,6 +1,7 @@
-//! TLS and mutual TLS on the gRPC port, with certificates made here by
-//! rcgen: the right CA, a wrong CA, no client certificate, expired
-//! certificates, and a reload that changes the certificate under an open stream.
+//! Who may call: TLS and mutual TLS on the gRPC port, with certificates made
+//! here by rcgen (the right CA, a wrong CA, no client certificate, expired
+//! certificates, a reload that changes the certificate under an open
+//! stream), and API keys with their per-key limits.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -201,4 +202,138 @@ async fn broken_tls_files_are_refused_at_start_with_the_file_named() {
     args.server.tls_key = Some(other_key);
     let err = args.server.serve_options().unwrap_err().to_string();
     assert!(err.contains("--tls-key"), "{err}");
+}
+
+/// Writes a keys file with a key per `(name, limits)` and returns it with the keys.
+fn keys_file(dir: &Path, keys: &[(&str, batchgen::server::auth::Limits)]) -> (PathBuf, Vec<String>) {
+    let mut text = String::from("# name hash limits\n");
+    let mut secrets = Vec::new();
+    for (name, limits) in keys {
+        let (key, line) = batchgen::server::auth::keygen(name, *limits).unwrap();
+        text.push_str(&line);
+        text.push('\n');
+        secrets.push(key);
+    }
+    let path = dir.join("keys.txt");
+    std::fs::write(&path, text).unwrap();
+    (path, secrets)
+}
+
+fn keyed<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+    req
+}
+
+fn short_request(max_new_tokens: u32) -> batchgen::pb::GenerateRequest {
+    let mut r = request(ids(&expected()["greedy"]["short"]["prompt_ids"]), max_new_tokens);
+    r.stopping.as_mut().unwrap().ignore_eos = true;
+    r
+}
+
+#[tokio::test]
+async fn api_keys_are_required_for_generation_but_not_for_health_or_reflection() {
+    use batchgen::server::auth::Limits;
+    use tonic::Code;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, keys) = keys_file(dir.path(), &[("alice", Limits::default()), ("bob", Limits::default())]);
+    let mut args = serve_args();
+    args.server.api_keys = Some(path);
+    let server = start_with(args).await;
+    let mut client = server.client.clone();
+
+    let ok = client.generate(keyed(request(ids(&expected()["greedy"]["short"]["prompt_ids"]), 24), &keys[1])).await;
+    let got: Vec<u32> = ok.unwrap().into_inner().sequences[0].tokens.iter().map(|t| t.id).collect();
+    assert_eq!(got, short_reference());
+
+    // No key, a wrong key, a key without "Bearer": one answer for all, naming no key.
+    let mut answers = Vec::new();
+    for key in [None, Some("Bearer bg-not-a-key"), Some(keys[0].as_str()), Some("Bearer ")] {
+        let mut req = tonic::Request::new(short_request(4));
+        if let Some(k) = key {
+            req.metadata_mut().insert("authorization", k.parse().unwrap());
+        }
+        let status = client.generate(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{key:?}");
+        answers.push(status.message().to_string());
+    }
+    assert!(answers.iter().all(|a| *a == answers[0] && !a.contains("alice") && !a.contains("bob")), "{answers:?}");
+    let status = client.generate_stream(short_request(4)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client.model_info(batchgen::pb::ModelInfoRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client.tokenize(batchgen::pb::TokenizeRequest { text: "hi".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client.cancel(batchgen::pb::CancelRequest { request_id: "x".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(client.model_info(keyed(batchgen::pb::ModelInfoRequest {}, &keys[0])).await.is_ok());
+
+    // Health and reflection need no key.
+    let channel = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let answer = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(answer.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let mut answers = reflection.server_reflection_info(tokio_stream::iter([list])).await.unwrap().into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+
+    // The key's name (never the key) labels the request metrics.
+    let addr = server.metrics_addr;
+    let text = tokio::task::spawn_blocking(move || common::http_get(addr, "/metrics")).await.unwrap();
+    assert_eq!(common::metric(&text, "batchgen_requests_received_total", &[("key", "bob")]), 1.0);
+    assert_eq!(common::metric(&text, "batchgen_api_key_requests_in_flight", &[("key", "bob")]), 0.0);
+    assert_eq!(common::metric(&text, "batchgen_api_key_requests_in_flight", &[("key", "alice")]), 0.0);
+    assert!(common::metric(&text, "batchgen_requests_failed_total", &[("error_type", "unauthenticated")]) >= 5.0);
+    assert!(!keys.iter().any(|k| text.contains(k.as_str())));
+}
+
+#[tokio::test]
+async fn a_keys_tokens_per_minute_refuse_with_retry_info_and_the_file_reloads() {
+    use batchgen::server::auth::Limits;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let limited = Limits { concurrency: None, tokens_per_minute: Some(100) };
+    let (path, keys) = keys_file(dir.path(), &[("carol", limited), ("dave", Limits::default())]);
+    let mut args = serve_args();
+    args.server.api_keys = Some(path.clone());
+    let server = start_with(args).await;
+    let mut client = server.client.clone();
+
+    // 4 prompt tokens + 56 new (EOS ignored): a charge of 60, all of it used.
+    client.generate(keyed(short_request(56), &keys[0])).await.unwrap();
+    let status = client.generate(keyed(short_request(56), &keys[0])).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("\"carol\"") && status.message().contains("100 tokens per minute"), "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+    // About 20 tokens short at 100/60 per second.
+    assert!((10.0..=13.0).contains(&retry.as_secs_f64()), "{retry:?}");
+    // More than the whole minute's budget: refused, with no point retrying.
+    let status = client.generate(keyed(short_request(100), &keys[0])).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("can never fit") && status.get_details_retry_info().is_none(), "{status:?}");
+    // Another key is not held back by carol's limit.
+    client.generate(keyed(short_request(56), &keys[1])).await.unwrap();
+
+    // Reload: dave removed, erin added; carol's usage stays (same name).
+    let (erin, erin_line) = batchgen::server::auth::keygen("erin", Limits::default()).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let carol_line = text.lines().find(|l| l.starts_with("carol")).unwrap().to_string();
+    std::fs::write(&path, format!("{carol_line}\n{erin_line}\n")).unwrap();
+    server.options.reload("test");
+    assert_eq!(client.generate(keyed(short_request(4), &keys[1])).await.unwrap_err().code(), Code::Unauthenticated);
+    client.generate(keyed(short_request(56), &erin)).await.unwrap();
+    assert_eq!(client.generate(keyed(short_request(56), &keys[0])).await.unwrap_err().code(), Code::ResourceExhausted);
+    // A broken file is not taken: the keys in use stay.
+    std::fs::write(&path, format!("{carol_line}\nerin sha256:short\n")).unwrap();
+    server.options.reload("test");
+    client.generate(keyed(short_request(4), &erin)).await.unwrap();
 }

@@ -1,5 +1,6 @@
 //! The gRPC service: validation at the edge, submission to the engine, and
 //! responses built from the engine's events.
+pub mod auth;
 pub mod stream;
 pub mod tls;
 
@@ -67,21 +68,27 @@ pub async fn drain(server: &Server, grace: Duration) {
 
 /// Removes a request from the in-flight table when its handler ends, however
 /// it ends, and counts how it ended: finished, failed (by error type), or
-/// dropped because the client went away ("cancelled").
+/// dropped because the client went away ("cancelled"). Holds the request's
+/// API-key permit, released (with what the request used) at the same time.
 struct InFlightGuard {
     engine: EngineHandle,
     id: String,
     outcome: Option<&'static str>,
+    permit: Option<auth::Permit>,
 }
 
 impl InFlightGuard {
-    fn new(engine: EngineHandle, id: String) -> Self {
+    fn new(engine: EngineHandle, id: String, permit: Option<auth::Permit>) -> Self {
         metrics::gauge!(telemetry::REQUESTS_IN_FLIGHT).increment(1.0);
-        InFlightGuard { engine, id, outcome: None }
+        InFlightGuard { engine, id, outcome: None, permit }
     }
 
-    fn ok(&mut self) {
+    /// Finished; `usage` is what it used (the final message's).
+    fn ok(&mut self, usage: Option<&pb::Usage>) {
         self.outcome = Some("ok");
+        if let (Some(p), Some(u)) = (self.permit.as_mut(), usage) {
+            p.used(u64::from(u.prompt_tokens) + u64::from(u.generated_tokens));
+        }
     }
 
     fn fail(&mut self, e: &Error) {
@@ -95,9 +102,16 @@ impl Drop for InFlightGuard {
         metrics::gauge!(telemetry::REQUESTS_IN_FLIGHT).decrement(1.0);
         match self.outcome.unwrap_or("cancelled") {
             "ok" => {}
-            kind => metrics::counter!(telemetry::REQUESTS_FAILED, "error_type" => kind).increment(1),
+            kind => failed(kind, self.permit.as_ref().map(|p| p.key())),
         }
     }
+}
+
+/// Counts a failed call, by error type and (with API keys) key name.
+fn failed(kind: &'static str, key: Option<&str>) {
+    let mut labels = vec![metrics::Label::new("error_type", kind)];
+    labels.extend(key.map(|k| metrics::Label::new("key", k.to_string())));
+    metrics::counter!(telemetry::REQUESTS_FAILED, labels).increment(1);
 }
 
 /// The server's front: the app once it has loaded, and the health status
@@ -149,11 +163,19 @@ pub struct ServeOptions {
     pub keepalive_timeout: Option<Duration>,
     /// TLS (and mutual TLS) on the port; plaintext without.
     pub tls: Option<Arc<tls::Tls>>,
+    /// API keys the Generation service requires; open to all without.
+    pub keys: Option<Arc<auth::ApiKeys>>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { max_message_bytes: 16 << 20, keepalive_interval: None, keepalive_timeout: None, tls: None }
+        ServeOptions {
+            max_message_bytes: 16 << 20,
+            keepalive_interval: None,
+            keepalive_timeout: None,
+            tls: None,
+            keys: None,
+        }
     }
 }
 
@@ -164,17 +186,32 @@ impl ServeOptions {
         if let Some(tls) = &self.tls {
             tls.log_reload(why, tls.reload());
         }
+        if let Some(keys) = &self.keys {
+            match keys.reload() {
+                Ok(n) => tracing::info!("API keys reloaded ({why}): {n} keys"),
+                Err(e) => tracing::error!("API keys not reloaded ({why}), keeping the previous ones: {e}"),
+            }
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct GenerationService {
     server: Arc<Server>,
+    keys: Option<Arc<auth::ApiKeys>>,
 }
 
 impl GenerationService {
     fn state(&self) -> Result<&Arc<AppState>, Error> {
         self.server.state().ok_or(Error::Loading)
+    }
+
+    /// The caller's key, when the server requires keys (`None` when not).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<auth::Caller>, Error> {
+        match &self.keys {
+            None => Ok(None),
+            Some(keys) => Ok(Some(keys.authenticate(req.metadata())?)),
+        }
     }
 }
 
@@ -186,11 +223,14 @@ pub async fn serve(
     options: &ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let generation = pb::generation_server::GenerationServer::new(GenerationService { server: server.clone() })
-        .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(options.max_message_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
+    let generation = pb::generation_server::GenerationServer::new(GenerationService {
+        server: server.clone(),
+        keys: options.keys.clone(),
+    })
+    .max_decoding_message_size(options.max_message_bytes)
+    .max_encoding_message_size(options.max_message_bytes)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Gzip);
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(server.health.clone()),
     );
@@ -276,18 +316,30 @@ struct Started {
 }
 
 impl GenerationService {
-    /// Validates (tokenizing on a blocking thread) and queues the request.
+    /// Authenticates, validates (tokenizing on a blocking thread) and queues the request.
     async fn start(&self, req: Request<pb::GenerateRequest>) -> Result<Started, Error> {
         let arrival = Instant::now();
-        metrics::counter!(telemetry::REQUESTS_RECEIVED).increment(1);
-        let result = self.admit(req, arrival).await;
+        let caller = self.caller(&req);
+        let key = caller.as_ref().ok().and_then(|c| c.as_ref()).map(|c| c.name.to_string());
+        let mut labels = Vec::new();
+        labels.extend(key.clone().map(|k| metrics::Label::new("key", k)));
+        metrics::counter!(telemetry::REQUESTS_RECEIVED, labels).increment(1);
+        let result = match caller {
+            Ok(caller) => self.admit(req, arrival, caller).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result {
-            metrics::counter!(telemetry::REQUESTS_FAILED, "error_type" => e.error_type()).increment(1);
+            failed(e.error_type(), key.as_deref());
         }
         result
     }
 
-    async fn admit(&self, req: Request<pb::GenerateRequest>, arrival: Instant) -> Result<Started, Error> {
+    async fn admit(
+        &self,
+        req: Request<pb::GenerateRequest>,
+        arrival: Instant,
+        caller: Option<auth::Caller>,
+    ) -> Result<Started, Error> {
         let state = self.state()?.clone();
         if state.draining.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
@@ -306,16 +358,27 @@ impl GenerationService {
             (_, Some(_)) => "beam_search",
             _ => "greedy",
         };
+        // A key's charge: what the request may use.
+        let cost = valid.prompt_ids.len() as u64
+            + u64::from(valid.stop.max_new_tokens) * u64::from(valid.decoding.sequences());
+        let permit = match (&self.keys, &caller) {
+            (Some(keys), Some(caller)) => Some(keys.admit(caller, &valid.request_id, cost)?),
+            _ => None,
+        };
         let span = tracing::info_span!(
             "request",
             id = %valid.request_id,
+            key = tracing::field::Empty,
             prompt_tokens = valid.prompt_ids.len(),
             method,
             max_new_tokens = valid.stop.max_new_tokens
         );
+        if let Some(c) = &caller {
+            span.record("key", &*c.name);
+        }
         let job = Job::new(valid.clone(), tx, span.clone());
         engine.submit(job)?;
-        let guard = InFlightGuard::new(engine, valid.request_id.clone());
+        let guard = InFlightGuard::new(engine, valid.request_id.clone(), permit);
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
         Ok(Started { valid, events: rx, guard, span })
@@ -343,13 +406,15 @@ impl Generation for GenerationService {
                 Step::Message(m) => collector.add(m),
                 Step::Last(m, None) => {
                     collector.add(m);
-                    guard.ok();
-                    return Ok(Response::new(collector.finish()));
+                    let response = collector.finish();
+                    guard.ok(response.usage.as_ref());
+                    return Ok(Response::new(response));
                 }
                 Step::Many(ms, last, None) => {
                     ms.into_iter().chain([last]).for_each(|m| collector.add(m));
-                    guard.ok();
-                    return Ok(Response::new(collector.finish()));
+                    let response = collector.finish();
+                    guard.ok(response.usage.as_ref());
+                    return Ok(Response::new(response));
                 }
                 Step::Last(_, Some(e)) | Step::Many(_, _, Some(e)) | Step::Fail(e) => {
                     guard.fail(&e);
@@ -395,6 +460,7 @@ impl Generation for GenerationService {
                     }
                     Step::Fail(e) => (Vec::new(), Some(e), true),
                 };
+                let usage = msgs.last().and_then(|m| m.usage);
                 for m in msgs {
                     if tx.send(Ok(m)).await.is_err() {
                         return;
@@ -405,7 +471,7 @@ impl Generation for GenerationService {
                         guard.fail(&e);
                         let _ = tx.send(Err(e.into())).await;
                     }
-                    None if last => guard.ok(),
+                    None if last => guard.ok(usage.as_ref()),
                     None => {}
                 }
                 if last {
@@ -417,6 +483,7 @@ impl Generation for GenerationService {
     }
 
     async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.caller(&req)?;
         let state = self.state()?.clone();
         let text = req.into_inner().text;
         let pieces = tokio::task::spawn_blocking(move || state.tokenizer.encode_pieces(&text).map(|p| (p, text)))
@@ -442,6 +509,7 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::DetokenizeRequest>,
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        self.caller(&req)?;
         let state = self.state()?.clone();
         let req = req.into_inner();
         let vocab = state.limits.vocab_size;
@@ -458,11 +526,21 @@ impl Generation for GenerationService {
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
-        let found = self.state()?.engine.cancel(&req.into_inner().request_id);
+        let caller = self.caller(&req)?;
+        let id = req.into_inner().request_id;
+        // With API keys a request can be cancelled only by its own key;
+        // another key's request answers as if there were none.
+        if let (Some(keys), Some(caller)) = (&self.keys, &caller)
+            && !keys.owns(caller, &id)
+        {
+            return Ok(Response::new(pb::CancelResponse { found: false }));
+        }
+        let found = self.state()?.engine.cancel(&id);
         Ok(Response::new(pb::CancelResponse { found }))
     }
 
-    async fn model_info(&self, _: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+    async fn model_info(&self, req: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        self.caller(&req)?;
         let s = self.state()?;
         Ok(Response::new(pb::ModelInfoResponse {
             model: s.model_name.clone(),

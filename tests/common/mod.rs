@@ -57,6 +57,7 @@ pub fn serve_args() -> ServeArgs {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            api_keys: None,
         },
         limits: LimitArgs {
             max_queue: 64,
@@ -80,6 +81,8 @@ pub struct TestServer {
     /// Where `GET /metrics` is served.
     pub metrics_addr: std::net::SocketAddr,
     pub addr: std::net::SocketAddr,
+    /// The transport settings it serves with (TLS, API keys: `reload`).
+    pub options: batchgen::server::ServeOptions,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -109,7 +112,7 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     tokio::spawn(batchgen::telemetry::serve(metrics_listener, handle, std::future::pending()));
     let server = batchgen::server::Server::loading().await;
     server.ready(loaded.state).await;
-    let options = args_options;
+    let options = args_options.clone();
     let front = server.clone();
     tokio::spawn(async move {
         batchgen::server::serve(listener, front, &options, async {
@@ -123,7 +126,7 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     } else {
         GenerationClient::connect(format!("http://{addr}")).await.unwrap()
     };
-    TestServer { client, state, server, metrics_addr, addr, shutdown: Some(tx) }
+    TestServer { client, state, server, metrics_addr, addr, options: args_options, shutdown: Some(tx) }
 }
 
 /// Ids of a JSON array.
@@ -208,4 +211,31 @@ pub fn full_recompute_logits(session: &mut ort::session::Session, tokens: &[i64]
     let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
     let vocab = shape[2] as usize;
     logits[(n - 1) * vocab..n * vocab].to_vec()
+}
+
+/// GET `path` over HTTP/1.1 (blocking); the body of a 200 answer.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{path}: {head}");
+    body.to_string()
+}
+
+/// The value in exposition `text` of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or_else(|| panic!("no series {name} {labels:?} in:\n{text}"))
 }
