@@ -264,6 +264,11 @@ pub struct ServerArgs {
     /// Re-read on SIGHUP.
     #[arg(long, env = "BATCHGEN_API_KEYS")]
     pub api_keys: Option<PathBuf>,
+    /// Log every accepted request's prompt, stop sequences and generated text
+    /// at INFO (for debugging; off by default: then no request content
+    /// reaches the logs at INFO or below).
+    #[arg(long, env = "BATCHGEN_LOG_PROMPTS")]
+    pub log_prompts: bool,
     /// On SIGTERM, seconds running requests may take to finish before they
     /// are ended with FINISH_REASON_CANCELLED.
     #[arg(long, env = "BATCHGEN_SHUTDOWN_GRACE", default_value_t = 30.0)]
@@ -415,6 +420,7 @@ impl ServerArgs {
             keepalive_timeout: secs(self.http2_keepalive_timeout),
             tls,
             keys: self.api_keys.as_deref().map(crate::server::auth::ApiKeys::load).transpose()?,
+            log_prompts: self.log_prompts,
         })
     }
 }

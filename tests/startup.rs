@@ -174,16 +174,25 @@ async fn sigterm_stops_accepting_at_once_and_lets_accepted_calls_finish() {
     assert!(log.contains("SIGTERM: shutting down") && log.contains("stopped"), "{log}");
 }
 
-/// Privacy of logs: at the default level (INFO) neither a prompt, nor the
-/// text generated for it, nor its stop sequences appear in the server's log,
-/// for a served call and for a refused one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prompts_and_generated_text_stay_out_of_the_logs() {
+/// The server's log after a served call and a refused one (bad temperature)
+/// with `extra` flags and `key` as API key; with the call's prompt, stop
+/// sequence and (the start of) its generated text.
+async fn logged_calls(extra: &[&str], key: Option<&str>) -> (String, &'static str, &'static str, String) {
     use batchgen::pb;
-    let server = Served::start(&[]);
-    let port = server.port;
+    let server = Served::start(extra);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: Option<tonic::metadata::MetadataValue<_>> = key.map(|k| format!("Bearer {k}").parse().unwrap());
     let mut client =
-        pb::generation_client::GenerationClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+        pb::generation_client::GenerationClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            if let Some(b) = &bearer {
+                r.metadata_mut().insert("authorization", b.clone());
+            }
+            Ok(r)
+        });
     let prompt = "Zebra quartz canary of privacy";
     let stop = "xylophone-stop-canary";
     let served = client
@@ -215,9 +224,74 @@ async fn prompts_and_generated_text_stay_out_of_the_logs() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let (_, log) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
     assert!(log.contains("request finished"), "the calls were not logged at all:\n{log}");
-    assert!(!log.contains("Zebra quartz") && !log.contains(stop), "the prompt is in the log:\n{log}");
     // The generated text (24 greedy tokens: long enough not to occur by chance).
     let generated: String = text.trim().chars().take(40).collect();
     assert!(generated.chars().count() >= 12, "{generated:?}");
+    (log, prompt, stop, generated)
+}
+
+/// Privacy of logs: at the default level (INFO) neither a prompt, nor the
+/// text generated for it, nor its stop sequences appear in the server's log,
+/// for a served call and for a refused one; with API keys the key's name
+/// labels the request's log lines and the key never appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_and_generated_text_stay_out_of_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, line) = batchgen::server::auth::keygen("team-a", Default::default()).unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("{line}\n")).unwrap();
+    let (log, prompt, stop, generated) = logged_calls(&["--api-keys", keys.to_str().unwrap()], Some(&key)).await;
+    assert!(!log.contains(&prompt[..12]) && !log.contains(stop), "the prompt is in the log:\n{log}");
     assert!(!log.contains(&generated), "the generated text {generated:?} is in the log:\n{log}");
+    let finished = log.lines().find(|l| l.contains("request finished")).unwrap();
+    assert!(finished.contains("key=team-a"), "{finished}");
+    assert!(!log.contains(&key) && !log.contains(&key[3..]), "the key is in the log:\n{log}");
+}
+
+/// `--log-prompts`: the prompt, its stop sequences and the generated text
+/// are logged at INFO, on the request's lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_prompts_logs_prompts_and_generated_text() {
+    let (log, prompt, stop, generated) = logged_calls(&["--log-prompts"], None).await;
+    let line = |what: &str| log.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no {what}:\n{log}"));
+    let asked = line("request prompt");
+    assert!(asked.contains(prompt) && asked.contains(stop) && asked.contains("INFO"), "{asked}");
+    let answered = line("request text");
+    // The log shows the text Debug-escaped: compare the escaped form.
+    let escaped = format!("{generated:?}");
+    assert!(answered.contains(escaped.trim_matches('"')), "{generated:?} not in {answered}");
+}
+
+/// SIGHUP re-reads the API keys file (and the TLS files): a key added to the
+/// file is accepted afterwards without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_api_keys() {
+    use batchgen::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, old_line) = batchgen::server::auth::keygen("old", Default::default()).unwrap();
+    let (new, new_line) = batchgen::server::auth::keygen("new", Default::default()).unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("{old_line}\n")).unwrap();
+    let server = Served::start(&["--api-keys", keys.to_str().unwrap()]);
+    let mut client =
+        pb::generation_client::GenerationClient::connect(format!("http://127.0.0.1:{}", server.port)).await.unwrap();
+    let info = |key: &str| {
+        let mut r = tonic::Request::new(pb::ModelInfoRequest {});
+        r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+        r
+    };
+    client.model_info(info(&old)).await.unwrap();
+    assert_eq!(client.model_info(info(&new)).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    std::fs::write(&keys, format!("{new_line}\n")).unwrap();
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    while !server.log().contains("API keys reloaded (SIGHUP): 1 keys") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reload logged:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.model_info(info(&new)).await.unwrap();
+    assert_eq!(client.model_info(info(&old)).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let (status, _) = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(status.success());
 }

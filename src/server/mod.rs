@@ -165,6 +165,9 @@ pub struct ServeOptions {
     pub tls: Option<Arc<tls::Tls>>,
     /// API keys the Generation service requires; open to all without.
     pub keys: Option<Arc<auth::ApiKeys>>,
+    /// Log each request's prompt, stop sequences and generated text at INFO
+    /// (`--log-prompts`; off: no request content reaches the logs).
+    pub log_prompts: bool,
 }
 
 impl Default for ServeOptions {
@@ -175,6 +178,7 @@ impl Default for ServeOptions {
             keepalive_timeout: None,
             tls: None,
             keys: None,
+            log_prompts: false,
         }
     }
 }
@@ -199,6 +203,7 @@ impl ServeOptions {
 pub struct GenerationService {
     server: Arc<Server>,
     keys: Option<Arc<auth::ApiKeys>>,
+    log_prompts: bool,
 }
 
 impl GenerationService {
@@ -226,6 +231,7 @@ pub async fn serve(
     let generation = pb::generation_server::GenerationServer::new(GenerationService {
         server: server.clone(),
         keys: options.keys.clone(),
+        log_prompts: options.log_prompts,
     })
     .max_decoding_message_size(options.max_message_bytes)
     .max_encoding_message_size(options.max_message_bytes)
@@ -313,6 +319,8 @@ struct Started {
     events: EventStream,
     guard: InFlightGuard,
     span: tracing::Span,
+    /// Whether the generated text is logged (`--log-prompts`).
+    log_text: bool,
 }
 
 impl GenerationService {
@@ -346,6 +354,9 @@ impl GenerationService {
         }
         let deadline = deadline_of(&req, arrival);
         let body = req.into_inner();
+        let prompt = self
+            .log_prompts
+            .then(|| if body.prompt.is_empty() { format!("{:?}", body.prompt_token_ids) } else { body.prompt.clone() });
         let engine = state.engine.clone();
         let valid = tokio::task::spawn_blocking(move || {
             validation::validate(body, &state.tokenizer, &state.limits, arrival, deadline)
@@ -374,22 +385,28 @@ impl GenerationService {
             max_new_tokens = valid.stop.max_new_tokens
         );
         if let Some(c) = &caller {
-            span.record("key", &*c.name);
+            span.record("key", tracing::field::display(&c.name));
+        }
+        if let Some(prompt) = &prompt {
+            tracing::info!(parent: &span, prompt, stop_sequences = ?valid.stop_sequences, "request prompt (--log-prompts)");
         }
         let job = Job::new(valid.clone(), tx, span.clone());
         engine.submit(job)?;
         let guard = InFlightGuard::new(engine, valid.request_id.clone(), permit);
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
-        Ok(Started { valid, events: rx, guard, span })
+        Ok(Started { valid, events: rx, guard, span, log_text: prompt.is_some() })
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let Started { valid, mut events, mut guard, span } = self.start(req).await?;
+        let Started { valid, mut events, mut guard, span, log_text } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
+        if log_text {
+            responder.log_text();
+        }
         let mut collector = Collector::new(&valid.request_id);
         loop {
             let step = tokio::select! {
@@ -432,8 +449,11 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let Started { valid, mut events, mut guard, span } = self.start(req).await?;
+        let Started { valid, mut events, mut guard, span, log_text } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
+        if log_text {
+            responder.log_text();
+        }
         let (tx, rx) = mpsc::channel(32);
         tokio::spawn(async move {
             loop {

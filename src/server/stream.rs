@@ -35,6 +35,8 @@ pub struct Responder {
     sequences: Vec<SequenceState>,
     /// The request's span (id, prompt tokens, method): the log line of its end goes there.
     span: tracing::Span,
+    /// Each sequence's text so far, kept only to be logged (`--log-prompts`).
+    texts: Option<Vec<String>>,
 }
 
 /// What one event turns into.
@@ -72,6 +74,18 @@ impl Responder {
                 })
                 .collect(),
             span,
+            texts: None,
+        }
+    }
+
+    /// Keeps the generated text to log it, with the request's end (`--log-prompts`).
+    pub fn log_text(&mut self) {
+        self.texts = Some(vec![String::new(); self.sequences.len()]);
+    }
+
+    fn keep_text(&mut self, index: usize, text: &str) {
+        if let Some(t) = self.texts.as_mut().and_then(|t| t.get_mut(index)) {
+            t.push_str(text);
         }
     }
 
@@ -126,6 +140,9 @@ impl Responder {
                 finish_reason = reason_label(reason),
                 "request finished"
             );
+            if let Some(texts) = &self.texts {
+                tracing::info!(parent: &self.span, completions = ?texts, "request text (--log-prompts)");
+            }
             msg.usage = Some(usage);
         }
         last
@@ -151,6 +168,7 @@ impl Responder {
         for (i, (h, text)) in hypotheses.into_iter().enumerate() {
             let mut msg = pb::GenerateStreamResponse { request_id: self.request_id.clone(), ..Default::default() };
             msg.index = i as u32;
+            self.keep_text(i, &text);
             msg.text = text;
             for c in &h.tokens {
                 self.count_token(i, at);
@@ -210,6 +228,7 @@ impl Responder {
                 }
                 self.count_token(index as usize, at);
                 self.sequences[index as usize].logprob_sum += f64::from(choice.logprob);
+                self.keep_text(index as usize, &text);
                 msg.text = text;
                 msg.tokens.push(self.token(&choice));
                 (index, finish)
@@ -218,6 +237,7 @@ impl Responder {
                 if self.sequences.get(index as usize).is_none_or(|s| s.finished) {
                     return Step::Nothing;
                 }
+                self.keep_text(index as usize, &text);
                 msg.text = text;
                 (index, Some(reason))
             }

@@ -58,6 +58,7 @@ pub fn serve_args() -> ServeArgs {
             tls_key: None,
             tls_client_ca: None,
             api_keys: None,
+            log_prompts: false,
         },
         limits: LimitArgs {
             max_queue: 64,
