@@ -7,10 +7,13 @@
 # with pip and venv, Node.js with npm; dependencies come from the registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test
+# fault-injection: tests/faults.rs makes the engine fail on purpose through a
+# request header that only this feature honours (release builds leave it out).
+cargo test --features fault-injection
 # The end-to-end tests again on the ONNX export as it is (--graph exported,
 # the left-padded path), which must stay as exact as batchgen's own graph.
-BATCHGEN_TEST_GRAPH=exported cargo test --test generation --test decoding --test batching --test variants --test metrics --test ecosystem
+BATCHGEN_TEST_GRAPH=exported cargo test --features fault-injection --test generation --test decoding --test batching \
+  --test variants --test metrics --test ecosystem --test faults
 # Every benchmark script, as a smoke test on the tiny fixture (debug binaries,
 # few tokens), so that the commands of BENCHMARKS.md cannot rot.
 scripts/bench_smoke.sh

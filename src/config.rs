@@ -269,6 +269,12 @@ pub struct ServerArgs {
     /// reaches the logs at INFO or below).
     #[arg(long, env = "BATCHGEN_LOG_PROMPTS")]
     pub log_prompts: bool,
+    /// Seconds a GenerateStream client may go without reading while its
+    /// messages wait; then the call ends with RESOURCE_EXHAUSTED and its
+    /// request is evicted. (Meanwhile the request's rows pause after
+    /// 64 steps of unread tokens, holding their KV slots.)
+    #[arg(long, env = "BATCHGEN_STREAM_STALL_TIMEOUT", default_value_t = 30.0)]
+    pub stream_stall_timeout: f64,
     /// On SIGTERM, seconds running requests may take to finish before they
     /// are ended with FINISH_REASON_CANCELLED.
     #[arg(long, env = "BATCHGEN_SHUTDOWN_GRACE", default_value_t = 30.0)]
@@ -421,6 +427,7 @@ impl ServerArgs {
             tls,
             keys: self.api_keys.as_deref().map(crate::server::auth::ApiKeys::load).transpose()?,
             log_prompts: self.log_prompts,
+            stall_timeout: std::time::Duration::from_secs_f64(self.stream_stall_timeout.max(0.001)),
         })
     }
 }

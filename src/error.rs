@@ -25,6 +25,9 @@ pub enum Error {
     Loading,
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The client stopped reading its stream.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 impl Error {
@@ -39,6 +42,7 @@ impl Error {
             Error::Deadline => "deadline",
             Error::Auth(AuthError::Unauthenticated) => "unauthenticated",
             Error::Auth(_) => "rate_limited",
+            Error::Stalled(_) => "stalled",
         }
     }
 
@@ -51,7 +55,7 @@ impl Error {
             Error::Engine(_) => Code::Internal,
             Error::Deadline => Code::DeadlineExceeded,
             Error::Auth(AuthError::Unauthenticated) => Code::Unauthenticated,
-            Error::Auth(_) => Code::ResourceExhausted,
+            Error::Auth(_) | Error::Stalled(_) => Code::ResourceExhausted,
         }
     }
 }
@@ -79,7 +83,7 @@ impl From<Error> for Status {
                 Some(after) => ErrorDetails::with_retry_info(Some(after)),
                 None => return Status::new(code, message),
             },
-            Error::Engine(_) | Error::Deadline => return Status::new(code, message),
+            Error::Engine(_) | Error::Deadline | Error::Stalled(_) => return Status::new(code, message),
         };
         Status::with_error_details(code, message, details)
     }

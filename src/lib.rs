@@ -11,6 +11,7 @@ pub mod decoding;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fault;
 pub mod graph;
 pub mod model;
 pub mod runtime;

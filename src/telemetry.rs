@@ -55,7 +55,7 @@ fn describe_all() {
     describe_counter!(REQUESTS_RECEIVED, "Generate and GenerateStream calls received (by key, with --api-keys).");
     describe_counter!(
         REQUESTS_FAILED,
-        "Calls that ended with an error status, by error_type (validation, overloaded, deadline, cancelled, internal, unavailable, unauthenticated, rate_limited) and, with --api-keys, key."
+        "Calls that ended with an error status, by error_type (validation, overloaded, deadline, cancelled, internal, unavailable, unauthenticated, rate_limited, stalled) and, with --api-keys, key."
     );
     describe_counter!(
         SEQUENCES_FINISHED,
@@ -128,6 +128,7 @@ fn register_all() {
         "unavailable",
         "unauthenticated",
         "rate_limited",
+        "stalled",
     ] {
         metrics::counter!(REQUESTS_FAILED, "error_type" => kind).increment(0);
     }

@@ -72,6 +72,8 @@ pub struct ValidRequest {
     pub arrival: Instant,
     /// The client's `grpc-timeout`, as an instant.
     pub deadline: Option<Instant>,
+    /// What the request asks to go wrong (tests with `fault-injection` only).
+    pub fault: crate::fault::Fault,
 }
 
 /// Most stop sequences per request.
@@ -389,6 +391,7 @@ pub fn validate(
         top_logprobs: req.top_logprobs,
         arrival,
         deadline,
+        fault: Default::default(),
     })
 }
 

@@ -36,6 +36,11 @@ pub trait Backend: Send {
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError>;
     /// One new token for each `(slot, token)`; the logits of each, in order.
     fn decode(&mut self, rows: &[(usize, u32)]) -> Result<Logits, ForwardError>;
+    /// Whether a decoding slot may sit out a step (its client is not
+    /// reading) and go on later. Without it such a request is ended.
+    fn pauses(&self) -> bool {
+        false
+    }
     /// A beam step: slot `slots[j]` takes the cache of `slots[parents[j]]`.
     /// Returns the bytes copied.
     fn reorder(&mut self, slots: &[usize], parents: &[usize]) -> Result<usize, ForwardError>;
@@ -141,6 +146,11 @@ impl Backend for SlotBackend {
     }
 
     fn chunks(&self) -> bool {
+        true
+    }
+
+    fn pauses(&self) -> bool {
+        // A slot left out of a step keeps its cache (see `decode`).
         true
     }
 

@@ -74,12 +74,22 @@ pub enum Event {
 /// A validated request and the channel its events go to. The request's task
 /// drops the receiver when the client goes away; the engine notices before
 /// its next step and evicts the row.
+///
+/// The channel is bounded (`Job::channel`): a client that reads slower than
+/// its tokens are made fills it, and then its rows pause (they skip decode
+/// steps, holding their cache) until there is room again; where the backend
+/// cannot pause a row (`--graph exported`) the request ends, `stalled` is
+/// set and the handler answers RESOURCE_EXHAUSTED. The worker never blocks
+/// on a channel.
 pub struct Job {
     pub request: ValidRequest,
-    pub events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     pub span: tracing::Span,
     /// Set by `Cancel` or by shutdown: the row ends with CANCELLED.
     pub cancel: Arc<AtomicBool>,
+    /// Set by the engine when it ended the request because its events were
+    /// not read.
+    pub stalled: Arc<AtomicBool>,
     /// Budget reserved on the worker (token slots), released when the job
     /// is dropped: after its last row leaves, or if it never reaches one.
     reservation: Option<Reservation>,
@@ -108,10 +118,42 @@ impl Job {
         }
     }
 
-    pub fn new(request: ValidRequest, events: mpsc::UnboundedSender<Event>, span: tracing::Span) -> Self {
-        Job { request, events, span, cancel: Arc::new(AtomicBool::new(false)), reservation: None }
+    /// The bounded channel for a request of `rows` rows: room for
+    /// `STEPS_BUFFERED` steps of tokens plus the events that end it.
+    pub fn channel(rows: u32) -> (mpsc::Sender<Event>, mpsc::Receiver<Event>) {
+        let rows = rows.max(1) as usize;
+        mpsc::channel(rows * (STEPS_BUFFERED + 2) + 1)
+    }
+
+    pub fn new(request: ValidRequest, events: mpsc::Sender<Event>, span: tracing::Span) -> Self {
+        Job {
+            request,
+            events,
+            span,
+            cancel: Arc::new(AtomicBool::new(false)),
+            stalled: Arc::new(AtomicBool::new(false)),
+            reservation: None,
+        }
+    }
+
+    /// Sends an event without waiting; false when the client is gone (or,
+    /// which `has_room` prevents for tokens, the channel is full).
+    pub(crate) fn send(&self, event: Event) -> bool {
+        self.events.try_send(event).is_ok()
+    }
+
+    /// Whether one more step's tokens fit and still leave room for the
+    /// events that end every sequence (or the request's failure).
+    pub(crate) fn has_room(&self) -> bool {
+        let rows = self.request.decoding.rows() as usize;
+        self.events.capacity() > 2 * rows
     }
 }
+
+/// Decode steps of tokens a request's channel holds when its client does
+/// not read (the bound on what an unread stream costs the server; then its
+/// rows pause).
+pub const STEPS_BUFFERED: usize = 64;
 
 /// What a worker shares with the router.
 #[derive(Debug, Default)]

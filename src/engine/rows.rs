@@ -46,51 +46,78 @@ impl Row {
             && self.index < self.job.request.decoding.sequences()
         {
             let (text, reason) = self.text.end(tok, reason);
-            let _ = self.job.events.send(Event::Ended { index: self.index, reason, text });
+            let _ = self.job.send(Event::Ended { index: self.index, reason, text });
         }
         self.done = true;
     }
 }
 
+/// `from` of a row that sat out the step (paused): it chooses nothing.
+pub(super) const SKIP: usize = usize::MAX;
+
 /// Picks each live row's next token and tells its client. Row `i` reads
-/// logits row `from[i]` (prefill: its request's prompt row). Returns the
-/// reorderings beam groups need: rows `start..start + perm.len()` of the
-/// cache must become `perm` of themselves.
-pub(super) fn choose(rows: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer) -> Vec<(usize, Vec<usize>)> {
+/// logits row `from[i]` (prefill: its request's prompt row; `SKIP`: none).
+/// Returns the reorderings beam groups need (rows `start..start +
+/// perm.len()` of the cache must become `perm` of themselves), and how many
+/// requests failed because choosing their token panicked: such a request
+/// gets `Failed` and its rows end; the other rows are not disturbed.
+pub(super) fn choose(
+    rows: &mut [Row],
+    logits: &Logits,
+    from: &[usize],
+    tok: &Tokenizer,
+) -> (Vec<(usize, Vec<usize>)>, usize) {
     let at = Instant::now();
     let mut scratch = Vec::new();
     let mut reorders = Vec::new();
+    let mut panics = 0;
     let mut i = 0;
     while i < rows.len() {
-        if rows[i].done {
+        if rows[i].done || from[i] == SKIP {
             i += 1;
             continue;
         }
-        if let Some(plan) = rows[i].job.request.decoding.beam.clone() {
-            let group = &mut rows[i..i + plan.num_beams];
-            if let Some(perm) = beam_step(group, logits, &from[i..i + plan.num_beams], tok, at) {
-                reorders.push((i, perm));
+        let beams = rows[i].job.request.decoding.beam.as_ref().map(|b| b.num_beams);
+        let width = beams.unwrap_or(1);
+        let chosen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match beams {
+            Some(n) => {
+                if let Some(perm) = beam_step(&mut rows[i..i + n], logits, &from[i..i + n], tok, at) {
+                    reorders.push((i, perm));
+                }
             }
-            i += plan.num_beams;
-            continue;
+            None => choose_one(&mut rows[i], logits.row(from[i]), tok, at, &mut scratch),
+        }));
+        if let Err(panic) = chosen {
+            panics += 1;
+            scratch = Vec::new();
+            let job = rows[i].job.clone();
+            let text = super::panic_text(&panic);
+            tracing::error!(parent: &job.span, "choosing a token panicked; failing this request only: {text}");
+            let _ = job.send(Event::Failed(super::EngineError::Panic(text)));
+            for row in rows.iter_mut().filter(|r| Arc::ptr_eq(&r.job, &job)) {
+                row.done = true;
+            }
         }
-        let row = &mut rows[i];
-        let req = &row.job.request;
-        let masked = req.stop.masked(row.generated);
-        let raw = logits.row(from[i]);
-        let top = req.top_logprobs as usize;
-        let plan = &req.decoding;
-        let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
-        let choice = sampling::choose(raw, &plan.processors, sampling, &row.history, &masked, top, &mut scratch);
-        row.generated += 1;
-        row.next = choice.id;
-        row.history.push(choice.id);
-        let (text, finish) = row.text.push_and_end(tok, choice.id, req.stop.check(choice.id, row.generated));
-        let sent = row.job.events.send(Event::Token { index: row.index, choice, text, finish, at }).is_ok();
-        row.done = finish.is_some() || !sent;
-        i += 1;
+        i += width;
     }
-    reorders
+    (reorders, panics)
+}
+
+/// Greedy search or sampling: one row's next token from its logits `raw`.
+fn choose_one(row: &mut Row, raw: &[f32], tok: &Tokenizer, at: Instant, scratch: &mut Vec<f32>) {
+    let req = &row.job.request;
+    req.fault.before_choosing(row.generated + 1);
+    let masked = req.stop.masked(row.generated);
+    let top = req.top_logprobs as usize;
+    let plan = &req.decoding;
+    let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
+    let choice = sampling::choose(raw, &plan.processors, sampling, &row.history, &masked, top, scratch);
+    row.generated += 1;
+    row.next = choice.id;
+    row.history.push(choice.id);
+    let (text, finish) = row.text.push_and_end(tok, choice.id, req.stop.check(choice.id, row.generated));
+    let sent = row.job.send(Event::Token { index: row.index, choice, text, finish, at });
+    row.done = finish.is_some() || !sent;
 }
 
 /// One beam search step for a request's rows (its beams, in order). Returns
@@ -113,7 +140,7 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer
     let step = search.step(&log_probs, &report);
     if step.done {
         let hypotheses = search.results().into_iter().map(|h| hypothesis_text(h, req, tok)).collect();
-        let _ = job.events.send(Event::Beams { hypotheses, at });
+        let _ = job.send(Event::Beams { hypotheses, at });
         for row in group.iter_mut() {
             row.done = true;
         }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::admission::{self, Candidate};
 use super::backend::{Backend, Chunk, Copies};
 use super::model::Logits;
-use super::rows::{Row, choose};
+use super::rows::{self, Row, choose};
 use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
 use crate::decoding::beam::BeamSearch;
@@ -193,7 +193,7 @@ impl Worker {
             }
             tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-            let _ = job.events.send(Event::Started { at: now() });
+            let _ = job.send(Event::Started { at: now() });
             self.prefilling.push_back(Prefilling { job, slots, done: 0 });
         }
     }
@@ -253,7 +253,7 @@ impl Worker {
                 let failed: Vec<usize> = work.iter().map(|w| w.0).collect();
                 for i in failed.into_iter().rev() {
                     let p = self.prefilling.remove(i).expect("index from this list");
-                    let _ = p.job.events.send(Event::Failed(e.clone()));
+                    let _ = p.job.send(Event::Failed(e.clone()));
                     self.backend.free(&p.slots);
                 }
                 return;
@@ -289,7 +289,7 @@ impl Worker {
                 Ok(bytes) => record_copy("fork", t.elapsed().as_nanos() as u64, bytes),
                 Err(e) => {
                     tracing::error!(worker = self.shared.id, "fork failed: {e}");
-                    let _ = job.events.send(Event::Failed(e.into()));
+                    let _ = job.send(Event::Failed(e.into()));
                     self.backend.free(&p.slots);
                     return;
                 }
@@ -321,7 +321,9 @@ impl Worker {
             })
             .collect();
         let from = vec![k; new_rows.len()];
-        for (start, perm) in choose(&mut new_rows, logits, &from, &self.tokenizer) {
+        let (reorders, panics) = choose(&mut new_rows, logits, &from, &self.tokenizer);
+        self.count_panics(panics);
+        for (start, perm) in reorders {
             self.reorder(&new_rows, start, &perm);
         }
         self.rows.extend(new_rows);
@@ -383,8 +385,36 @@ impl Worker {
         }
     }
 
+    /// One decode step for every row whose client has room for its tokens.
+    /// The others pause (keeping their cache) where the backend can leave a
+    /// row out of a step, or end as stalled where it cannot.
     fn decode(&mut self) {
-        let input: Vec<(usize, u32)> = self.rows.iter().map(|r| (r.slot, r.next)).collect();
+        let mut from = vec![rows::SKIP; self.rows.len()];
+        let mut input: Vec<(usize, u32)> = Vec::with_capacity(self.rows.len());
+        let pauses = self.backend.pauses();
+        for (i, r) in self.rows.iter_mut().enumerate() {
+            if r.done {
+                continue;
+            }
+            if !r.job.has_room() {
+                if pauses {
+                    continue;
+                }
+                r.job.stalled.store(true, Ordering::Relaxed);
+                r.done = true;
+                continue;
+            }
+            from[i] = input.len();
+            input.push((r.slot, r.job.request.fault.feed(r.generated, r.next)));
+        }
+        if input.is_empty() {
+            // Every row waits for its client: wait a little instead of spinning.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            return;
+        }
+        if let Some(delay) = self.rows.iter().filter_map(|r| r.job.request.fault.delay()).max() {
+            std::thread::sleep(delay);
+        }
         let t = now();
         let result = self.backend.decode(&input);
         let stats = &self.shared.stats;
@@ -396,9 +426,9 @@ impl Worker {
         self.record_copies();
         match result {
             Ok(logits) => {
-                let from: Vec<usize> = (0..self.rows.len()).collect();
                 let mut rows = std::mem::take(&mut self.rows);
-                let reorders = choose(&mut rows, &logits, &from, &self.tokenizer);
+                let (reorders, panics) = choose(&mut rows, &logits, &from, &self.tokenizer);
+                self.count_panics(panics);
                 let ok = reorders.iter().all(|(start, perm)| self.reorder(&rows, *start, perm));
                 self.rows = rows;
                 if !ok {
@@ -407,7 +437,37 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!(worker = self.shared.id, "decode step failed: {e}");
-                self.fail_running(e.into());
+                self.fail_rows(&from, e.into());
+            }
+        }
+    }
+
+    /// Counts panics caught in one request's token choice (that request
+    /// failed; the worker goes on) with the worker restarts.
+    fn count_panics(&self, panics: usize) {
+        if panics > 0 {
+            self.shared.stats.restarts.fetch_add(panics as u64, Ordering::Relaxed);
+            metrics::counter!(telemetry::WORKER_RESTARTS, "worker" => self.shared.id.to_string())
+                .increment(panics as u64);
+        }
+    }
+
+    /// Fails the requests of the rows that took part in a failed step
+    /// (`from[i] != SKIP`): they end with INTERNAL, and their slots are freed
+    /// by the next eviction. Paused rows and prefilling requests go on.
+    fn fail_rows(&mut self, from: &[usize], e: EngineError) {
+        let mut failed: Vec<Arc<Job>> = Vec::new();
+        for (row, &f) in self.rows.iter().zip(from) {
+            if f != rows::SKIP && !failed.iter().any(|j| Arc::ptr_eq(j, &row.job)) {
+                failed.push(row.job.clone());
+            }
+        }
+        for job in &failed {
+            let _ = job.send(Event::Failed(e.clone()));
+        }
+        for row in &mut self.rows {
+            if failed.iter().any(|j| Arc::ptr_eq(j, &row.job)) {
+                row.done = true;
             }
         }
     }
@@ -418,12 +478,12 @@ impl Worker {
         let mut freed = Vec::new();
         for row in std::mem::take(&mut self.rows) {
             if !row.done {
-                let _ = row.job.events.send(Event::Failed(e.clone()));
+                let _ = row.job.send(Event::Failed(e.clone()));
             }
             freed.push(row.slot);
         }
         for p in std::mem::take(&mut self.prefilling) {
-            let _ = p.job.events.send(Event::Failed(e.clone()));
+            let _ = p.job.send(Event::Failed(e.clone()));
             freed.extend(p.slots);
         }
         self.backend.free(&freed);
@@ -440,7 +500,7 @@ impl Job {
     fn tell_ended(&self, reason: Option<FinishReason>) {
         if let Some(reason) = reason {
             for index in 0..self.request.decoding.sequences() {
-                let _ = self.events.send(Event::Ended { index, reason, text: String::new() });
+                let _ = self.send(Event::Ended { index, reason, text: String::new() });
             }
         }
     }
@@ -448,7 +508,7 @@ impl Job {
     /// Why this job must stop now: `Some(Some(reason))` to tell the client,
     /// `Some(None)` when the client is gone, `None` to go on.
     fn ended_reason(&self, now: Instant) -> Option<Option<FinishReason>> {
-        if self.events.is_closed() {
+        if self.events.is_closed() || self.stalled.load(Ordering::Relaxed) {
             return Some(None);
         }
         if self.cancel.load(Ordering::Relaxed) {

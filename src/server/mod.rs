@@ -168,6 +168,9 @@ pub struct ServeOptions {
     /// Log each request's prompt, stop sequences and generated text at INFO
     /// (`--log-prompts`; off: no request content reaches the logs).
     pub log_prompts: bool,
+    /// A stream whose client reads nothing for this long while its messages
+    /// wait is ended (RESOURCE_EXHAUSTED), freeing what it holds.
+    pub stall_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -179,6 +182,7 @@ impl Default for ServeOptions {
             tls: None,
             keys: None,
             log_prompts: false,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -204,6 +208,7 @@ pub struct GenerationService {
     server: Arc<Server>,
     keys: Option<Arc<auth::ApiKeys>>,
     log_prompts: bool,
+    stall_timeout: Duration,
 }
 
 impl GenerationService {
@@ -232,6 +237,7 @@ pub async fn serve(
         server: server.clone(),
         keys: options.keys.clone(),
         log_prompts: options.log_prompts,
+        stall_timeout: options.stall_timeout,
     })
     .max_decoding_message_size(options.max_message_bytes)
     .max_encoding_message_size(options.max_message_bytes)
@@ -311,7 +317,25 @@ fn deadline_of<T>(req: &Request<T>, arrival: Instant) -> Option<Instant> {
     Some(arrival + timeout - margin)
 }
 
-type EventStream = mpsc::UnboundedReceiver<crate::engine::Event>;
+type EventStream = mpsc::Receiver<crate::engine::Event>;
+
+/// Messages a stream holds for its client (beside HTTP/2's own buffers)
+/// before its handler waits for the client to read.
+const STREAM_BUFFER: usize = 32;
+
+/// Why a request's events ended without a final one: the engine ended it
+/// because its client did not read (`--graph exported`, which cannot pause
+/// a row), or the engine stopped.
+fn ended_without_word(stalled: &AtomicBool) -> Error {
+    if stalled.load(Ordering::Relaxed) {
+        Error::Stalled(format!(
+            "the client did not read its stream: {} steps of tokens waited unread, and this graph cannot pause a row; the request was ended",
+            crate::engine::STEPS_BUFFERED
+        ))
+    } else {
+        Error::ShuttingDown
+    }
+}
 
 /// An accepted request, as its handler continues with it.
 struct Started {
@@ -321,6 +345,8 @@ struct Started {
     span: tracing::Span,
     /// Whether the generated text is logged (`--log-prompts`).
     log_text: bool,
+    /// Set when the engine ended the request because its client did not read.
+    stalled: Arc<AtomicBool>,
 }
 
 impl GenerationService {
@@ -353,6 +379,7 @@ impl GenerationService {
             return Err(Error::ShuttingDown);
         }
         let deadline = deadline_of(&req, arrival);
+        let fault = crate::fault::Fault::from_metadata(req.metadata())?;
         let body = req.into_inner();
         let prompt = self
             .log_prompts
@@ -363,7 +390,8 @@ impl GenerationService {
         })
         .await
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let valid = ValidRequest { fault, ..valid };
+        let (tx, rx) = Job::channel(valid.decoding.rows());
         let method = match (&valid.decoding.sampling, &valid.decoding.beam) {
             (Some(_), _) => "sampling",
             (_, Some(_)) => "beam_search",
@@ -391,18 +419,19 @@ impl GenerationService {
             tracing::info!(parent: &span, prompt, stop_sequences = ?valid.stop_sequences, "request prompt (--log-prompts)");
         }
         let job = Job::new(valid.clone(), tx, span.clone());
+        let stalled = job.stalled.clone();
         engine.submit(job)?;
         let guard = InFlightGuard::new(engine, valid.request_id.clone(), permit);
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
-        Ok(Started { valid, events: rx, guard, span, log_text: prompt.is_some() })
+        Ok(Started { valid, events: rx, guard, span, log_text: prompt.is_some(), stalled })
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let Started { valid, mut events, mut guard, span, log_text } = self.start(req).await?;
+        let Started { valid, mut events, mut guard, span, log_text, stalled } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
         if log_text {
             responder.log_text();
@@ -439,8 +468,9 @@ impl Generation for GenerationService {
                 }
             }
         }
-        guard.fail(&Error::ShuttingDown);
-        Err(Error::ShuttingDown.into())
+        let e = ended_without_word(&stalled);
+        guard.fail(&e);
+        Err(e.into())
     }
 
     type GenerateStreamStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
@@ -449,20 +479,30 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let Started { valid, mut events, mut guard, span, log_text } = self.start(req).await?;
+        let Started { valid, mut events, mut guard, span, log_text, stalled } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
         if log_text {
             responder.log_text();
         }
-        let (tx, rx) = mpsc::channel(32);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stall_timeout = self.stall_timeout;
         tokio::spawn(async move {
+            // One place is kept for the call's last word (its status), so
+            // that it can be said even to a client that stopped reading.
+            let Ok(last_word) = tx.clone().reserve_owned().await else { return };
+            let mut last_word = Some(last_word);
+            let mut end = |e: Error, guard: &mut InFlightGuard| {
+                guard.fail(&e);
+                if let Some(slot) = last_word.take() {
+                    slot.send(Err(e.into()));
+                }
+            };
             loop {
                 let step = tokio::select! {
                     event = events.recv() => match event {
                         Some(event) => responder.on_event(event),
                         None => {
-                            guard.fail(&Error::ShuttingDown);
-                            let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                            end(ended_without_word(&stalled), &mut guard);
                             return;
                         }
                     },
@@ -482,15 +522,24 @@ impl Generation for GenerationService {
                 };
                 let usage = msgs.last().and_then(|m| m.usage);
                 for m in msgs {
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
+                    match tokio::time::timeout(stall_timeout, tx.send(Ok(m))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        // The client has read nothing for that long while
+                        // its messages waited: end the call (and with it the
+                        // request: its rows, paused meanwhile, are evicted).
+                        Err(_) => {
+                            let e = Error::Stalled(format!(
+                                "the client read nothing for {:.1} s (--stream-stall-timeout) while {STREAM_BUFFER} messages waited; the stream was ended",
+                                stall_timeout.as_secs_f64()
+                            ));
+                            end(e, &mut guard);
+                            return;
+                        }
                     }
                 }
                 match status {
-                    Some(e) => {
-                        guard.fail(&e);
-                        let _ = tx.send(Err(e.into())).await;
-                    }
+                    Some(e) => end(e, &mut guard),
                     None if last => guard.ok(usage.as_ref()),
                     None => {}
                 }

@@ -59,6 +59,7 @@ pub fn serve_args() -> ServeArgs {
             tls_client_ca: None,
             api_keys: None,
             log_prompts: false,
+            stream_stall_timeout: 30.0,
         },
         limits: LimitArgs {
             max_queue: 64,
