@@ -14,6 +14,9 @@ cargo test --features fault-injection
 # the left-padded path), which must stay as exact as batchgen's own graph.
 BATCHGEN_TEST_GRAPH=exported cargo test --features fault-injection --test generation --test decoding --test batching \
   --test variants --test metrics --test ecosystem --test faults
+# Soak and overload (tests/soak.rs, ignored in a plain cargo test): 2,016 mixed
+# calls from 32 clients, then a burst of 10 × --max-queue; prints its figures.
+cargo test --features fault-injection --test soak -- --ignored --nocapture
 # Every benchmark script, as a smoke test on the tiny fixture (debug binaries,
 # few tokens), so that the commands of BENCHMARKS.md cannot rot.
 scripts/bench_smoke.sh

@@ -150,6 +150,7 @@ async fn nginx_balances_grpc_calls_with_the_shipped_configuration() {
     // SIGTERM to the master stops its workers too (SIGKILL would orphan them).
     struct Stop(std::process::Child);
     impl Drop for Stop {
+        #[allow(unsafe_code)]
         fn drop(&mut self) {
             // SAFETY: signalling a child process this test started.
             unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };

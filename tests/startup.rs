@@ -53,6 +53,7 @@ impl Served {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
+    #[allow(unsafe_code)]
     fn terminate(mut self) -> (std::process::ExitStatus, String) {
         // SAFETY: signalling the child this test started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -265,6 +266,7 @@ async fn log_prompts_logs_prompts_and_generated_text() {
 /// SIGHUP re-reads the API keys file (and the TLS files): a key added to the
 /// file is accepted afterwards without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(unsafe_code)]
 async fn sighup_reloads_the_api_keys() {
     use batchgen::pb;
     let dir = tempfile::tempdir().unwrap();

@@ -269,6 +269,7 @@ impl EngineHandle {
 /// time (page faults) made those copies 5 to 10 times slower than memcpy.
 /// Serving them from the heap, and not trimming it, lets freed caches be
 /// reused. (ONNX Runtime's own arena already works this way.)
+#[allow(unsafe_code)]
 fn keep_large_allocations_on_the_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters.

@@ -8,6 +8,9 @@
 //! area is only reserved: a page becomes resident when a token is written to
 //! it, and a freed slot gives its pages back (`MADV_DONTNEED`). Memory in
 //! use therefore follows the tokens held, which is what admission budgets.
+// unsafe: the cache is an anonymous memory mapping (mmap, madvise, munmap)
+// that ORT reads and writes through raw tensor views.
+#![allow(unsafe_code)]
 use std::ops::Range;
 use std::ptr::NonNull;
 

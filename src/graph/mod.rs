@@ -109,6 +109,8 @@ impl BuiltModel {
     /// (their prompts, right-padded to the longest inside the run) or be a
     /// single row: GroupQueryAttention runs a chunk on top of a cached past
     /// for one row only.
+    // unsafe: tensor views over the cache's mapping and the logits buffer.
+    #[allow(unsafe_code)]
     pub fn run(&mut self, slots: Range<usize>, rows: &[RowInput<'_>]) -> Result<Logits, ForwardError> {
         let b = rows.len();
         let s = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
@@ -197,6 +199,8 @@ impl BuiltModel {
 /// time. ONNX Runtime allows concurrent runs of one session; `ort` asks for
 /// `&mut Session` because a binding's outputs are collected into it, and
 /// every output here is bound to memory of ours, so nothing is collected.
+// unsafe: ORT's C API (RunWithBinding), which `ort` does not wrap for a shared session.
+#[allow(unsafe_code)]
 fn run_shared(session: &Session, binding: &ort::session::IoBinding) -> Result<(), ForwardError> {
     use ort::AsPointer;
     // SAFETY: both are live ORT objects; a null run options pointer means
@@ -206,6 +210,7 @@ fn run_shared(session: &Session, binding: &ort::session::IoBinding) -> Result<()
 }
 
 /// Turns a raw ORT status into a result, releasing it.
+#[allow(unsafe_code)]
 fn check(status: ort::sys::OrtStatusPtr, what: &str) -> Result<(), ForwardError> {
     if status.0.is_null() {
         return Ok(());
@@ -223,6 +228,7 @@ fn check(status: ort::sys::OrtStatusPtr, what: &str) -> Result<(), ForwardError>
 /// `IoBinding::bind_input` deep-copies any tensor it does not own, which
 /// would copy the whole cache on every step.) The caller keeps `view` alive
 /// until the run is over.
+#[allow(unsafe_code)]
 fn bind_view(
     binding: &mut ort::session::IoBinding,
     name: &str,

@@ -218,6 +218,8 @@ fn convert(bytes: &[u8], from: Source, out: &mut [u8]) {
 
 /// Lays out `wanted` tensors at 64-byte offsets and fills them with `fill`,
 /// which returns a tensor's bytes, element type and shape by its name.
+// unsafe: one zeroed buffer for all weights, written in place (no second copy).
+#[allow(unsafe_code)]
 fn assemble<'a>(
     path: &Path,
     wanted: &[(String, Vec<usize>)],

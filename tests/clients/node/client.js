@@ -21,8 +21,24 @@ const definition = protoLoader.loadSync('batchgen/v1/generation.proto', {
 });
 const batchgen = grpc.loadPackageDefinition(definition).batchgen.v1;
 
-export function connect(target) {
-  return new batchgen.Generation(target, grpc.credentials.createInsecure());
+/**
+ * A client for `target`: plaintext, or TLS when `ca` (a Buffer with the PEM of the CA that signed the
+ * server's certificate) is given; with `cert` and `key` (PEM Buffers) it presents a client
+ * certificate, for servers run with --tls-client-ca. `apiKey` is sent as `authorization: Bearer
+ * <key>` on every call, for servers run with --api-keys (over TLS only, as keys should travel).
+ */
+export function connect(target, { ca, cert, key, apiKey } = {}) {
+  if (!ca) return new batchgen.Generation(target, grpc.credentials.createInsecure());
+  let credentials = grpc.credentials.createSsl(ca, key ?? null, cert ?? null);
+  if (apiKey) {
+    const bearer = grpc.credentials.createFromMetadataGenerator((_, done) => {
+      const metadata = new grpc.Metadata();
+      metadata.set('authorization', `Bearer ${apiKey}`);
+      done(null, metadata);
+    });
+    credentials = grpc.credentials.combineChannelCredentials(credentials, bearer);
+  }
+  return new batchgen.Generation(target, credentials);
 }
 
 export const SERVICE_CONFIG = path.join(ROOT, 'deploy', 'grpc', 'service-config.json');

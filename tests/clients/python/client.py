@@ -34,8 +34,17 @@ def load_stubs():
 pb2, pb2_grpc = load_stubs()
 
 
-def connect(target):
-    return pb2_grpc.GenerationStub(grpc.insecure_channel(target))
+def connect(target, ca=None, cert=None, key=None, api_key=None):
+    """A stub for `target`: plaintext, or TLS when `ca` (PEM bytes of the CA that signed the server's
+    certificate) is given. With `cert` and `key` (PEM bytes) the client presents its certificate, for
+    servers run with --tls-client-ca. `api_key` is sent as `authorization: Bearer <key>` on every call,
+    for servers run with --api-keys; grpcio sends call credentials over TLS only, as keys should be."""
+    if ca is None:
+        return pb2_grpc.GenerationStub(grpc.insecure_channel(target))
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    if api_key:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(api_key))
+    return pb2_grpc.GenerationStub(grpc.secure_channel(target, credentials))
 
 
 SERVICE_CONFIG = os.path.join(ROOT, "deploy", "grpc", "service-config.json")
@@ -97,9 +106,14 @@ def bad_request_violations(error):
     return out
 
 
-def health(target, service=""):
+def health(target, service="", ca=None, cert=None, key=None):
+    """The serving status of `service` (health needs no API key), over TLS when `ca` is given."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    if ca is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert))
+    stub = health_pb2_grpc.HealthStub(channel)
     status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 

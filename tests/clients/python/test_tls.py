@@ -1,0 +1,94 @@
+"""The Python example client over TLS with a client certificate and an API key, against the real
+server started here with --tls-cert, --tls-key, --tls-client-ca and --api-keys (certificates made by
+tests/clients/make-certs.sh with openssl)."""
+import io
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import grpc
+import pytest
+
+import client
+from test_client import FIXTURE, free_port
+
+BINARY = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def tls_server():
+    certs = tempfile.mkdtemp(prefix="batchgen-certs-")
+    subprocess.check_call([os.path.join(client.ROOT, "tests", "clients", "make-certs.sh"), certs])
+    key, line = subprocess.check_output([BINARY, "keygen", "python-tests"], text=True).splitlines()
+    keys = os.path.join(certs, "keys.txt")
+    with open(keys, "w") as f:
+        f.write(line + "\n")
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen([BINARY, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
+                             "--metrics-listen", f"127.0.0.1:{metrics}", "--intra-op-threads", "1",
+                             "--tls-cert", os.path.join(certs, "server.pem"),
+                             "--tls-key", os.path.join(certs, "server.key"),
+                             "--tls-client-ca", os.path.join(certs, "ca.pem"), "--api-keys", keys],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    files = {name: read(os.path.join(certs, name)) for name in ["ca.pem", "client.pem", "client.key"]}
+    tls = dict(ca=files["ca.pem"], cert=files["client.pem"], key=files["client.key"])
+    target = f"localhost:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if client.health(target, **tls) == "SERVING":
+                break
+        except grpc.RpcError:
+            pass
+        assert time.time() < deadline, "the TLS server did not become SERVING"
+        time.sleep(0.1)
+    yield target, tls, key
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def reference(name):
+    with open(os.path.join(client.ROOT, "tests", "fixtures", "tiny-gpt2-expected.json")) as f:
+        return json.load(f)["greedy"][name]
+
+
+def test_tls_with_client_certificate_and_api_key_generates_the_reference(tls_server):
+    target, tls, key = tls_server
+    case = reference("short")
+    stub = client.connect(target, api_key=key, **tls)
+    response = client.generate(stub, case["prompt"], max_new_tokens=case["max_new_tokens"])
+    assert [t.id for t in response.sequences[0].tokens] == case["output_ids"]
+    out = io.StringIO()
+    client.stream(stub, case["prompt"], max_new_tokens=case["max_new_tokens"], out=out)
+    assert out.getvalue() == response.sequences[0].text
+
+
+def test_without_a_client_certificate_the_handshake_fails(tls_server):
+    target, tls, key = tls_server
+    stub = client.connect(target, ca=tls["ca"], api_key=key)
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(stub, "Hello", max_new_tokens=2, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_without_or_with_a_wrong_api_key_the_call_is_unauthenticated(tls_server):
+    target, tls, _ = tls_server
+    for api_key in [None, "bg-not-a-key"]:
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(client.connect(target, api_key=api_key, **tls), "Hello", max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_plaintext_client_gets_nothing(tls_server):
+    target, _, _ = tls_server
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(client.connect(target), "Hello", max_new_tokens=2, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
