@@ -337,3 +337,64 @@ async fn a_keys_tokens_per_minute_refuse_with_retry_info_and_the_file_reloads() 
     server.options.reload("test");
     client.generate(keyed(short_request(4), &erin)).await.unwrap();
 }
+
+/// The client subcommands over TLS: `batchgen health` and `batchgen generate`
+/// with a CA, a client certificate and an API key, against a server that
+/// requires all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_subcommands_speak_tls_with_a_client_certificate_and_a_key() {
+    use batchgen::server::auth::Limits;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "good");
+    let (client_cert, client_key) = ca.leaf("client", &["client.example"], false);
+    let (keys, secrets) = keys_file(dir.path(), &[("cli", Limits::default())]);
+    let mut args = serve_args();
+    let server_cert = ca.leaf("server", &["localhost"], false);
+    args.server.tls_cert = Some(server_cert.0);
+    args.server.tls_key = Some(server_cert.1);
+    args.server.tls_client_ca = Some(ca.ca_pem());
+    args.server.api_keys = Some(keys);
+    let server = start_with(args).await;
+    let target = format!("https://localhost:{}", server.addr.port());
+    let run = |extra: Vec<String>| {
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_batchgen"))
+                .args(extra)
+                .args(["--target", &target])
+                .output()
+                .unwrap()
+        })
+    };
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let tls = vec![
+        "--tls-ca".to_string(),
+        path(&ca.ca_pem()),
+        "--tls-client-cert".into(),
+        path(&client_cert),
+        "--tls-client-key".into(),
+        path(&client_key),
+    ];
+    let health = run(["health".to_string()].into_iter().chain(tls.clone()).collect()).await.unwrap();
+    assert!(health.status.success(), "{}", String::from_utf8_lossy(&health.stderr));
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
+    // Without the CA the server's certificate is not trusted.
+    let untrusted = run(vec!["health".into()]).await.unwrap();
+    assert!(!untrusted.status.success());
+    let case = &expected()["greedy"]["short"];
+    let mut generate: Vec<String> = ["generate", case["prompt"].as_str().unwrap(), "--max-new-tokens", "24"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    generate.extend(tls.clone());
+    let without_key = run(generate.clone()).await.unwrap();
+    assert!(!without_key.status.success());
+    assert!(String::from_utf8_lossy(&without_key.stderr).contains("a valid API key is required"), "{without_key:?}");
+    generate.extend(["--api-key".to_string(), secrets[0].clone()]);
+    let served = run(generate).await.unwrap();
+    assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
+    // The reference text shows the end-of-text token; the served text leaves special tokens out.
+    let text = case["text"].as_str().unwrap().replace("<|endoftext|>", "");
+    let want = format!("{}{text}", case["prompt"].as_str().unwrap());
+    assert_eq!(String::from_utf8_lossy(&served.stdout).trim_end(), want.trim_end());
+}
