@@ -38,7 +38,12 @@ async fn drain(mut stream: tonic::Streaming<pb::GenerateStreamResponse>) -> (Vec
     }
 }
 
-/// Nothing in flight, queued or running on any worker.
+/// The metrics recorder is process-wide: the tests here run one at a time,
+/// so that each can read the gauges as its own server left them.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Nothing in flight, queued or running on any worker, and the metrics say
+/// so too: requests in flight, waiting, rows, KV tokens held, key slots.
 async fn all_released(server: &common::TestServer) {
     let state = server.state.clone();
     wait_until("every request is released", move || {
@@ -49,10 +54,36 @@ async fn all_released(server: &common::TestServer) {
             })
     })
     .await;
+    let addr = server.metrics_addr;
+    let start = Instant::now();
+    loop {
+        let text = tokio::task::spawn_blocking(move || common::http_get(addr, "/metrics")).await.unwrap();
+        let held: Vec<(&str, f64)> = [
+            ("batchgen_requests_in_flight", &[][..]),
+            ("batchgen_queue_waiting_requests", &[][..]),
+            ("batchgen_batch_rows", &[("worker", "0")][..]),
+            ("batchgen_kv_used_tokens", &[("worker", "0")][..]),
+        ]
+        .into_iter()
+        .map(|(name, labels)| (name, common::metric(&text, name, labels)))
+        .chain(
+            text.lines()
+                .filter(|l| l.starts_with("batchgen_api_key_requests_in_flight{"))
+                .map(|l| ("batchgen_api_key_requests_in_flight", l.rsplit(' ').next().unwrap().parse().unwrap())),
+        )
+        .filter(|(_, v)| *v != 0.0)
+        .collect();
+        if held.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "still held after 10 s: {held:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
 async fn a_run_error_fails_the_rows_of_that_run_and_the_worker_goes_on() {
+    let _serial = SERIAL.lock().await;
     let mut args = serve_args();
     // One row at a time: the second request waits in the queue, outside the failing run.
     args.limits.max_batch_size = 1;
@@ -82,6 +113,7 @@ async fn a_run_error_fails_the_rows_of_that_run_and_the_worker_goes_on() {
 
 #[tokio::test]
 async fn a_panic_in_token_choice_fails_that_request_only() {
+    let _serial = SERIAL.lock().await;
     let server = start_with(serve_args()).await;
     let client = server.client.clone();
     let restarts = || server.state.engine.workers()[0].stats.restarts.load(std::sync::atomic::Ordering::Relaxed);
@@ -117,6 +149,7 @@ async fn a_panic_in_token_choice_fails_that_request_only() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_paused_then_ended_and_holds_nothing() {
+    let _serial = SERIAL.lock().await;
     let mut args = serve_args();
     args.server.stream_stall_timeout = 2.0;
     let server = start_with(args).await;
@@ -169,6 +202,7 @@ async fn a_client_that_stops_reading_is_paused_then_ended_and_holds_nothing() {
 
 #[tokio::test]
 async fn a_keys_concurrency_limit_and_cancel_belong_to_the_key() {
+    let _serial = SERIAL.lock().await;
     use batchgen::server::auth::{Limits, keygen};
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
@@ -216,6 +250,7 @@ fn keyed_cancel(id: &str, key: &str) -> tonic::Request<pb::CancelRequest> {
 
 #[tokio::test]
 async fn a_malformed_fault_is_invalid_argument() {
+    let _serial = SERIAL.lock().await;
     let server = start_with(serve_args()).await;
     let status = server.client.clone().generate(with_fault(request(vec![1], 1), "explode@1")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
