@@ -10,7 +10,13 @@ bin=${BATCHGEN_BIN_DIR:-./target/release}
 serve_ready() {
   local binary=$1 log=$2
   shift 2
-  "$binary" serve "$@" >"$log" 2>&1 &
+  # The HTTP front (default 0.0.0.0:8000) is not what the benchmarks measure:
+  # off, where the binary has one (older binaries compared with do not).
+  local http=()
+  if [[ " $* " != *" --http-listen "* ]] && "$binary" serve --help 2>/dev/null | grep -q -- --http-listen; then
+    http=(--http-listen off)
+  fi
+  "$binary" serve "$@" "${http[@]}" >"$log" 2>&1 &
   pid=$!
   local deadline=$((SECONDS + ${READY_TIMEOUT:-120}))
   until grep -q "serving (ready" "$log"; do

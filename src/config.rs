@@ -239,6 +239,10 @@ pub struct ServerArgs {
     /// Seconds to wait for a keepalive ping's answer before closing the connection.
     #[arg(long, env = "BATCHGEN_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = 20.0)]
     pub http2_keepalive_timeout: f64,
+    /// Address of the HTTP front: OpenAI-compatible `POST /v1/completions`,
+    /// `GET /v1/models`, `GET /health`, `GET /metrics`; "off" for none.
+    #[arg(long, env = "BATCHGEN_HTTP_LISTEN", default_value = "0.0.0.0:8000", value_parser = listen_or_off)]
+    pub http_listen: Listen,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`).
     #[arg(long, env = "BATCHGEN_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: SocketAddr,
@@ -405,6 +409,17 @@ pub struct GenerateArgs {
     /// Stop sequences (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+}
+
+/// An address to listen on, or none ("off").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn listen_or_off(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{s:?} is neither an address (host:port) nor \"off\": {e}"))
 }
 
 impl ServerArgs {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod fault;
 pub mod graph;
+pub mod http;
 pub mod model;
 pub mod runtime;
 pub mod server;

@@ -112,6 +112,23 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     let server = batchgen::server::Server::loading().await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let front = server.clone();
+    // The HTTP front closes its listener with the gRPC one and lets its
+    // requests finish (the drain ends them within the grace period).
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let http = match args.server.http_listen.0 {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at).await?;
+            let scheme = if options.tls.is_some() { "https" } else { "http" };
+            tracing::info!("HTTP (OpenAI completions, health, metrics) on {scheme}://{}", listener.local_addr()?);
+            let service = batchgen::server::GenerationService::new(server.clone(), &options);
+            let front = batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install());
+            let mut closed = closed.clone();
+            Some(tokio::spawn(batchgen::http::serve(listener, front, options.tls.clone(), async move {
+                let _ = closed.wait_for(|c| *c).await;
+            })))
+        }
+        None => None,
+    };
     // On SIGTERM the listener closes and every connection gets GOAWAY at
     // once, so balancers and clients send new calls elsewhere; the calls
     // already accepted (running or queued) go on for up to the grace period
@@ -121,6 +138,7 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
             _ = shutdown_signal() => {}
             _ = stopped => {}
         }
+        let _ = closing.send(true);
         let draining = tokio::spawn({
             let front = front.clone();
             async move { batchgen::server::drain(&front, grace).await }
@@ -148,6 +166,10 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
         }
     }
     serving.await??;
+    if let Some(http) = http {
+        // Its calls ended with the drain; give the connections a moment to close.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), http).await;
+    }
     let _ = metrics_stop.send(());
     tracing::info!("stopped");
     Ok(())

@@ -8,7 +8,6 @@ use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 pub const REQUESTS_RECEIVED: &str = "batchgen_requests_received_total";
@@ -174,69 +173,31 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
-/// Reads an HTTP request head (up to the blank line; at most 8 KiB, 5 s).
-/// A client may send it in several packets: reading once could cut it.
-async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            match socket.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-        true
-    };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), read).await {
-        Ok(true) => Some(String::from_utf8_lossy(&head).into_owned()),
-        _ => None,
-    }
+/// The Prometheus text exposition of every metric, as an HTTP response.
+pub fn exposition(handle: &'static PrometheusHandle) -> impl axum::response::IntoResponse {
+    handle.run_upkeep();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render())
 }
 
-/// Serves `GET /metrics` (the Prometheus text format) on `listener` until
-/// `shutdown` completes.
+/// Serves `GET /metrics` (the Prometheus text format, axum over hyper) on
+/// `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     handle: &'static PrometheusHandle,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (mut socket, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("metrics listener: {e}");
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return,
-        };
-        tokio::spawn(async move {
-            let Some(request) = read_head(&mut socket).await else { return };
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, body, kind) =
-                if request.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
-                    handle.run_upkeep();
-                    ("200 OK", handle.render(), "text/plain; version=0.0.4; charset=utf-8")
-                } else {
-                    ("404 Not Found", "batchgen serves metrics at /metrics\n".to_string(), "text/plain; charset=utf-8")
-                };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(body.as_bytes()).await;
-            let _ = socket.shutdown().await;
-        });
+    let router = axum::Router::new()
+        .route("/metrics", axum::routing::get(move || async move { exposition(handle) }))
+        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "batchgen serves metrics at /metrics\n") });
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+        tracing::warn!("metrics endpoint stopped: {e}");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn a_request_split_across_packets_is_read_whole() {
@@ -246,7 +207,7 @@ mod tests {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /met").await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        s.write_all(b"rics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"rics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");

@@ -26,6 +26,7 @@ impl Served {
             .args(["serve", "--model"])
             .arg(common::fixture_dir())
             .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--intra-op-threads", "1"])
             .args(extra)
             .env_remove("RUST_LOG")
@@ -122,7 +123,7 @@ fn int8_weights_are_refused_for_an_export_served_as_it_is() {
     let out = Command::new(env!("CARGO_BIN_EXE_batchgen"))
         .args(["serve", "--model"])
         .arg(common::fixture_dir())
-        .args(["--graph", "exported", "--weights", "int8", "--listen", "127.0.0.1:0"])
+        .args(["--graph", "exported", "--weights", "int8", "--listen", "127.0.0.1:0", "--http-listen", "off"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -212,6 +212,17 @@ pub struct GenerationService {
 }
 
 impl GenerationService {
+    /// The service over `server` with the settings of `options` (the gRPC
+    /// port's, and the HTTP front's, which calls it in process).
+    pub fn new(server: Arc<Server>, options: &ServeOptions) -> Self {
+        GenerationService {
+            server,
+            keys: options.keys.clone(),
+            log_prompts: options.log_prompts,
+            stall_timeout: options.stall_timeout,
+        }
+    }
+
     fn state(&self) -> Result<&Arc<AppState>, Error> {
         self.server.state().ok_or(Error::Loading)
     }
@@ -233,16 +244,11 @@ pub async fn serve(
     options: &ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let generation = pb::generation_server::GenerationServer::new(GenerationService {
-        server: server.clone(),
-        keys: options.keys.clone(),
-        log_prompts: options.log_prompts,
-        stall_timeout: options.stall_timeout,
-    })
-    .max_decoding_message_size(options.max_message_bytes)
-    .max_encoding_message_size(options.max_message_bytes)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .send_compressed(CompressionEncoding::Gzip);
+    let generation = pb::generation_server::GenerationServer::new(GenerationService::new(server.clone(), options))
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
     let health = tonic_health::pb::health_server::HealthServer::new(
         tonic_health::server::HealthService::from_health_reporter(server.health.clone()),
     );
@@ -276,7 +282,7 @@ pub async fn serve(
         }
         Some(tls) => {
             tls.watch();
-            router.serve_with_incoming_shutdown(tls::incoming(listener, tls.clone()), shutdown).await
+            router.serve_with_incoming_shutdown(tls::incoming(listener, tls.clone(), tls::Alpn::Grpc), shutdown).await
         }
     }
 }

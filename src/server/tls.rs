@@ -112,8 +112,17 @@ impl Tls {
         });
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    /// An acceptor with the current configuration, offering `alpn`.
+    fn acceptor(&self, alpn: Alpn) -> TlsAcceptor {
+        let config = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match alpn {
+            Alpn::Grpc => TlsAcceptor::from(config),
+            Alpn::Http => {
+                let mut config = (*config).clone();
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                TlsAcceptor::from(Arc::new(config))
+            }
+        }
     }
 }
 
@@ -173,6 +182,15 @@ fn read_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// Which protocols a port offers in the TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// The HTTP front: HTTP/2 and HTTP/1.1.
+    Http,
+}
+
 /// The TLS connections accepted on `listener`. Handshakes run in their own
 /// tasks (a slow one delays nobody) with a timeout; a failed one is counted
 /// and logged at debug level, and the listener goes on. The accept loop
@@ -180,6 +198,7 @@ fn read_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<Tls>,
+    alpn: Alpn,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -197,7 +216,7 @@ pub fn incoming(
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tls.acceptor();
+            let acceptor = tls.acceptor(alpn);
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -216,4 +235,42 @@ pub fn incoming(
 fn handshake_failed(peer: std::net::SocketAddr, why: &str) {
     metrics::counter!(telemetry::TLS_HANDSHAKE_FAILURES).increment(1);
     tracing::debug!(%peer, "TLS handshake failed: {why}");
+}
+
+/// The TLS connections of a port as an axum listener (the HTTP front).
+pub struct TlsListener {
+    incoming:
+        tokio_stream::wrappers::ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>,
+    local: std::net::SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, tls: Arc<Tls>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(TlsListener { incoming: incoming(listener, tls, Alpn::Http), local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.get_ref().0.peer_addr().unwrap_or(self.local);
+                    return (stream, peer);
+                }
+                // `incoming` yields no errors; its end means the accept loop stopped.
+                Some(Err(_)) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }

@@ -60,6 +60,7 @@ pub fn serve_args() -> ServeArgs {
             api_keys: None,
             log_prompts: false,
             stream_stall_timeout: 30.0,
+            http_listen: batchgen::config::Listen(None),
         },
         limits: LimitArgs {
             max_queue: 64,
@@ -83,6 +84,8 @@ pub struct TestServer {
     /// Where `GET /metrics` is served.
     pub metrics_addr: std::net::SocketAddr,
     pub addr: std::net::SocketAddr,
+    /// Where the HTTP front listens, when `http_listen` was set.
+    pub http_addr: Option<std::net::SocketAddr>,
     /// The transport settings it serves with (TLS, API keys: `reload`).
     pub options: batchgen::server::ServeOptions,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -102,6 +105,7 @@ pub async fn start() -> TestServer {
 
 pub async fn start_with(args: ServeArgs) -> TestServer {
     let args_options = args.server.serve_options().unwrap();
+    let http_listen = args.server.http_listen.0;
     let tls = args_options.tls.is_some();
     let loaded = tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await.unwrap().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -114,6 +118,17 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     tokio::spawn(batchgen::telemetry::serve(metrics_listener, handle, std::future::pending()));
     let server = batchgen::server::Server::loading().await;
     server.ready(loaded.state).await;
+    let http_addr = match http_listen {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let service = batchgen::server::GenerationService::new(server.clone(), &args_options);
+            let http = batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install());
+            tokio::spawn(batchgen::http::serve(listener, http, args_options.tls.clone(), std::future::pending()));
+            Some(addr)
+        }
+        None => None,
+    };
     let options = args_options.clone();
     let front = server.clone();
     tokio::spawn(async move {
@@ -128,7 +143,7 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
     } else {
         GenerationClient::connect(format!("http://{addr}")).await.unwrap()
     };
-    TestServer { client, state, server, metrics_addr, addr, options: args_options, shutdown: Some(tx) }
+    TestServer { client, state, server, metrics_addr, addr, http_addr, options: args_options, shutdown: Some(tx) }
 }
 
 /// Ids of a JSON array.

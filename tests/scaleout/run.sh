@@ -60,7 +60,7 @@ done
 start() { # replica number: starts it in its namespace and waits (at most 120 s) until it is ready
   local i=$1
   ip netns exec "$tag-$i" "$bin" serve --model "$model" --listen "$net.$i.2:50051" \
-    --metrics-listen "$net.$i.2:9464" --intra-op-threads 1 --shutdown-grace 20 >>"$work/r$i.log" 2>&1 &
+    --metrics-listen "$net.$i.2:9464" --http-listen "$net.$i.2:8000" --intra-op-threads 1 --shutdown-grace 20 >>"$work/r$i.log" 2>&1 &
   pid[$i]=$!
   local deadline=$((SECONDS + 120))
   until "$bin" health --target "http://$net.$i.2:50051" --service batchgen.v1.Generation >/dev/null 2>&1; do

@@ -27,7 +27,7 @@ before(async () => {
   const binary = process.env.BATCHGEN_BIN ?? path.join(ROOT, 'target', 'debug', 'batchgen');
   const [port, metrics] = [await freePort(), await freePort()];
   server = spawn(binary, ['serve', '--model', path.join(ROOT, 'tests', 'fixtures', 'tiny-gpt2'),
-    '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${metrics}`, '--intra-op-threads', '1'],
+    '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${metrics}`, '--http-listen', 'off', '--intra-op-threads', '1'],
   { stdio: 'ignore' });
   target = `127.0.0.1:${port}`;
   client = connect(target);

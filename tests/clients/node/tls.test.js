@@ -37,7 +37,7 @@ before(async () => {
   tls = { ca: read('ca.pem'), cert: read('client.pem'), key: read('client.key') };
   const [port, metrics] = [await freePort(), await freePort()];
   server = spawn(binary, ['serve', '--model', path.join(ROOT, 'tests', 'fixtures', 'tiny-gpt2'),
-    '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${metrics}`, '--intra-op-threads', '1',
+    '--listen', `127.0.0.1:${port}`, '--metrics-listen', `127.0.0.1:${metrics}`, '--http-listen', 'off', '--intra-op-threads', '1',
     '--tls-cert', path.join(certs, 'server.pem'), '--tls-key', path.join(certs, 'server.key'),
     '--tls-client-ca', path.join(certs, 'ca.pem'), '--api-keys', path.join(certs, 'keys.txt')],
   { stdio: 'ignore' });

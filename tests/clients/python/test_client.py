@@ -24,7 +24,7 @@ def target():
     binary = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
     port, metrics = free_port(), free_port()
     proc = subprocess.Popen([binary, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
-                             "--metrics-listen", f"127.0.0.1:{metrics}", "--intra-op-threads", "1"],
+                             "--metrics-listen", f"127.0.0.1:{metrics}", "--http-listen", "off", "--intra-op-threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target = f"127.0.0.1:{port}"
     deadline = time.time() + 120

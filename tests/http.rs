@@ -1,0 +1,272 @@
+//! The HTTP front against the real server in process, through a plain
+//! HTTP/1.1 client (hyper): OpenAI completions unary and streamed (equal to
+//! the gRPC answers and the transformers references), usage, logprobs with
+//! text offsets, errors in OpenAI's shape, keys, health, models, metrics, and
+//! a client that disconnects mid-stream.
+mod common;
+
+use std::net::SocketAddr;
+
+use batchgen::pb;
+use common::{expected, ids, serve_args, start_with};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::{Value, json};
+
+struct Answer {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    fn events(&self) -> Vec<String> {
+        self.body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    }
+}
+
+async fn send(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Answer {
+    let (mut sender, response) = open(addr, method, path, body, headers).await;
+    let r = response.await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let bytes = r.into_body().collect().await.unwrap().to_bytes();
+    let _ = &mut sender;
+    Answer { status, headers, body: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<hyper::Response<hyper::body::Incoming>>> + Send>>;
+
+async fn open(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (hyper::client::conn::http1::SendRequest<Full<Bytes>>, Pending) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Full::new(Bytes::from(v.to_string()))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    let response = Box::pin(sender.send_request(req.body(body).unwrap()));
+    (sender, response)
+}
+
+async fn http_server() -> common::TestServer {
+    let mut args = serve_args();
+    args.server.http_listen = batchgen::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    start_with(args).await
+}
+
+fn greedy(name: &str) -> (Value, Vec<u32>) {
+    let c = &expected()["greedy"][name];
+    (c.clone(), ids(&c["output_ids"]))
+}
+
+#[tokio::test]
+async fn completions_equal_the_grpc_answers_unary_and_streamed() {
+    let server = http_server().await;
+    let http = server.http_addr.unwrap();
+    let models = send(http, "GET", "/v1/models", None, &[]).await;
+    assert_eq!(models.status, 200);
+    let model = models.json()["data"][0]["id"].as_str().unwrap().to_string();
+    let (case, want) = greedy("emoji");
+    let body = json!({
+        "model": model, "prompt": case["prompt"], "max_tokens": case["max_new_tokens"], "temperature": 0,
+        "logprobs": 2,
+    });
+    let a = send(http, "POST", "/v1/completions", Some(body.clone()), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let c = a.json();
+    assert_eq!(c["object"], "text_completion");
+    let choice = &c["choices"][0];
+    let grpc = server
+        .client
+        .clone()
+        .generate(pb::GenerateRequest {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            stopping: Some(pb::Stopping {
+                max_new_tokens: case["max_new_tokens"].as_u64().unwrap() as u32,
+                ..Default::default()
+            }),
+            top_logprobs: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seq = &grpc.sequences[0];
+    assert_eq!(seq.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), want);
+    assert_eq!(choice["text"], seq.text.as_str());
+    assert_eq!(choice["finish_reason"], "stop");
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), want.len());
+    for (i, t) in seq.tokens.iter().enumerate() {
+        assert!((lp["token_logprobs"][i].as_f64().unwrap() - f64::from(t.logprob)).abs() < 1e-6);
+        // Two alternatives, keyed by text (two of them may share one).
+        let alternatives = lp["top_logprobs"][i].as_object().unwrap().len();
+        assert!((1..=2).contains(&alternatives) && t.top_logprobs.len() == 2, "{alternatives}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    let usage = &c["usage"];
+    assert_eq!(usage["prompt_tokens"], grpc.usage.unwrap().prompt_tokens);
+    assert_eq!(usage["completion_tokens"], want.len());
+    assert_eq!(usage["total_tokens"], grpc.usage.unwrap().prompt_tokens as usize + want.len());
+
+    // Streamed, with usage: the texts concatenate to the unary text.
+    let mut body = body;
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let s = send(http, "POST", "/v1/completions", Some(body), &[]).await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    assert!(s.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let events = s.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).map(|ch| ch["text"].as_str().unwrap()).collect();
+    assert_eq!(text, seq.text);
+    let usage_chunk = chunks.last().unwrap();
+    assert!(usage_chunk["choices"].as_array().unwrap().is_empty());
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], want.len());
+    let last_choice = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(last_choice["finish_reason"], "stop");
+
+    // Echo puts the prompt first; token-id prompts and several prompts get one choice each, in order.
+    let (short, short_want) = greedy("short");
+    let e = send(
+        http,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": [short["prompt_ids"], case["prompt_ids"]], "max_tokens": 24, "temperature": 0, "echo": true})),
+        &[],
+    )
+    .await;
+    let e = e.json();
+    assert_eq!(e["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(e["choices"][0]["index"], 0);
+    let t0 = e["choices"][0]["text"].as_str().unwrap();
+    assert!(t0.starts_with(short["prompt"].as_str().unwrap()), "{t0}");
+    assert_eq!(e["usage"]["completion_tokens"], short_want.len() + want.len());
+}
+
+#[tokio::test]
+async fn seeded_samples_and_their_n_equal_the_grpc_samples() {
+    let server = http_server().await;
+    let http = server.http_addr.unwrap();
+    let body = json!({"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0.8, "top_k": 40,
+        "n": 3, "seed": 7, "ignore_eos": true});
+    let c = send(http, "POST", "/v1/completions", Some(body), &[]).await.json();
+    let grpc = server
+        .client
+        .clone()
+        .generate(pb::GenerateRequest {
+            prompt: "The quick brown fox".into(),
+            decoding: Some(pb::Decoding {
+                method: Some(pb::decoding::Method::Sampling(pb::Sampling {
+                    temperature: 0.8,
+                    top_k: 40,
+                    seed: Some(7),
+                    num_samples: 3,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            stopping: Some(pb::Stopping { max_new_tokens: 12, ignore_eos: true, ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let texts: Vec<&str> = c["choices"].as_array().unwrap().iter().map(|ch| ch["text"].as_str().unwrap()).collect();
+    let want: Vec<&str> = grpc.sequences.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(texts, want);
+    assert_eq!(c["choices"][2]["index"], 2);
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn errors_come_in_openais_shape_with_the_matching_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, line) = batchgen::server::auth::keygen("http", Default::default()).unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("{line}\n")).unwrap();
+    let mut args = serve_args();
+    args.server.http_listen = batchgen::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    args.server.api_keys = Some(keys);
+    let server = start_with(args).await;
+    let http = server.http_addr.unwrap();
+    let bearer = format!("Bearer {key}");
+    let auth = [("authorization", bearer.as_str())];
+    let a = send(http, "POST", "/v1/completions", Some(json!({"prompt": "Hi"})), &[]).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.json()["error"]["type"], "authentication_error");
+    for (body, status, param) in [
+        (json!({"prompt": "Hi", "temperature": -1}), 400, "temperature"),
+        (json!({"prompt": "Hi", "max_tokens": 100000}), 400, "max_tokens"),
+        (json!({"prompt": "Hi", "model": "gpt-4"}), 404, "model"),
+        (json!({"prompt": "Hi", "suffix": "!"}), 400, "suffix"),
+        (json!({"prompt": [60000]}), 400, "prompt"),
+    ] {
+        let a = send(http, "POST", "/v1/completions", Some(body.clone()), &auth).await;
+        assert_eq!(a.status, status, "{body}: {}", a.body);
+        let e = a.json();
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+        assert!(!e["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let a = send(http, "POST", "/v1/completions", Some(json!({"prompt": "Hi", "bogus": 1})), &auth).await;
+    assert_eq!(a.status, 400);
+    assert!(a.json()["error"]["message"].as_str().unwrap().contains("bogus"));
+    // A deadline from the timeout header: 504 in OpenAI's shape.
+    let long = json!({"prompt": "Hi", "max_tokens": 200, "ignore_eos": true, "temperature": 0});
+    let a = send(http, "POST", "/v1/completions", Some(long), &[auth[0], ("x-request-timeout", "0.02")]).await;
+    assert_eq!(a.status, 504, "{}", a.body);
+    assert_eq!(a.json()["error"]["code"], "deadline_exceeded");
+    assert_eq!(send(http, "GET", "/v1/models", None, &[]).await.status, 401);
+    assert_eq!(send(http, "GET", "/v1/models", None, &auth).await.status, 200);
+    // Health stays open; metrics on this port need the key.
+    let h = send(http, "GET", "/health", None, &[]).await;
+    assert_eq!((h.status, h.json()["status"].clone()), (200, json!("ready")));
+    assert_eq!(send(http, "GET", "/metrics", None, &[]).await.status, 401);
+    let m = send(http, "GET", "/metrics", None, &auth).await;
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("batchgen_requests_received_total"));
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_cancels_its_request() {
+    let server = http_server().await;
+    let http = server.http_addr.unwrap();
+    let body = json!({"prompt": "Hi", "max_tokens": 200, "ignore_eos": true, "temperature": 0, "stream": true});
+    let (sender, response) = open(http, "POST", "/v1/completions", Some(body), &[]).await;
+    let r = response.await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.into_body();
+    // The first event arrives, then the client goes away.
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).starts_with("data: "));
+    drop(body);
+    drop(sender);
+    let state = server.state.clone();
+    common::wait_until("the request is dropped", move || state.engine.in_flight.is_empty()).await;
+    let generated = server.state.engine.workers()[0].stats.steps.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(generated < 200, "{generated} steps: the request ran to its end after the client left");
+}
