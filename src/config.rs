@@ -243,6 +243,11 @@ pub struct ServerArgs {
     /// `GET /v1/models`, `GET /health`, `GET /metrics`; "off" for none.
     #[arg(long, env = "BATCHGEN_HTTP_LISTEN", default_value = "0.0.0.0:8000", value_parser = listen_or_off)]
     pub http_listen: Listen,
+    /// Origins whose web pages may call the gRPC port with gRPC-Web (CORS):
+    /// e.g. https://app.example.com, several separated by commas, or "*" for
+    /// any. Default: none (gRPC-Web from other origins is refused by browsers).
+    #[arg(long, env = "BATCHGEN_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`).
     #[arg(long, env = "BATCHGEN_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: SocketAddr,
@@ -336,6 +341,8 @@ pub enum OptionsError {
     Tls(#[from] crate::server::tls::TlsError),
     #[error(transparent)]
     Keys(#[from] crate::server::auth::KeysError),
+    #[error("--cors-allow-origin {0:?}: an origin is scheme://host[:port], without a path, or \"*\"")]
+    Cors(String),
 }
 
 /// How a client subcommand reaches the server.
@@ -427,6 +434,13 @@ impl ServerArgs {
     /// file that cannot be used).
     pub fn serve_options(&self) -> Result<crate::server::ServeOptions, OptionsError> {
         let secs = |s: f64| (s > 0.0).then(|| std::time::Duration::from_secs_f64(s));
+        for o in &self.cors_allow_origin {
+            let scheme = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+            let host_ok = scheme.is_some_and(|h| !h.is_empty() && !h.contains('/'));
+            if o != "*" && (!host_ok || axum::http::HeaderValue::from_str(o).is_err()) {
+                return Err(OptionsError::Cors(o.clone()));
+            }
+        }
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::server::tls::Tls::load(crate::server::tls::TlsFiles {
                 cert: cert.clone(),
@@ -442,6 +456,7 @@ impl ServerArgs {
             tls,
             keys: self.api_keys.as_deref().map(crate::server::auth::ApiKeys::load).transpose()?,
             log_prompts: self.log_prompts,
+            cors_origins: self.cors_allow_origin.clone(),
             stall_timeout: std::time::Duration::from_secs_f64(self.stream_stall_timeout.max(0.001)),
         })
     }

@@ -2,7 +2,8 @@
 //! HTTP/1.1 client (hyper): OpenAI completions unary and streamed (equal to
 //! the gRPC answers and the transformers references), usage, logprobs with
 //! text offsets, errors in OpenAI's shape, keys, health, models, metrics, and
-//! a client that disconnects mid-stream.
+//! a client that disconnects mid-stream; and gRPC-Web with CORS on the gRPC
+//! port, spoken by hand over HTTP/1.1 as a browser's fetch would.
 mod common;
 
 use std::net::SocketAddr;
@@ -31,13 +32,29 @@ impl Answer {
 }
 
 async fn send(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Answer {
-    let (mut sender, response) = open(addr, method, path, body, headers).await;
+    let (status, headers, bytes) = send_raw(addr, method, path, body.map(json_body), headers).await;
+    Answer { status, headers, body: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+fn json_body(v: Value) -> (&'static str, Bytes) {
+    ("application/json", Bytes::from(v.to_string()))
+}
+
+/// One request with a body of the given content type; status, headers and body.
+async fn send_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, Bytes)>,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let (sender, response) = open(addr, method, path, body, headers).await;
     let r = response.await.unwrap();
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let bytes = r.into_body().collect().await.unwrap().to_bytes();
-    let _ = &mut sender;
-    Answer { status, headers, body: String::from_utf8(bytes.to_vec()).unwrap() }
+    drop(sender);
+    (status, headers, bytes)
 }
 
 type Pending =
@@ -47,7 +64,7 @@ async fn open(
     addr: SocketAddr,
     method: &str,
     path: &str,
-    body: Option<Value>,
+    body: Option<(&str, Bytes)>,
     headers: &[(&str, &str)],
 ) -> (hyper::client::conn::http1::SendRequest<Full<Bytes>>, Pending) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -58,9 +75,9 @@ async fn open(
         req = req.header(*k, *v);
     }
     let body = match body {
-        Some(v) => {
-            req = req.header("content-type", "application/json");
-            Full::new(Bytes::from(v.to_string()))
+        Some((kind, bytes)) => {
+            req = req.header("content-type", kind);
+            Full::new(bytes)
         }
         None => Full::new(Bytes::new()),
     };
@@ -256,7 +273,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_its_request() {
     let server = http_server().await;
     let http = server.http_addr.unwrap();
     let body = json!({"prompt": "Hi", "max_tokens": 200, "ignore_eos": true, "temperature": 0, "stream": true});
-    let (sender, response) = open(http, "POST", "/v1/completions", Some(body), &[]).await;
+    let (sender, response) = open(http, "POST", "/v1/completions", Some(json_body(body)), &[]).await;
     let r = response.await.unwrap();
     assert_eq!(r.status(), 200);
     let mut body = r.into_body();
@@ -269,4 +286,120 @@ async fn a_client_that_disconnects_mid_stream_cancels_its_request() {
     common::wait_until("the request is dropped", move || state.engine.in_flight.is_empty()).await;
     let generated = server.state.engine.workers()[0].stats.steps.load(std::sync::atomic::Ordering::Relaxed);
     assert!(generated < 200, "{generated} steps: the request ran to its end after the client left");
+}
+
+/// A gRPC-Web body: each message framed (flag 0, big-endian length).
+fn grpc_web_frame(msg: &impl prost::Message) -> Bytes {
+    let bytes = msg.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(&bytes);
+    Bytes::from(out)
+}
+
+/// The messages and the trailers of a gRPC-Web response body.
+fn grpc_web_unframe(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
+    let (mut messages, mut trailers) = (Vec::new(), String::new());
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+        let payload = body[5..5 + len].to_vec();
+        if body[0] & 0x80 != 0 {
+            trailers.push_str(&String::from_utf8(payload).unwrap());
+        } else {
+            messages.push(payload);
+        }
+        body = &body[5 + len..];
+    }
+    (messages, trailers)
+}
+
+#[tokio::test]
+async fn grpc_web_calls_equal_grpc_and_cors_admits_only_the_allowed_origins() {
+    use prost::Message;
+    let mut args = serve_args();
+    args.server.cors_allow_origin = vec!["http://app.example".into()];
+    let server = start_with(args).await;
+    let (case, want) = greedy("cjk");
+    let req = pb::GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        stopping: Some(pb::Stopping { max_new_tokens: 24, ..Default::default() }),
+        ..Default::default()
+    };
+    let web = [("x-grpc-web", "1"), ("origin", "http://app.example")];
+    let (status, headers, body) = send_raw(
+        server.addr,
+        "POST",
+        "/batchgen.v1.Generation/Generate",
+        Some(("application/grpc-web+proto", grpc_web_frame(&req))),
+        &web,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-origin"], "http://app.example");
+    let (messages, trailers) = grpc_web_unframe(&body);
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let answer = pb::GenerateResponse::decode(&messages[0][..]).unwrap();
+    assert_eq!(answer.sequences[0].tokens.iter().map(|t| t.id).collect::<Vec<_>>(), want);
+    let native = server.client.clone().generate(req.clone()).await.unwrap().into_inner();
+    assert_eq!(answer.sequences[0].text, native.sequences[0].text);
+
+    // Server streaming over gRPC-Web: one frame per message, texts concatenating to the same.
+    let (_, _, body) = send_raw(
+        server.addr,
+        "POST",
+        "/batchgen.v1.Generation/GenerateStream",
+        Some(("application/grpc-web+proto", grpc_web_frame(&req))),
+        &web,
+    )
+    .await;
+    let (messages, trailers) = grpc_web_unframe(&body);
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let text: String = messages.iter().map(|m| pb::GenerateStreamResponse::decode(&m[..]).unwrap().text).collect();
+    assert!(messages.len() > 1);
+    assert_eq!(text, native.sequences[0].text);
+
+    // Errors come back as gRPC-Web trailers.
+    let bad = pb::GenerateRequest { prompt_token_ids: vec![60000], ..Default::default() };
+    let (_, headers, body) = send_raw(
+        server.addr,
+        "POST",
+        "/batchgen.v1.Generation/Generate",
+        Some(("application/grpc-web+proto", grpc_web_frame(&bad))),
+        &web,
+    )
+    .await;
+    // A status without messages comes in the headers (trailers-only), else in the trailer frame.
+    let (_, trailers) = grpc_web_unframe(&body);
+    let in_headers = headers.get("grpc-status").is_some_and(|v| v == "3");
+    assert!(in_headers || trailers.contains("grpc-status:3"), "{headers:?} {trailers}");
+
+    // CORS preflight: the allowed origin gets its headers, another origin none.
+    let preflight = |origin: &'static str| async move {
+        let headers = [
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type,x-grpc-web,authorization"),
+        ];
+        send_raw(server.addr, "OPTIONS", "/batchgen.v1.Generation/GenerateStream", None, &headers).await
+    };
+    let (status, headers, _) = preflight("http://app.example").await;
+    assert!(status < 300, "{status}");
+    assert_eq!(headers["access-control-allow-origin"], "http://app.example");
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
+    assert!(allowed.contains("x-grpc-web") && allowed.contains("authorization"), "{allowed}");
+    let (_, headers, _) = preflight("http://evil.example").await;
+    assert!(headers.get("access-control-allow-origin").is_none());
+}
+
+#[test]
+fn a_malformed_cors_origin_is_refused_at_start() {
+    for bad in ["app.example", "http://app.example/", "ftp://x", "http://"] {
+        let mut args = serve_args();
+        args.server.cors_allow_origin = vec![bad.into()];
+        let err = args.server.serve_options().unwrap_err().to_string();
+        assert!(err.contains("--cors-allow-origin"), "{bad}: {err}");
+    }
+    let mut args = serve_args();
+    args.server.cors_allow_origin = vec!["*".into(), "https://a.example:8443".into()];
+    assert!(args.server.serve_options().is_ok());
 }

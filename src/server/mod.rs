@@ -171,6 +171,8 @@ pub struct ServeOptions {
     /// A stream whose client reads nothing for this long while its messages
     /// wait is ended (RESOURCE_EXHAUSTED), freeing what it holds.
     pub stall_timeout: Duration,
+    /// Origins allowed to call with gRPC-Web ("*": any).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -183,6 +185,7 @@ impl Default for ServeOptions {
             keys: None,
             log_prompts: false,
             stall_timeout: Duration::from_secs(30),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -264,7 +267,12 @@ pub async fn serve(
     }
     let reflection_v1 = v1.build_v1().expect("the descriptor sets are valid");
     let reflection_v1alpha = v1alpha.build_v1alpha().expect("the descriptor sets are valid");
+    // gRPC-Web (browsers; HTTP/1.1 or HTTP/2) beside native gRPC, with CORS
+    // for the allowed origins.
     let router = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(cors(&options.cors_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
         .http2_keepalive_interval(options.keepalive_interval)
         .http2_keepalive_timeout(options.keepalive_timeout)
         .add_service(generation)
@@ -285,6 +293,27 @@ pub async fn serve(
             router.serve_with_incoming_shutdown(tls::incoming(listener, tls.clone(), tls::Alpn::Grpc), shutdown).await
         }
     }
+}
+
+/// The CORS policy of the gRPC port: `origins` may send gRPC-Web calls
+/// (with the headers gRPC-Web and our keys use) and read the gRPC status.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    let header = |h: &'static str| axum::http::HeaderName::from_static(h);
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([axum::http::Method::POST, axum::http::Method::OPTIONS])
+        .allow_headers(
+            ["content-type", "x-grpc-web", "x-user-agent", "grpc-timeout", "authorization", "x-batchgen-fault"]
+                .map(header),
+        )
+        .expose_headers(["grpc-status", "grpc-message", "grpc-status-details-bin"].map(header))
+        .max_age(Duration::from_secs(24 * 3600))
 }
 
 /// Completes at `deadline`, or never.

@@ -61,6 +61,7 @@ pub fn serve_args() -> ServeArgs {
             log_prompts: false,
             stream_stall_timeout: 30.0,
             http_listen: batchgen::config::Listen(None),
+            cors_allow_origin: Vec::new(),
         },
         limits: LimitArgs {
             max_queue: 64,
