@@ -1,6 +1,6 @@
 //! The HTTP front (axum) beside gRPC: OpenAI's `POST /v1/completions` and
-//! `GET /v1/models`, `GET /health` for plain HTTP balancers, and
-//! `GET /metrics`. A completion runs through the gRPC service's own handlers
+//! `GET /v1/models`, `GET /health` for plain HTTP balancers,
+//! `GET /metrics`, and the playground page at `/`. A completion runs through the gRPC service's own handlers
 //! in process, so it is validated, limited, keyed, counted and cancelled as
 //! a gRPC call is: the `Authorization` header is passed on, the
 //! `x-request-timeout` header (seconds) becomes the call's deadline, and a
@@ -58,6 +58,7 @@ impl Http {
 /// The routes of the HTTP port.
 pub fn router(http: Http) -> Router {
     Router::new()
+        .route("/", get(playground))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
@@ -120,6 +121,14 @@ fn metadata(headers: &HeaderMap) -> Result<MetadataMap, ApiError> {
 
 fn request<T>(metadata: &MetadataMap, msg: T) -> tonic::Request<T> {
     tonic::Request::from_parts(metadata.clone(), Default::default(), msg)
+}
+
+/// The playground: one static page (no build step, nothing from elsewhere)
+/// that streams a completion and colours each token by its log-probability.
+async fn playground() -> Response {
+    let page = include_str!("playground.html");
+    let csp = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'";
+    ([(header::CONTENT_SECURITY_POLICY, csp)], axum::response::Html(page)).into_response()
 }
 
 async fn health(State(http): State<Http>) -> Response {

@@ -1,0 +1,137 @@
+"""The playground page in a real headless Chromium (Debian's `chromium`, driven by Playwright):
+type a prompt, press Generate, and the streamed text equals the gRPC answer; the tokens carry their
+log-probabilities and alternatives; seeded sampling through the page equals the same sample over gRPC.
+Screenshots go to target/playground.png and target/playground-sampling.png."""
+import os
+import shutil
+import subprocess
+import time
+
+import grpc
+import pytest
+
+import client
+from test_client import FIXTURE, free_port
+
+BINARY = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="SKIPPED: no chromium (Debian package `chromium`)")
+
+
+@pytest.fixture(scope="module")
+def page_server():
+    port, http, metrics = free_port(), free_port(), free_port()
+    # The page's origin may call the gRPC port with gRPC-Web (another port: cross-origin, so CORS).
+    proc = subprocess.Popen([BINARY, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
+                             "--http-listen", f"127.0.0.1:{http}", "--metrics-listen", f"127.0.0.1:{metrics}",
+                             "--cors-allow-origin", f"http://127.0.0.1:{http}", "--intra-op-threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if client.health(target) == "SERVING":
+                break
+        except grpc.RpcError:
+            pass
+        assert time.time() < deadline, "the server did not become SERVING"
+        time.sleep(0.1)
+    yield client.connect(target), f"http://127.0.0.1:{http}/", f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_the_playground_streams_the_grpc_answer_into_a_real_browser(page_server):
+    from playwright.sync_api import sync_playwright
+    stub, url, _ = page_server
+    prompt = "The quick brown fox"
+    want = client.generate(stub, prompt, max_new_tokens=24).sequences[0].text
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 720})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('model: ')")
+        page.fill("#prompt", prompt)
+        page.select_option("#method", "greedy")
+        page.fill("#max_tokens", "24")
+        page.click("#generate")
+        page.wait_for_selector("#usage[data-done='1']", timeout=30000)
+        assert page.text_content("#error") == ""
+        assert page.text_content("#generated") == want
+        assert page.text_content("#output") == prompt + want
+        usage = page.text_content("#usage")
+        assert "4 prompt + 18 generated tokens" in usage and "finish: stop" in usage, usage
+        tokens = page.query_selector_all("#generated .tok")
+        assert len(tokens) >= 10
+        # Every token is coloured by its log-probability and lists its alternatives.
+        first = tokens[0]
+        assert float(first.get_attribute("data-logprob")) <= 0
+        assert "p=" in first.get_attribute("data-tip")
+        first.hover()
+        assert page.is_visible("#tip")
+        os.makedirs(os.path.join(client.ROOT, "target"), exist_ok=True)
+        page.screenshot(path=os.path.join(client.ROOT, "target", "playground.png"))
+        # Seeded sampling through the page equals the same sample over gRPC.
+        other = "In a distant land, a traveller met a dragon that"
+        page.fill("#prompt", other)
+        page.select_option("#method", "sampling")
+        page.fill("#temperature", "1.3")
+        page.fill("#seed", "3")
+        page.fill("#max_tokens", "40")
+        page.click("#generate")
+        page.wait_for_selector("#usage[data-done='1']", timeout=30000)
+        sampling = client.pb2.Sampling(temperature=1.3, seed=3)
+        request = client.pb2.GenerateRequest(prompt=other, decoding=client.pb2.Decoding(sampling=sampling),
+                                             stopping=client.pb2.Stopping(max_new_tokens=40))
+        assert page.text_content("#generated") == stub.Generate(request, timeout=30).sequences[0].text
+        page.query_selector_all("#generated .tok")[5].hover()
+        page.screenshot(path=os.path.join(client.ROOT, "target", "playground-sampling.png"))
+        assert errors == [], errors
+        browser.close()
+
+
+# In the page: a gRPC-Web call of GenerateStream to the gRPC port (another origin), the request
+# encoded by hand (prompt = field 1, stopping = field 4 with max_new_tokens = field 1); the
+# response body comes back as bytes for Python to unframe and decode.
+GRPC_WEB_FETCH = """async ([grpcUrl, prompt, maxNew]) => {
+  const text = new TextEncoder().encode(prompt);
+  const msg = [0x0a, text.length, ...text, 0x22, 2, 0x08, maxNew];
+  const frame = new Uint8Array(5 + msg.length);
+  new DataView(frame.buffer).setUint32(1, msg.length);
+  frame.set(msg, 5);
+  const r = await fetch(grpcUrl + "/batchgen.v1.Generation/GenerateStream", {
+    method: "POST", body: frame,
+    headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
+  });
+  return { status: r.status, body: Array.from(new Uint8Array(await r.arrayBuffer())) };
+}"""
+
+
+def test_a_browser_page_calls_generate_stream_with_grpc_web_across_origins(page_server):
+    from playwright.sync_api import sync_playwright
+    stub, url, grpc_url = page_server
+    prompt = "Emoji time"
+    want = client.generate(stub, prompt, max_new_tokens=24).sequences[0].text
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        # A document of the HTTP port's origin without the playground's Content-Security-Policy
+        # (which lets the page itself connect to its own origin only).
+        page.goto(url + "health")
+        answer = page.evaluate(GRPC_WEB_FETCH, [grpc_url, prompt, 24])
+        browser.close()
+    assert answer["status"] == 200
+    body, texts, trailers = bytes(answer["body"]), [], b""
+    while len(body) >= 5:
+        flag, length = body[0], int.from_bytes(body[1:5], "big")
+        payload, body = body[5:5 + length], body[5 + length:]
+        if flag & 0x80:
+            trailers += payload
+        else:
+            texts.append(client.pb2.GenerateStreamResponse.FromString(payload).text)
+    assert b"grpc-status:0" in trailers, trailers
+    assert len(texts) > 1 and "".join(texts) == want
