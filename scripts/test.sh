@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: the Rust tests (unit, end-to-end against the real
 # server on batchgen's own graph, then again on the exported graph, metrics
-# with a real Prometheus when installed), the benchmark scripts as a smoke
-# test, then the Python and
-# Node example clients against the real server binary. Needs Rust, python3
-# with pip and venv, Node.js with npm; dependencies come from the registries.
+# with a real Prometheus when installed, faults, TLS, keys, HTTP), the soak,
+# the benchmark scripts as a smoke test, the scale-out proof, then the Python
+# and Node example clients against the real server binary (plaintext, TLS,
+# the official openai client, the playground in headless Chromium). Needs
+# Rust, python3 with pip and venv, Node.js with npm, openssl (and chromium for
+# the playground test, else SKIPPED); dependencies come from the registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # fault-injection: tests/faults.rs makes the engine fail on purpose through a
