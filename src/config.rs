@@ -14,7 +14,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a model over gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Stream a generation from a running server to the terminal.
     Generate(GenerateArgs),
     /// Ask a server's grpc.health.v1 service whether it is SERVING: exit
@@ -266,6 +266,10 @@ pub struct ServerArgs {
     /// CAs in this PEM file (and valid today). Needs --tls-cert.
     #[arg(long, env = "BATCHGEN_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) for --tls-client-ca: client
+    /// certificates they revoke are refused. Re-read with the certificates.
+    #[arg(long, env = "BATCHGEN_TLS_CLIENT_CRL", requires = "tls_client_ca")]
+    pub tls_client_crl: Option<PathBuf>,
     /// API keys the Generation service requires (one per line: name,
     /// sha256:<hash of the key>, optional concurrency=N and
     /// tokens_per_minute=N; make lines with `batchgen keygen`). Calls send
@@ -446,6 +450,7 @@ impl ServerArgs {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: self.tls_client_ca.clone(),
+                client_crl: self.tls_client_crl.clone(),
             })?),
             _ => None,
         };

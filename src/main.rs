@@ -25,7 +25,7 @@ fn run() -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => rt.block_on(serve(*args)),
         Command::Bench(args) => rt.block_on(async {
             let levels = batchgen::bench::run(&args).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             if args.json {

@@ -1,7 +1,7 @@
 //! Who may call: TLS and mutual TLS on the gRPC port, with certificates made
 //! here by rcgen (the right CA, a wrong CA, no client certificate, expired
 //! certificates, a reload that changes the certificate under an open
-//! stream), and API keys with their per-key limits.
+//! stream, revocation lists), and API keys with their per-key limits.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +35,12 @@ impl Ca {
     /// Signs a leaf certificate for `names` (DNS names or IP addresses);
     /// `expired` puts its validity wholly in the past. Returns (cert, key) paths.
     fn leaf(&self, file: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf) {
+        self.leaf_with_serial(file, names, expired, None)
+    }
+
+    fn leaf_with_serial(&self, file: &str, names: &[&str], expired: bool, serial: Option<u64>) -> (PathBuf, PathBuf) {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name.push(DnType::CommonName, file);
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -47,6 +52,32 @@ impl Ca {
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
+    }
+}
+
+impl Ca {
+    /// Writes this CA's revocation list revoking `serials`; returns its path.
+    fn crl(&self, serials: &[u64], number: u64) -> PathBuf {
+        let now = rcgen::date_time_ymd(2026, 1, 1);
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: rcgen::date_time_ymd(2036, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&n| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(n),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let path = self.dir.join(format!("{}-crl.pem", self.name));
+        std::fs::write(&path, params.signed_by(&self.issuer).unwrap().pem().unwrap()).unwrap();
+        path
     }
 }
 
@@ -397,4 +428,32 @@ async fn the_client_subcommands_speak_tls_with_a_client_certificate_and_a_key() 
     let text = case["text"].as_str().unwrap().replace("<|endoftext|>", "");
     let want = format!("{}{text}", case["prompt"].as_str().unwrap());
     assert_eq!(String::from_utf8_lossy(&served.stdout).trim_end(), want.trim_end());
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_and_a_new_revocation_list_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "good");
+    let revoked = ca.leaf_with_serial("client-revoked", &["client.example"], false, Some(1001));
+    let later = ca.leaf_with_serial("client-later", &["client.example"], false, Some(1002));
+    let crl = ca.crl(&[1001], 1);
+    let mut args = serve_args();
+    let server_cert = ca.leaf("server", &["localhost"], false);
+    args.server.tls_cert = Some(server_cert.0);
+    args.server.tls_key = Some(server_cert.1);
+    args.server.tls_client_ca = Some(ca.ca_pem());
+    args.server.tls_client_crl = Some(crl.clone());
+    let server = start_with(args).await;
+    assert!(
+        short_case(endpoint(server.addr, &ca.ca_pem(), Some(&revoked))).await.is_err(),
+        "a revoked certificate was served"
+    );
+    assert_eq!(short_case(endpoint(server.addr, &ca.ca_pem(), Some(&later))).await.unwrap(), short_reference());
+    // A new list that revokes the second certificate too is read like a renewed certificate.
+    let _ = ca.crl(&[1001, 1002], 2);
+    let start = std::time::Instant::now();
+    while short_case(endpoint(server.addr, &ca.ca_pem(), Some(&later))).await.is_ok() {
+        assert!(start.elapsed().as_secs() < 20, "the new revocation list was not taken into use");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

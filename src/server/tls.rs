@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
@@ -23,6 +23,9 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) of the client CA: revoked client
+    /// certificates are refused.
+    pub client_crl: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +130,7 @@ impl Tls {
 }
 
 fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
-    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref(), files.client_crl.as_ref()]
         .into_iter()
         .flatten()
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
@@ -168,9 +171,20 @@ fn read_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
                     reason: e.to_string(),
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::Config(format!("--tls-client-ca {}: {e}", path.display())))?;
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if let Some(crl) = &files.client_crl {
+                let read = |reason: String| TlsError::Read { what: "--tls-client-crl", path: crl.clone(), reason };
+                let crls = CertificateRevocationListDer::pem_file_iter(crl)
+                    .map_err(|e| read(e.to_string()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| read(e.to_string()))?;
+                if crls.is_empty() {
+                    return Err(read("no PEM certificate revocation list in it".into()));
+                }
+                verifier = verifier.with_crls(crls);
+            }
+            let verifier =
+                verifier.build().map_err(|e| TlsError::Config(format!("--tls-client-ca {}: {e}", path.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

@@ -57,6 +57,7 @@ pub fn serve_args() -> ServeArgs {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_client_crl: None,
             api_keys: None,
             log_prompts: false,
             stream_stall_timeout: 30.0,
