@@ -1,9 +1,10 @@
 // The Node example client against the real batchgen server, started here on a free loopback port.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
+
+import { freePort } from './free-port.js';
 
 import {
   GenerationService, ROOT, connect, connectBalanced, generate, grpc, modelInfo, stream, streamAndCancel,
@@ -12,16 +13,6 @@ import {
 let server;
 let client;
 let target;
-
-function freePort() {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 before(async () => {
   const binary = process.env.BATCHGEN_BIN ?? path.join(ROOT, 'target', 'debug', 'batchgen');

@@ -4,10 +4,11 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
+
+import { freePort } from './free-port.js';
 
 import { ROOT, connect, generate, grpc, modelInfo } from './client.js';
 
@@ -16,16 +17,6 @@ let server;
 let target;
 let tls;
 let apiKey;
-
-function freePort() {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 before(async () => {
   const certs = fs.mkdtempSync(path.join(os.tmpdir(), 'batchgen-certs-'));

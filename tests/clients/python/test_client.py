@@ -19,27 +19,41 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def target():
-    binary = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+BINARY = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+
+
+def serve(*flags, **tls):
+    """Starts `batchgen serve` on the fixture (gRPC on a free port, metrics on another, then `flags`)
+    and waits until health says SERVING (over TLS with `tls`: ca, cert, key). Returns the process and
+    the gRPC port; the caller stops the process."""
     port, metrics = free_port(), free_port()
-    proc = subprocess.Popen([binary, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
-                             "--metrics-listen", f"127.0.0.1:{metrics}", "--http-listen", "off", "--intra-op-threads", "1"],
+    proc = subprocess.Popen([BINARY, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
+                             "--metrics-listen", f"127.0.0.1:{metrics}", "--intra-op-threads", "1", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = f"127.0.0.1:{port}"
+    target = f"{'localhost' if tls else '127.0.0.1'}:{port}"
     deadline = time.time() + 120
     while True:
         assert proc.poll() is None, proc.stderr.read().decode()
         try:
-            if client.health(target) == "SERVING":
+            if client.health(target, **tls) == "SERVING":
                 break
         except grpc.RpcError:
             pass
         assert time.time() < deadline, "the server did not become SERVING"
         time.sleep(0.1)
-    yield target
+    return proc, port
+
+
+def stop(proc):
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def target():
+    proc, port = serve("--http-listen", "off")
+    yield f"127.0.0.1:{port}"
+    stop(proc)
 
 
 def test_unary(target):

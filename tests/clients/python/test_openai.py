@@ -1,40 +1,20 @@
 """The official `openai` Python package against batchgen's HTTP front (`/v1/completions`), started
 here with the gRPC port beside it: every answer equals the gRPC answer for the same settings."""
-import os
-import subprocess
-import time
 
-import grpc
 import openai
 import pytest
 
 import client
-from test_client import FIXTURE, free_port
-
-BINARY = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+from test_client import free_port, serve, stop
 
 
 @pytest.fixture(scope="module")
 def servers():
-    port, http, metrics = free_port(), free_port(), free_port()
-    proc = subprocess.Popen([BINARY, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
-                             "--http-listen", f"127.0.0.1:{http}", "--metrics-listen", f"127.0.0.1:{metrics}",
-                             "--intra-op-threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if client.health(target) == "SERVING":
-                break
-        except grpc.RpcError:
-            pass
-        assert time.time() < deadline, "the server did not become SERVING"
-        time.sleep(0.1)
+    http = free_port()
+    proc, port = serve("--http-listen", f"127.0.0.1:{http}")
     oc = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="not-needed", max_retries=0)
-    yield client.connect(target), oc, oc.models.list().data[0].id
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield client.connect(f"127.0.0.1:{port}"), oc, oc.models.list().data[0].id
+    stop(proc)
 
 
 def grpc_sampling(stub, prompt, n, seed, max_new_tokens, top_k=0, top_logprobs=0, ignore_eos=False):

@@ -4,16 +4,11 @@ log-probabilities and alternatives; seeded sampling through the page equals the 
 Screenshots go to target/playground.png and target/playground-sampling.png."""
 import os
 import shutil
-import subprocess
-import time
 
-import grpc
 import pytest
 
 import client
-from test_client import FIXTURE, free_port
-
-BINARY = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+from test_client import free_port, serve, stop
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="SKIPPED: no chromium (Debian package `chromium`)")
@@ -21,26 +16,11 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="SKIPPED: no chromium (
 
 @pytest.fixture(scope="module")
 def page_server():
-    port, http, metrics = free_port(), free_port(), free_port()
+    http = free_port()
     # The page's origin may call the gRPC port with gRPC-Web (another port: cross-origin, so CORS).
-    proc = subprocess.Popen([BINARY, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
-                             "--http-listen", f"127.0.0.1:{http}", "--metrics-listen", f"127.0.0.1:{metrics}",
-                             "--cors-allow-origin", f"http://127.0.0.1:{http}", "--intra-op-threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if client.health(target) == "SERVING":
-                break
-        except grpc.RpcError:
-            pass
-        assert time.time() < deadline, "the server did not become SERVING"
-        time.sleep(0.1)
-    yield client.connect(target), f"http://127.0.0.1:{http}/", f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc, port = serve("--http-listen", f"127.0.0.1:{http}", "--cors-allow-origin", f"http://127.0.0.1:{http}")
+    yield client.connect(f"127.0.0.1:{port}"), f"http://127.0.0.1:{http}/", f"http://127.0.0.1:{port}"
+    stop(proc)
 
 
 def test_the_playground_streams_the_grpc_answer_into_a_real_browser(page_server):

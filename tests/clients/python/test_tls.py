@@ -6,15 +6,12 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import grpc
 import pytest
 
 import client
-from test_client import FIXTURE, free_port
-
-BINARY = os.environ.get("BATCHGEN_BIN", os.path.join(client.ROOT, "target", "debug", "batchgen"))
+from test_client import BINARY, free_port, serve, stop
 
 
 def read(path):
@@ -30,30 +27,15 @@ def tls_server():
     keys = os.path.join(certs, "keys.txt")
     with open(keys, "w") as f:
         f.write(line + "\n")
-    port, metrics, http = free_port(), free_port(), free_port()
-    proc = subprocess.Popen([BINARY, "serve", "--model", FIXTURE, "--listen", f"127.0.0.1:{port}",
-                             "--metrics-listen", f"127.0.0.1:{metrics}", "--http-listen", f"127.0.0.1:{http}",
-                             "--intra-op-threads", "1",
-                             "--tls-cert", os.path.join(certs, "server.pem"),
-                             "--tls-key", os.path.join(certs, "server.key"),
-                             "--tls-client-ca", os.path.join(certs, "ca.pem"), "--api-keys", keys],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     files = {name: read(os.path.join(certs, name)) for name in ["ca.pem", "client.pem", "client.key"]}
     tls = dict(ca=files["ca.pem"], cert=files["client.pem"], key=files["client.key"])
-    target = f"localhost:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        try:
-            if client.health(target, **tls) == "SERVING":
-                break
-        except grpc.RpcError:
-            pass
-        assert time.time() < deadline, "the TLS server did not become SERVING"
-        time.sleep(0.1)
-    yield target, tls, key, (f"https://localhost:{http}/v1", certs)
-    proc.terminate()
-    proc.wait(timeout=30)
+    http = free_port()
+    proc, port = serve("--http-listen", f"127.0.0.1:{http}",
+                       "--tls-cert", os.path.join(certs, "server.pem"),
+                       "--tls-key", os.path.join(certs, "server.key"),
+                       "--tls-client-ca", os.path.join(certs, "ca.pem"), "--api-keys", keys, **tls)
+    yield f"localhost:{port}", tls, key, (f"https://localhost:{http}/v1", certs)
+    stop(proc)
 
 
 def reference(name):
