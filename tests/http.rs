@@ -297,6 +297,13 @@ fn grpc_web_frame(msg: &impl prost::Message) -> Bytes {
     Bytes::from(out)
 }
 
+/// A gRPC-Web call of `path` with `msg` from the page origin the test allows:
+/// status, headers and body.
+async fn grpc_web(addr: SocketAddr, path: &str, msg: &impl prost::Message) -> (u16, hyper::HeaderMap, Bytes) {
+    let web = [("x-grpc-web", "1"), ("origin", "http://app.example")];
+    send_raw(addr, "POST", path, Some(("application/grpc-web+proto", grpc_web_frame(msg))), &web).await
+}
+
 /// The messages and the trailers of a gRPC-Web response body.
 fn grpc_web_unframe(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
     let (mut messages, mut trailers) = (Vec::new(), String::new());
@@ -325,15 +332,7 @@ async fn grpc_web_calls_equal_grpc_and_cors_admits_only_the_allowed_origins() {
         stopping: Some(pb::Stopping { max_new_tokens: 24, ..Default::default() }),
         ..Default::default()
     };
-    let web = [("x-grpc-web", "1"), ("origin", "http://app.example")];
-    let (status, headers, body) = send_raw(
-        server.addr,
-        "POST",
-        "/batchgen.v1.Generation/Generate",
-        Some(("application/grpc-web+proto", grpc_web_frame(&req))),
-        &web,
-    )
-    .await;
+    let (status, headers, body) = grpc_web(server.addr, "/batchgen.v1.Generation/Generate", &req).await;
     assert_eq!(status, 200);
     assert_eq!(headers["access-control-allow-origin"], "http://app.example");
     let (messages, trailers) = grpc_web_unframe(&body);
@@ -344,14 +343,7 @@ async fn grpc_web_calls_equal_grpc_and_cors_admits_only_the_allowed_origins() {
     assert_eq!(answer.sequences[0].text, native.sequences[0].text);
 
     // Server streaming over gRPC-Web: one frame per message, texts concatenating to the same.
-    let (_, _, body) = send_raw(
-        server.addr,
-        "POST",
-        "/batchgen.v1.Generation/GenerateStream",
-        Some(("application/grpc-web+proto", grpc_web_frame(&req))),
-        &web,
-    )
-    .await;
+    let (_, _, body) = grpc_web(server.addr, "/batchgen.v1.Generation/GenerateStream", &req).await;
     let (messages, trailers) = grpc_web_unframe(&body);
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
     let text: String = messages.iter().map(|m| pb::GenerateStreamResponse::decode(&m[..]).unwrap().text).collect();
@@ -360,14 +352,7 @@ async fn grpc_web_calls_equal_grpc_and_cors_admits_only_the_allowed_origins() {
 
     // Errors come back as gRPC-Web trailers.
     let bad = pb::GenerateRequest { prompt_token_ids: vec![60000], ..Default::default() };
-    let (_, headers, body) = send_raw(
-        server.addr,
-        "POST",
-        "/batchgen.v1.Generation/Generate",
-        Some(("application/grpc-web+proto", grpc_web_frame(&bad))),
-        &web,
-    )
-    .await;
+    let (_, headers, body) = grpc_web(server.addr, "/batchgen.v1.Generation/Generate", &bad).await;
     // A status without messages comes in the headers (trailers-only), else in the trailer frame.
     let (_, trailers) = grpc_web_unframe(&body);
     let in_headers = headers.get("grpc-status").is_some_and(|v| v == "3");
