@@ -143,6 +143,8 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 )
             }
         };
+    // The session builds left their temporaries freed but resident.
+    crate::engine::trim_heap();
     // A backend that cannot chunk prompts prefills them whole, so there the
     // prefill bound is also the longest prompt.
     let prefill_cap = if backends[0].chunks() { u32::MAX } else { l.max_prefill_tokens as u32 };

@@ -60,7 +60,16 @@ pub enum Event {
     /// now (whole characters, nothing that could start a stop sequence;
     /// with the held-back rest on its last token); `finish` is set on its
     /// last token, a stop sequence found in the text included.
-    Token { index: u32, choice: Choice, text: String, finish: Option<FinishReason>, at: Instant },
+    /// `held`: the text still held back after this token and the reason it
+    /// would end with at a deadline (see `SequenceText::held`), if any.
+    Token {
+        index: u32,
+        choice: Choice,
+        text: String,
+        finish: Option<FinishReason>,
+        held: Option<(String, FinishReason)>,
+        at: Instant,
+    },
     /// Beam search ended: the hypotheses to return, best first, each with its
     /// text (cut at a stop sequence, its tokens too).
     Beams { hypotheses: Vec<(crate::decoding::beam::Hypothesis, String)>, at: Instant },
@@ -276,6 +285,21 @@ fn keep_large_allocations_on_the_heap() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Returns the heap's free memory to the kernel. Building an ONNX Runtime
+/// session leaves hundreds of megabytes freed inside glibc's arenas (the
+/// originals of the weights it pre-packed, graph-optimisation copies),
+/// which stay resident until trimmed: about 140 MB of GPT-2 small's idle
+/// 840 MB, and the same off the peak under load. Call it once a session is
+/// built, before serving.
+#[allow(unsafe_code)]
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only gives free pages of the allocator's arenas back.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
