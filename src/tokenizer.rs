@@ -68,6 +68,7 @@ impl Tokenizer {
 /// Incremental decoding of one sequence. `push` returns the new text that is
 /// complete; `finish` returns what was held back, so that the concatenation
 /// of everything returned equals `Tokenizer::decode` of all the ids.
+#[derive(Debug, Clone)]
 pub struct Detokenizer {
     ids: Vec<u32>,
     /// Start of the window decoded for context.
@@ -98,6 +99,11 @@ impl Detokenizer {
             return Ok(new);
         }
         Ok(String::new())
+    }
+
+    /// Whether tokens wait for the rest of their character.
+    pub fn holds(&self) -> bool {
+        self.read_offset < self.ids.len()
     }
 
     /// The text still held back (an unfinished character stays U+FFFD).

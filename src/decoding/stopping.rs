@@ -112,6 +112,7 @@ impl StopMatcher {
 /// (whole UTF-8 characters only), then stop sequences. What it returns is
 /// what may be sent now; the concatenation of everything it returns is the
 /// sequence's text.
+#[derive(Debug, Clone)]
 pub struct SequenceText {
     detok: Detokenizer,
     matcher: StopMatcher,
@@ -163,6 +164,17 @@ impl SequenceText {
         };
         let (rest, reason) = self.end(tok, reason);
         (text + &rest, Some(reason))
+    }
+
+    /// What `end` would send now for `reason`, when anything is held back
+    /// (an unfinished character, a partial stop sequence): the text and the
+    /// reason. The response side keeps it to end the sequence itself when
+    /// the deadline passes before the engine does.
+    pub fn held(&self, tok: &Tokenizer, reason: FinishReason) -> Option<(String, FinishReason)> {
+        if !self.detok.holds() && self.matcher.pending.is_empty() {
+            return None;
+        }
+        Some(self.clone().end(tok, reason))
     }
 
     /// The sequence ends for `reason`: the held-back text, and the reason,
@@ -301,5 +313,36 @@ mod tests {
         let (pieces, end) = feed(&tok, &[" oka"], text, FinishReason::Eos);
         assert_eq!(pieces.last().map(String::as_str), Some(" ok"));
         assert_eq!((pieces.concat().as_str(), end), (text, Some(FinishReason::Eos)));
+    }
+
+    #[test]
+    fn held_is_what_end_would_send_at_a_deadline() {
+        let tok = tokenizer();
+        let ids = tok.encode("日本🎉 ok").unwrap();
+        let mut seq = SequenceText::new(vec![" oka".into()], false);
+        let mut sent = String::new();
+        let mut held_chars = 0;
+        for n in 0..ids.len() {
+            sent += &seq.push_and_end(&tok, ids[n], None).0;
+            // Sent text + held text = the text so far (an unfinished
+            // character as U+FFFD, as `end` gives it); asking twice is the same.
+            let held = seq.held(&tok, FinishReason::Deadline);
+            assert_eq!(held, seq.held(&tok, FinishReason::Deadline));
+            let (text, reason) = held.clone().unwrap_or_default();
+            assert_eq!(sent.clone() + &text, tok.decode(&ids[..=n]).unwrap(), "after {n} tokens");
+            if held.is_some() {
+                assert_eq!(reason, FinishReason::Deadline);
+                held_chars += 1;
+            }
+        }
+        assert!(held_chars >= 2, "split characters and the partial stop sequence were held");
+        // " ok" is held (a prefix of " oka").
+        assert_eq!(sent, "日本🎉");
+        assert_eq!(seq.held(&tok, FinishReason::Deadline), Some((" ok".into(), FinishReason::Deadline)));
+        assert_eq!(seq.end(&tok, FinishReason::Deadline), (" ok".into(), FinishReason::Deadline));
+        // Nothing is held once a sequence has plainly moved on.
+        let mut plain = SequenceText::new(vec![], false);
+        plain.push_and_end(&tok, tok.encode("a").unwrap()[0], None);
+        assert_eq!(plain.held(&tok, FinishReason::Deadline), None);
     }
 }

@@ -116,7 +116,8 @@ fn choose_one(row: &mut Row, raw: &[f32], tok: &Tokenizer, at: Instant, scratch:
     row.next = choice.id;
     row.history.push(choice.id);
     let (text, finish) = row.text.push_and_end(tok, choice.id, req.stop.check(choice.id, row.generated));
-    let sent = row.job.send(Event::Token { index: row.index, choice, text, finish, at });
+    let held = if finish.is_none() { row.text.held(tok, FinishReason::Deadline) } else { None };
+    let sent = row.job.send(Event::Token { index: row.index, choice, text, finish, held, at });
     row.done = finish.is_some() || !sent;
 }
 

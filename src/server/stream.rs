@@ -21,6 +21,9 @@ struct SequenceState {
     seed: Option<u64>,
     /// When its previous token arrived (inter-token latency).
     last_token_at: Option<Instant>,
+    /// Text the engine holds back and how the sequence ends with it at a
+    /// deadline (sent by `expire`).
+    held: Option<(String, FinishReason)>,
 }
 
 /// Per-request state on the response side.
@@ -71,6 +74,7 @@ impl Responder {
                     finished: false,
                     seed: seed.map(|s| s.wrapping_add(u64::from(i))),
                     last_token_at: None,
+                    held: None,
                 })
                 .collect(),
             span,
@@ -192,15 +196,23 @@ impl Responder {
     /// The request's deadline passed: ends every unfinished sequence with
     /// FINISH_REASON_DEADLINE, whatever the engine is doing (dropping the
     /// events then evicts the rows). Text the engine held back (an
-    /// unfinished character, a partial stop sequence) is not sent.
+    /// unfinished character, a partial stop sequence) is sent as the engine
+    /// would at its own end (cut at a stop sequence that it completes, which
+    /// then ends that sequence with STOP_SEQUENCE); the status is
+    /// DEADLINE_EXCEEDED when any sequence ended by the deadline.
     pub fn expire(&mut self) -> Step {
         let unfinished: Vec<u32> =
             (0..self.sequences.len() as u32).filter(|&i| !self.sequences[i as usize].finished).collect();
         let mut msgs = Vec::new();
+        let mut deadline = false;
         for index in unfinished {
-            match self.on_event(Event::Ended { index, reason: FinishReason::Deadline, text: String::new() }) {
+            let (text, reason) =
+                self.sequences[index as usize].held.take().unwrap_or((String::new(), FinishReason::Deadline));
+            deadline |= reason == FinishReason::Deadline;
+            match self.on_event(Event::Ended { index, reason, text }) {
                 Step::Message(m) => msgs.push(m),
                 Step::Last(m, status) => {
+                    let status = if deadline { Some(Error::Deadline) } else { status };
                     return if msgs.is_empty() { Step::Last(m, status) } else { Step::Many(msgs, m, status) };
                 }
                 _ => {}
@@ -222,10 +234,11 @@ impl Responder {
             }
             Event::Failed(e) => return Step::Fail(e.into()),
             Event::Beams { hypotheses, at } => return self.beams(hypotheses, at),
-            Event::Token { index, choice, text, finish, at } => {
+            Event::Token { index, choice, text, finish, held, at } => {
                 if self.sequences.get(index as usize).is_none_or(|s| s.finished) {
                     return Step::Nothing;
                 }
+                self.sequences[index as usize].held = held;
                 self.count_token(index as usize, at);
                 self.sequences[index as usize].logprob_sum += f64::from(choice.logprob);
                 self.keep_text(index as usize, &text);
@@ -299,5 +312,87 @@ impl Collector {
 
     pub fn finish(self) -> pb::GenerateResponse {
         self.response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn responder(sequences: u32) -> (Responder, Tokenizer) {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
+        let tok = Tokenizer::from_file(&p).unwrap();
+        let limits = crate::validation::Limits {
+            vocab_size: 50257,
+            context_length: 256,
+            eos_token_id: 50256,
+            max_new_tokens: 200,
+            default_max_new_tokens: 64,
+            max_prompt_tokens: 255,
+            max_batch_tokens: 4096,
+            max_beams: 8,
+            max_batch_size: 32,
+        };
+        let req = pb::GenerateRequest {
+            prompt: "Hello".into(),
+            decoding: Some(pb::Decoding {
+                method: Some(pb::decoding::Method::Sampling(pb::Sampling {
+                    temperature: 1.0,
+                    num_samples: sequences,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let valid = crate::validation::validate(req, &tok, &limits, Instant::now(), None).unwrap();
+        (Responder::new(tok.clone(), &valid, tracing::Span::none()), tok)
+    }
+
+    fn token(index: u32, text: &str, held: Option<(&str, FinishReason)>) -> Event {
+        Event::Token {
+            index,
+            choice: Choice { id: 11, logprob: -1.0, top: vec![] },
+            text: text.into(),
+            finish: None,
+            held: held.map(|(t, r)| (t.to_string(), r)),
+            at: Instant::now(),
+        }
+    }
+
+    fn ends(step: Step) -> (Vec<pb::GenerateStreamResponse>, Option<Error>) {
+        match step {
+            Step::Last(m, status) => (vec![m], status),
+            Step::Many(mut msgs, m, status) => {
+                msgs.push(m);
+                (msgs, status)
+            }
+            _ => panic!("expire ends the call"),
+        }
+    }
+
+    #[test]
+    fn a_deadline_on_the_response_side_sends_what_the_engine_held_back() {
+        let (mut r, _) = responder(2);
+        r.on_event(token(0, "a", Some((" ok", FinishReason::Deadline))));
+        // A later token replaces what was held (here: nothing left held).
+        r.on_event(token(1, "b", Some(("\u{FFFD}", FinishReason::Deadline))));
+        r.on_event(token(1, "c", None));
+        let (msgs, status) = ends(r.expire());
+        assert!(matches!(status, Some(Error::Deadline)));
+        let by_index = |i: u32| msgs.iter().find(|m| m.index == i).unwrap();
+        assert_eq!(by_index(0).text, " ok");
+        assert_eq!(by_index(0).finish_reason, FinishReason::Deadline as i32);
+        assert_eq!(by_index(1).text, "");
+        assert_eq!(by_index(1).finish_reason, FinishReason::Deadline as i32);
+    }
+
+    #[test]
+    fn held_text_that_completes_a_stop_sequence_ends_with_it() {
+        let (mut r, _) = responder(1);
+        r.on_event(token(0, "a", Some(("b", FinishReason::StopSequence))));
+        let (msgs, status) = ends(r.expire());
+        assert!(status.is_none(), "every sequence ended by its stop sequence");
+        assert_eq!((msgs[0].text.as_str(), msgs[0].finish_reason), ("b", FinishReason::StopSequence as i32));
     }
 }
