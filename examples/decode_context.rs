@@ -9,6 +9,9 @@
 //! MODEL_DIR holds the optimum export (`model.onnx`); the built graph reads
 //! `model.safetensors` from it when there is one, else the export's weights.
 //!
+//! `DECODE_BACKENDS=built` (or `exported`) times one backend only, e.g.
+//! under `BATCHGEN_ORT_PROFILE`; `DECODE_WINDOWS=512:256` other windows.
+//!
 //! cargo run --release --example decode_context -- MODEL_DIR [THREADS] [ROWS] [ROUNDS]
 use std::time::Instant;
 
@@ -32,23 +35,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("decode_context", &dir)?, &shape)?;
     // BATCHGEN_WEIGHTS: the built graph's precision, as `serve --weights`.
     let precision = batchgen::graph::Precision::from_env()?;
-    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
+    let mut shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
     println!("built graph weights: {precision}");
     let mut built: Box<dyn Backend> =
         Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));
     let mut exported: Box<dyn Backend> =
         Box::new(PaddedBackend::new(Model::load(&rt.env, &onnx, shape.layers, &options)?, 50256, rows));
     println!("{rows} rows, {threads} threads; median decode step (ms) over each window of context");
+    let only = std::env::var("DECODE_BACKENDS").unwrap_or_default();
+    let windows: Vec<(usize, usize)> = match std::env::var("DECODE_WINDOWS") {
+        Ok(w) => w
+            .split(',')
+            .map(|p| {
+                let (a, b) = p.split_once(':').ok_or("DECODE_WINDOWS: START:STEPS,...")?;
+                Ok((a.parse()?, b.parse()?))
+            })
+            .collect::<Result<_, Box<dyn std::error::Error>>>()?,
+        Err(_) => WINDOWS.to_vec(),
+    };
     for round in 0..rounds {
         for (name, backend) in [("exported", &mut exported), ("built", &mut built)] {
+            if !only.is_empty() && only != name {
+                continue;
+            }
             let mut line = format!("round {round} {name:>8}:");
             let mut medians = Vec::new();
-            for (start, steps) in WINDOWS {
+            for &(start, steps) in &windows {
                 let median = window(backend.as_mut(), rows, start, steps)?;
                 line += &format!("  context {start}-{}: {median:.1} ms", start + steps);
                 medians.push(median);
             }
-            println!("{line}  ratio {:.2}", medians[1] / medians[0]);
+            if let [first, .., last] = medians[..] {
+                line += &format!("  ratio {:.2}", last / first);
+            }
+            println!("{line}");
         }
     }
     Ok(())

@@ -244,6 +244,15 @@ impl Worker {
         stats.prefill_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         metrics::histogram!(telemetry::PREFILL_DURATION).record(t.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::PREFILL_TOKENS).record(tokens as f64);
+        tracing::debug!(
+            worker = self.shared.id,
+            prompts = work.len(),
+            tokens,
+            decoding = self.rows.len(),
+            waiting = self.queue.len(),
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "prefill run"
+        );
         self.record_copies();
         let logits = match result {
             Ok(l) => l,
