@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("decode_context", &dir)?, &shape)?;
     // BATCHGEN_WEIGHTS: the built graph's precision, as `serve --weights`.
     let precision = batchgen::graph::Precision::from_env()?;
-    let mut shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
+    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
     println!("built graph weights: {precision}");
     let mut built: Box<dyn Backend> =
         Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));
