@@ -147,9 +147,7 @@ async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    if let Err(s) = http.service.model_info(request(&metadata, pb::ModelInfoRequest {})).await
-        && s.code() == tonic::Code::Unauthenticated
-    {
+    if let Err(s) = http.service.authorize(&metadata) {
         return ApiError::from_status(&s).into_response();
     }
     crate::telemetry::exposition(http.metrics).into_response()

@@ -232,10 +232,21 @@ impl GenerationService {
 
     /// The caller's key, when the server requires keys (`None` when not).
     fn caller<T>(&self, req: &Request<T>) -> Result<Option<auth::Caller>, Error> {
+        self.caller_of(req.metadata())
+    }
+
+    fn caller_of(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<auth::Caller>, Error> {
         match &self.keys {
             None => Ok(None),
-            Some(keys) => Ok(Some(keys.authenticate(req.metadata())?)),
+            Some(keys) => Ok(Some(keys.authenticate(metadata)?)),
         }
+    }
+
+    /// Checks the key in `metadata` as every Generation method does (nothing
+    /// to check when keys are not required), for what is served beside the
+    /// service: the HTTP port's `/metrics`.
+    pub fn authorize(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        self.caller_of(metadata).map(|_| ()).map_err(Status::from)
     }
 }
 
