@@ -42,10 +42,19 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the files' modification times are compared.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// One configuration per port kind.
+#[derive(Clone)]
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+}
+
 /// The current TLS configuration and the files it was read from.
 pub struct Tls {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    /// The gRPC port's configuration and the HTTP port's (the same but for
+    /// ALPN), built together at each (re)load.
+    current: RwLock<Configs>,
     /// The files' modification times when last read.
     stamp: Mutex<Vec<Option<SystemTime>>>,
 }
@@ -117,15 +126,11 @@ impl Tls {
 
     /// An acceptor with the current configuration, offering `alpn`.
     fn acceptor(&self, alpn: Alpn) -> TlsAcceptor {
-        let config = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
-        match alpn {
-            Alpn::Grpc => TlsAcceptor::from(config),
-            Alpn::Http => {
-                let mut config = (*config).clone();
-                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                TlsAcceptor::from(Arc::new(config))
-            }
-        }
+        let configs = self.current.read().unwrap_or_else(|e| e.into_inner());
+        TlsAcceptor::from(match alpn {
+            Alpn::Grpc => configs.grpc.clone(),
+            Alpn::Http => configs.http.clone(),
+        })
     }
 }
 
@@ -149,7 +154,7 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-fn read_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+fn read_config(files: &TlsFiles) -> Result<Configs, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certificates("--tls-cert", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
@@ -191,9 +196,13 @@ fn read_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("--tls-cert and --tls-key do not make a server identity: {e}")))?;
-    // gRPC is HTTP/2 only; clients that negotiate by ALPN (grpcio, grpc-js) require it.
+    // gRPC is HTTP/2 only; clients that negotiate by ALPN (grpcio, grpc-js)
+    // require it. The HTTP port offers HTTP/1.1 too (browsers, curl, the
+    // OpenAI clients); both share the session cache and ticketer.
+    let mut http = config.clone();
+    http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Configs { grpc: Arc::new(config), http: Arc::new(http) })
 }
 
 /// Which protocols a port offers in the TLS handshake.
