@@ -1,0 +1,166 @@
+//! The decoding settings of a request: each field within its range, and
+//! the plan the engine runs (processors, sampling with its warpers and seed,
+//! or beam search).
+use super::{ValidationError, invalid};
+use crate::decoding::beam::BeamPlan;
+use crate::decoding::logits::{Processors, Warpers};
+use crate::pb;
+
+/// Most samples one request may ask for (each is a row of the batch).
+pub const MAX_SAMPLES: u32 = 16;
+/// Most logit_bias entries.
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Largest no_repeat_ngram_size.
+pub const MAX_NO_REPEAT_NGRAM: u32 = 64;
+
+/// Random sampling, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingPlan {
+    pub warpers: Warpers,
+    /// Seed of sample 0; sample i uses `seed + i`.
+    pub seed: u64,
+    pub num_samples: u32,
+}
+
+/// How the request chooses tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodingPlan {
+    pub processors: Processors,
+    /// `None` (and no beam): greedy search.
+    pub sampling: Option<SamplingPlan>,
+    pub beam: Option<BeamPlan>,
+}
+
+impl DecodingPlan {
+    /// Rows of the batch the request occupies.
+    pub fn rows(&self) -> u32 {
+        match (&self.sampling, &self.beam) {
+            (Some(s), _) => s.num_samples,
+            (_, Some(b)) => b.num_beams as u32,
+            _ => 1,
+        }
+    }
+
+    /// Sequences the request returns.
+    pub fn sequences(&self) -> u32 {
+        self.beam.as_ref().map_or_else(|| self.rows(), |b| b.num_return_sequences as u32)
+    }
+}
+
+fn finite_in(field: &'static str, v: f32, lo: f32, hi: f32, what: &str) -> Result<(), ValidationError> {
+    if !v.is_finite() || v < lo || v > hi {
+        return Err(invalid(field, format!("must be {what}, got {v}")));
+    }
+    Ok(())
+}
+
+pub(super) fn check_decoding(
+    d: pb::Decoding,
+    vocab_size: u32,
+    max_beams: u32,
+) -> Result<DecodingPlan, ValidationError> {
+    finite_in("decoding.repetition_penalty", d.repetition_penalty, 0.0, 10.0, "in (0, 10] (0 means off)")?;
+    finite_in("decoding.presence_penalty", d.presence_penalty, -2.0, 2.0, "in [-2, 2] (0 means off)")?;
+    finite_in("decoding.frequency_penalty", d.frequency_penalty, -2.0, 2.0, "in [-2, 2] (0 means off)")?;
+    if d.no_repeat_ngram_size > MAX_NO_REPEAT_NGRAM {
+        return Err(invalid(
+            "decoding.no_repeat_ngram_size",
+            format!("must be at most {MAX_NO_REPEAT_NGRAM} (0 means off), got {}", d.no_repeat_ngram_size),
+        ));
+    }
+    if d.logit_bias.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(
+            "decoding.logit_bias",
+            format!("at most {MAX_LOGIT_BIAS} entries, got {}", d.logit_bias.len()),
+        ));
+    }
+    let mut logit_bias: Vec<(u32, f32)> = d.logit_bias.into_iter().collect();
+    logit_bias.sort_by_key(|b| b.0);
+    for &(id, bias) in &logit_bias {
+        if id >= vocab_size {
+            return Err(invalid(
+                "decoding.logit_bias",
+                format!("key {id} is not a token id: must be below the vocabulary size {vocab_size}"),
+            ));
+        }
+        if !bias.is_finite() || bias.abs() > 100.0 {
+            return Err(invalid("decoding.logit_bias", format!("[{id}] must be in [-100, 100], got {bias}")));
+        }
+    }
+    let processors = Processors {
+        logit_bias,
+        repetition_penalty: d.repetition_penalty,
+        presence_penalty: d.presence_penalty,
+        frequency_penalty: d.frequency_penalty,
+        no_repeat_ngram_size: d.no_repeat_ngram_size as usize,
+    };
+    let mut beam = None;
+    let sampling = match d.method {
+        None | Some(pb::decoding::Method::Greedy(_)) => None,
+        Some(pb::decoding::Method::BeamSearch(b)) => {
+            if b.num_beams > max_beams {
+                return Err(invalid(
+                    "decoding.beam_search.num_beams",
+                    format!("must be at most {max_beams} (--max-beams; 0 means 1), got {}", b.num_beams),
+                ));
+            }
+            let num_beams = b.num_beams.max(1);
+            if b.num_return_sequences > num_beams {
+                return Err(invalid(
+                    "decoding.beam_search.num_return_sequences",
+                    format!("must be at most num_beams ({num_beams}), got {}", b.num_return_sequences),
+                ));
+            }
+            finite_in(
+                "decoding.beam_search.length_penalty",
+                b.length_penalty,
+                -10.0,
+                10.0,
+                "in [-10, 10] (0 means 1)",
+            )?;
+            // One beam is greedy search.
+            if num_beams > 1 {
+                beam = Some(BeamPlan {
+                    num_beams: num_beams as usize,
+                    length_penalty: if b.length_penalty == 0.0 { 1.0 } else { b.length_penalty },
+                    early_stopping: b.early_stopping,
+                    num_return_sequences: b.num_return_sequences.max(1) as usize,
+                });
+            }
+            None
+        }
+        Some(pb::decoding::Method::Sampling(s)) => {
+            finite_in("decoding.sampling.temperature", s.temperature, 0.0, 100.0, "in [0, 100] (0 means greedy)")?;
+            finite_in("decoding.sampling.top_p", s.top_p, 0.0, 1.0, "in (0, 1] (0 means off)")?;
+            finite_in("decoding.sampling.typical_p", s.typical_p, 0.0, 1.0, "in (0, 1] (0 means off)")?;
+            finite_in("decoding.sampling.min_p", s.min_p, 0.0, 1.0, "in [0, 1] (0 means off)")?;
+            if s.top_k > vocab_size {
+                return Err(invalid(
+                    "decoding.sampling.top_k",
+                    format!("must be at most the vocabulary size {vocab_size} (0 means off), got {}", s.top_k),
+                ));
+            }
+            if s.num_samples > MAX_SAMPLES {
+                return Err(invalid(
+                    "decoding.sampling.num_samples",
+                    format!("must be at most {MAX_SAMPLES} (0 means 1), got {}", s.num_samples),
+                ));
+            }
+            let num_samples = s.num_samples.max(1);
+            let warpers = Warpers {
+                temperature: s.temperature,
+                top_k: s.top_k as usize,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                typical_p: s.typical_p,
+            };
+            // Temperature 0 is greedy: the warpers do not change an argmax.
+            (s.temperature > 0.0).then(|| SamplingPlan {
+                warpers,
+                seed: s.seed.unwrap_or_else(rand::random),
+                num_samples,
+            })
+        }
+    };
+    Ok(DecodingPlan { processors, sampling, beam })
+}
