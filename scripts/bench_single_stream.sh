@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Single-stream tokens/s: batchgen (through gRPC, as a client sees it) against
-# a plain ORT loop in Rust (examples/ort_loop.rs), and one in Python
+# plain ORT loops in Rust (examples/ort_loop.rs: the export, and the built graph
+# batchgen serves), and one in Python over the export
 # on the same model, library and threads,
 # alternating so both see the same machine state.
 #   scripts/bench_single_stream.sh MODEL_DIR [THREADS] [ROUNDS]
@@ -20,8 +21,10 @@ echo "batchgen ready in $(( ($(date +%s%N) - start) / 1000000 )) ms (process sta
 for r in $(seq "$rounds"); do
   echo "== round $r: batchgen"
   "$bin/examples/single_stream" http://127.0.0.1:$port 32 128 2
-  echo "== round $r: plain ORT loop in Rust (examples/ort_loop.rs; server idle)"
+  echo "== round $r: plain ORT loop in Rust over the export (examples/ort_loop.rs; server idle)"
   "$bin/examples/ort_loop" "$model" "$threads" 128 2
+  echo "== round $r: plain ORT loop in Rust over the built graph (what batchgen serves)"
+  "$bin/examples/ort_loop" "$model" "$threads" 128 2 built | grep run
   echo "== round $r: plain ONNX Runtime loop (Python)"
   "$python" scripts/ort_loop.py "$model" --prompt-tokens 32 --new-tokens 128 --threads "$threads" --runs 2 | grep run
 done
