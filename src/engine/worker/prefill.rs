@@ -1,0 +1,171 @@
+//! The worker's prefill: prompts of admitted requests go into their slots'
+//! cache, oldest first, within the iteration's budget of prompt tokens (a
+//! long prompt in chunks between decode steps); a request whose prompt is
+//! complete becomes its decoding rows, each choosing its first token.
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{Worker, now, record_copy};
+use crate::decoding::beam::BeamSearch;
+use crate::decoding::logits::History;
+use crate::decoding::stopping::SequenceText;
+use crate::engine::admission;
+use crate::engine::backend::Chunk;
+use crate::engine::model::Logits;
+use crate::engine::rows::{Row, choose};
+use crate::engine::{EngineError, Event, Job};
+use crate::telemetry;
+
+/// An admitted request whose prompt is being prefilled into `slots[0]`;
+/// its other slots (samples, beams) receive a copy when it is complete.
+pub(super) struct Prefilling {
+    pub(super) job: Arc<Job>,
+    pub(super) slots: Vec<usize>,
+    /// Prompt tokens already in the cache.
+    pub(super) done: usize,
+}
+
+impl Worker {
+    /// Prefills the next prompt tokens, oldest request first: at most
+    /// `admission::prefill_budget` per iteration, a long prompt in chunks
+    /// (whole prompts where the backend cannot chunk; admission bounded them).
+    /// Requests whose prompt is complete become decoding rows.
+    pub(super) fn prefill(&mut self) {
+        let chunked = self.backend.chunks();
+        let mut budget = if chunked {
+            let mut waiting = admission::Waiting::default();
+            for p in &self.prefilling {
+                let left = p.job.request.prompt_ids.len() - p.done;
+                waiting.rows += p.slots.len();
+                waiting.tokens += left;
+                waiting.longest = waiting.longest.max(left);
+            }
+            admission::prefill_budget(&self.limits, waiting, self.rows.len())
+        } else {
+            self.limits.max_prefill_tokens.max(1)
+        };
+        let mut work: Vec<(usize, usize)> = Vec::new();
+        for (i, p) in self.prefilling.iter().enumerate() {
+            let left = p.job.request.prompt_ids.len() - p.done;
+            let take = if chunked { left.min(budget) } else { left };
+            if take == 0 || (!chunked && !work.is_empty() && take > budget) {
+                break;
+            }
+            work.push((i, take));
+            budget = budget.saturating_sub(take);
+        }
+        if work.is_empty() {
+            return;
+        }
+        let chunks: Vec<Chunk<'_>> = work
+            .iter()
+            .map(|&(i, take)| {
+                let p = &self.prefilling[i];
+                Chunk { slot: p.slots[0], tokens: &p.job.request.prompt_ids[p.done..p.done + take] }
+            })
+            .collect();
+        let tokens: usize = work.iter().map(|w| w.1).sum();
+        let t = now();
+        let result = self.backend.prefill(&chunks);
+        let stats = &self.shared.stats;
+        stats.prefill_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats.prefill_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        metrics::histogram!(telemetry::PREFILL_DURATION).record(t.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::PREFILL_TOKENS).record(tokens as f64);
+        tracing::debug!(
+            worker = self.shared.id,
+            prompts = work.len(),
+            tokens,
+            decoding = self.rows.len(),
+            waiting = self.queue.len(),
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "prefill run"
+        );
+        self.record_copies();
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(worker = self.shared.id, "prefill failed: {e}");
+                let e = EngineError::from(e);
+                let failed: Vec<usize> = work.iter().map(|w| w.0).collect();
+                for i in failed.into_iter().rev() {
+                    let p = self.prefilling.remove(i).expect("index from this list");
+                    let _ = p.job.send(Event::Failed(e.clone()));
+                    self.backend.free(&p.slots);
+                }
+                return;
+            }
+        };
+        let mut complete = Vec::new();
+        for (k, &(i, take)) in work.iter().enumerate() {
+            let p = &mut self.prefilling[i];
+            p.done += take;
+            if p.done == p.job.request.prompt_ids.len() {
+                complete.push((i, k));
+            }
+        }
+        // Complete prompts leave the prefilling list (it is FIFO, and the
+        // work list is ascending, so remove from the back).
+        let mut started = Vec::new();
+        for &(i, k) in complete.iter().rev() {
+            started.push((self.prefilling.remove(i).expect("index from this list"), k));
+        }
+        started.reverse();
+        for (p, k) in started {
+            self.start_rows(p, &logits, k);
+        }
+    }
+
+    /// Turns a prefilled request into decoding rows: its other slots get a
+    /// copy of the prompt's cache and each row chooses its first token.
+    fn start_rows(&mut self, p: Prefilling, logits: &Logits, k: usize) {
+        let job = p.job;
+        if p.slots.len() > 1 {
+            let t = now();
+            match self.backend.fork(p.slots[0], &p.slots[1..]) {
+                Ok(bytes) => record_copy("fork", t.elapsed().as_nanos() as u64, bytes),
+                Err(e) => {
+                    tracing::error!(worker = self.shared.id, "fork failed: {e}");
+                    let _ = job.send(Event::Failed(e.into()));
+                    self.backend.free(&p.slots);
+                    return;
+                }
+            }
+        }
+        let sampling = job.request.decoding.sampling.as_ref();
+        let mut new_rows: Vec<Row> = p
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, &slot)| {
+                let index = index as u32;
+                Row {
+                    index,
+                    slot,
+                    generated: 0,
+                    next: 0,
+                    done: false,
+                    history: History::new(&job.request.prompt_ids),
+                    rng: sampling.map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(u64::from(index)))),
+                    beam: job.request.decoding.beam.clone().filter(|_| index == 0).map(|plan| {
+                        let stop = &job.request.stop;
+                        let ids = stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
+                        Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
+                    }),
+                    text: SequenceText::for_request(&job.request),
+                    job: job.clone(),
+                }
+            })
+            .collect();
+        let from = vec![k; new_rows.len()];
+        let (reorders, panics) = choose(&mut new_rows, logits, &from, &self.tokenizer);
+        self.count_panics(panics);
+        for (start, perm) in reorders {
+            self.reorder(&new_rows, start, &perm);
+        }
+        self.rows.extend(new_rows);
+    }
+}
