@@ -116,14 +116,16 @@ impl Detokenizer {
     }
 }
 
+/// The tiny fixture's tokenizer (the real GPT-2 vocabulary), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_tokenizer() -> Tokenizer {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
+    Tokenizer::from_file(&p).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tokenizer() -> Tokenizer {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
-        Tokenizer::from_file(&p).unwrap()
-    }
 
     fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
         let mut d = Detokenizer::new();
@@ -134,7 +136,7 @@ mod tests {
 
     #[test]
     fn emoji_and_cjk_split_across_tokens_are_never_emitted_in_halves() {
-        let tok = tokenizer();
+        let tok = test_tokenizer();
         let text = "日本語 🎉🚀 and 你好，世界！ done ✅";
         let ids = tok.encode(text).unwrap();
         let halves = ids.iter().filter(|&&i| tok.decode(&[i]).unwrap().contains('\u{FFFD}')).count();
@@ -148,7 +150,7 @@ mod tests {
 
     #[test]
     fn an_unfinished_character_at_the_end_comes_out_of_finish() {
-        let tok = tokenizer();
+        let tok = test_tokenizer();
         let ids = tok.encode("ab🎉").unwrap();
         let cut = &ids[..ids.len() - 1];
         let parts = stream(&tok, cut);
@@ -158,7 +160,7 @@ mod tests {
 
     #[test]
     fn special_tokens_are_skipped_in_text_and_flagged() {
-        let tok = tokenizer();
+        let tok = test_tokenizer();
         let mut ids = tok.encode("hello").unwrap();
         ids.push(50256);
         assert_eq!(stream(&tok, &ids).concat(), "hello");
@@ -169,7 +171,7 @@ mod tests {
 
     #[test]
     fn pieces_carry_byte_offsets() {
-        let tok = tokenizer();
+        let tok = test_tokenizer();
         let text = "Hello world";
         let pieces = tok.encode_pieces(text).unwrap();
         assert_eq!(pieces.len(), 2);

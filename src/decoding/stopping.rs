@@ -190,6 +190,7 @@ impl SequenceText {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenizer::test_tokenizer;
 
     fn criteria() -> StopCriteria {
         StopCriteria {
@@ -277,11 +278,6 @@ mod tests {
         assert_eq!((sent.concat(), stopped, rest), ("ab".to_string(), None, String::new()));
     }
 
-    fn tokenizer() -> Tokenizer {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
-        Tokenizer::from_file(&p).unwrap()
-    }
-
     /// Feeds `text`'s tokens one by one, the last with `finish`; returns
     /// the pieces and how it ended.
     fn feed(tok: &Tokenizer, stops: &[&str], text: &str, finish: FinishReason) -> (Vec<String>, Option<FinishReason>) {
@@ -300,7 +296,7 @@ mod tests {
 
     #[test]
     fn sequence_text_holds_split_characters_and_stops_on_text() {
-        let tok = tokenizer();
+        let tok = test_tokenizer();
         // No stop sequence: whole characters only, everything out by the end.
         let text = "日本🎉 ok";
         let (pieces, end) = feed(&tok, &[], text, FinishReason::Length);
@@ -317,7 +313,7 @@ mod tests {
 
     #[test]
     fn held_is_what_end_would_send_at_a_deadline() {
-        let tok = tokenizer();
+        let tok = test_tokenizer();
         let ids = tok.encode("日本🎉 ok").unwrap();
         let mut seq = SequenceText::new(vec![" oka".into()], false);
         let mut sent = String::new();

@@ -319,20 +319,8 @@ impl Collector {
 mod tests {
     use super::*;
 
-    fn responder(sequences: u32) -> (Responder, Tokenizer) {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
-        let tok = Tokenizer::from_file(&p).unwrap();
-        let limits = crate::validation::Limits {
-            vocab_size: 50257,
-            context_length: 256,
-            eos_token_id: 50256,
-            max_new_tokens: 200,
-            default_max_new_tokens: 64,
-            max_prompt_tokens: 255,
-            max_batch_tokens: 4096,
-            max_beams: 8,
-            max_batch_size: 32,
-        };
+    fn responder(sequences: u32) -> Responder {
+        let (tok, limits) = crate::validation::test_setup();
         let req = pb::GenerateRequest {
             prompt: "Hello".into(),
             decoding: Some(pb::Decoding {
@@ -346,7 +334,7 @@ mod tests {
             ..Default::default()
         };
         let valid = crate::validation::validate(req, &tok, &limits, Instant::now(), None).unwrap();
-        (Responder::new(tok.clone(), &valid, tracing::Span::none()), tok)
+        Responder::new(tok, &valid, tracing::Span::none())
     }
 
     fn token(index: u32, text: &str, held: Option<(&str, FinishReason)>) -> Event {
@@ -373,7 +361,7 @@ mod tests {
 
     #[test]
     fn a_deadline_on_the_response_side_sends_what_the_engine_held_back() {
-        let (mut r, _) = responder(2);
+        let mut r = responder(2);
         r.on_event(token(0, "a", Some((" ok", FinishReason::Deadline))));
         // A later token replaces what was held (here: nothing left held).
         r.on_event(token(1, "b", Some(("\u{FFFD}", FinishReason::Deadline))));
@@ -389,7 +377,7 @@ mod tests {
 
     #[test]
     fn held_text_that_completes_a_stop_sequence_ends_with_it() {
-        let (mut r, _) = responder(1);
+        let mut r = responder(1);
         r.on_event(token(0, "a", Some(("b", FinishReason::StopSequence))));
         let (msgs, status) = ends(r.expire());
         assert!(status.is_none(), "every sequence ended by its stop sequence");

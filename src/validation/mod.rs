@@ -243,29 +243,30 @@ pub fn validate(
     })
 }
 
+/// The tiny fixture's tokenizer and limits like a server of it has, for
+/// unit tests that need valid requests.
+#[cfg(test)]
+pub(crate) fn test_setup() -> (Tokenizer, Limits) {
+    let limits = Limits {
+        vocab_size: 50257,
+        context_length: 256,
+        eos_token_id: 50256,
+        max_new_tokens: 200,
+        default_max_new_tokens: 64,
+        max_prompt_tokens: 255,
+        max_batch_tokens: 4096,
+        max_beams: 8,
+        max_batch_size: 32,
+    };
+    (crate::tokenizer::test_tokenizer(), limits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn setup() -> (Tokenizer, Limits) {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
-        let limits = Limits {
-            vocab_size: 50257,
-            context_length: 256,
-            eos_token_id: 50256,
-            max_new_tokens: 200,
-            default_max_new_tokens: 64,
-            max_prompt_tokens: 255,
-            max_batch_tokens: 4096,
-            max_beams: 8,
-            max_batch_size: 32,
-        };
-        (Tokenizer::from_file(&p).unwrap(), limits)
-    }
 
     fn check(req: pb::GenerateRequest) -> Result<ValidRequest, ValidationError> {
-        let (tok, limits) = setup();
+        let (tok, limits) = test_setup();
         validate(req, &tok, &limits, Instant::now(), None)
     }
 
@@ -333,7 +334,7 @@ mod tests {
 
     #[test]
     fn prompt_and_budget_limits_of_the_server() {
-        let (tok, limits) = setup();
+        let (tok, limits) = test_setup();
         let small = Limits { max_prompt_tokens: 10, max_batch_tokens: 50, ..limits };
         let e = validate(ids(11), &tok, &small, Instant::now(), None).unwrap_err().to_string();
         assert_eq!(e, "prompt: has 11 tokens; at most 10 are allowed (--max-prompt-tokens)");
@@ -347,7 +348,7 @@ mod tests {
 
     #[test]
     fn requests_needing_more_rows_than_a_batch_are_refused() {
-        let (tok, limits) = setup();
+        let (tok, limits) = test_setup();
         let small = Limits { max_batch_size: 4, ..limits };
         let decoding = pb::Decoding {
             method: Some(pb::decoding::Method::Sampling(pb::Sampling {
