@@ -23,55 +23,61 @@ def page_server():
     stop(proc)
 
 
-def test_the_playground_streams_the_grpc_answer_into_a_real_browser(page_server):
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's tests."""
     from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def test_the_playground_streams_the_grpc_answer_into_a_real_browser(page_server, browser):
     stub, url, _ = page_server
     prompt = "The quick brown fox"
     want = client.generate(stub, prompt, max_new_tokens=24).sequences[0].text
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 720})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
-        page.wait_for_function("document.getElementById('model').textContent.startsWith('model: ')")
-        page.fill("#prompt", prompt)
-        page.select_option("#method", "greedy")
-        page.fill("#max_tokens", "24")
-        page.click("#generate")
-        page.wait_for_selector("#usage[data-done='1']", timeout=30000)
-        assert page.text_content("#error") == ""
-        assert page.text_content("#generated") == want
-        assert page.text_content("#output") == prompt + want
-        usage = page.text_content("#usage")
-        assert "4 prompt + 18 generated tokens" in usage and "finish: stop" in usage, usage
-        tokens = page.query_selector_all("#generated .tok")
-        assert len(tokens) >= 10
-        # Every token is coloured by its log-probability and lists its alternatives.
-        first = tokens[0]
-        assert float(first.get_attribute("data-logprob")) <= 0
-        assert "p=" in first.get_attribute("data-tip")
-        first.hover()
-        assert page.is_visible("#tip")
-        os.makedirs(os.path.join(client.ROOT, "target"), exist_ok=True)
-        page.screenshot(path=os.path.join(client.ROOT, "target", "playground.png"))
-        # Seeded sampling through the page equals the same sample over gRPC.
-        other = "In a distant land, a traveller met a dragon that"
-        page.fill("#prompt", other)
-        page.select_option("#method", "sampling")
-        page.fill("#temperature", "1.3")
-        page.fill("#seed", "3")
-        page.fill("#max_tokens", "40")
-        page.click("#generate")
-        page.wait_for_selector("#usage[data-done='1']", timeout=30000)
-        sampling = client.pb2.Sampling(temperature=1.3, seed=3)
-        request = client.pb2.GenerateRequest(prompt=other, decoding=client.pb2.Decoding(sampling=sampling),
-                                             stopping=client.pb2.Stopping(max_new_tokens=40))
-        assert page.text_content("#generated") == stub.Generate(request, timeout=30).sequences[0].text
-        page.query_selector_all("#generated .tok")[5].hover()
-        page.screenshot(path=os.path.join(client.ROOT, "target", "playground-sampling.png"))
-        assert errors == [], errors
-        browser.close()
+    page = browser.new_page(viewport={"width": 1200, "height": 720})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('model: ')")
+    page.fill("#prompt", prompt)
+    page.select_option("#method", "greedy")
+    page.fill("#max_tokens", "24")
+    page.click("#generate")
+    page.wait_for_selector("#usage[data-done='1']", timeout=30000)
+    assert page.text_content("#error") == ""
+    assert page.text_content("#generated") == want
+    assert page.text_content("#output") == prompt + want
+    usage = page.text_content("#usage")
+    assert "4 prompt + 18 generated tokens" in usage and "finish: stop" in usage, usage
+    tokens = page.query_selector_all("#generated .tok")
+    assert len(tokens) >= 10
+    # Every token is coloured by its log-probability and lists its alternatives.
+    first = tokens[0]
+    assert float(first.get_attribute("data-logprob")) <= 0
+    assert "p=" in first.get_attribute("data-tip")
+    first.hover()
+    assert page.is_visible("#tip")
+    os.makedirs(os.path.join(client.ROOT, "target"), exist_ok=True)
+    page.screenshot(path=os.path.join(client.ROOT, "target", "playground.png"))
+    # Seeded sampling through the page equals the same sample over gRPC.
+    other = "In a distant land, a traveller met a dragon that"
+    page.fill("#prompt", other)
+    page.select_option("#method", "sampling")
+    page.fill("#temperature", "1.3")
+    page.fill("#seed", "3")
+    page.fill("#max_tokens", "40")
+    page.click("#generate")
+    page.wait_for_selector("#usage[data-done='1']", timeout=30000)
+    sampling = client.pb2.Sampling(temperature=1.3, seed=3)
+    request = client.pb2.GenerateRequest(prompt=other, decoding=client.pb2.Decoding(sampling=sampling),
+                                         stopping=client.pb2.Stopping(max_new_tokens=40))
+    assert page.text_content("#generated") == stub.Generate(request, timeout=30).sequences[0].text
+    page.query_selector_all("#generated .tok")[5].hover()
+    page.screenshot(path=os.path.join(client.ROOT, "target", "playground-sampling.png"))
+    assert errors == [], errors
 
 
 # In the page: a gRPC-Web call of GenerateStream to the gRPC port (another origin), the request
@@ -91,19 +97,15 @@ GRPC_WEB_FETCH = """async ([grpcUrl, prompt, maxNew]) => {
 }"""
 
 
-def test_a_browser_page_calls_generate_stream_with_grpc_web_across_origins(page_server):
-    from playwright.sync_api import sync_playwright
+def test_a_browser_page_calls_generate_stream_with_grpc_web_across_origins(page_server, browser):
     stub, url, grpc_url = page_server
     prompt = "Emoji time"
     want = client.generate(stub, prompt, max_new_tokens=24).sequences[0].text
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
-        # A document of the HTTP port's origin without the playground's Content-Security-Policy
-        # (which lets the page itself connect to its own origin only).
-        page.goto(url + "health")
-        answer = page.evaluate(GRPC_WEB_FETCH, [grpc_url, prompt, 24])
-        browser.close()
+    page = browser.new_page()
+    # A document of the HTTP port's origin without the playground's Content-Security-Policy
+    # (which lets the page itself connect to its own origin only).
+    page.goto(url + "health")
+    answer = page.evaluate(GRPC_WEB_FETCH, [grpc_url, prompt, 24])
     assert answer["status"] == 200
     body, texts, trailers = bytes(answer["body"]), [], b""
     while len(body) >= 5:
