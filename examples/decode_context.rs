@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use batchgen::engine::backend::Chunk;
 use batchgen::engine::{Backend, Model, PaddedBackend, SessionOptions, SlotBackend};
-use batchgen::graph::{BuiltModel, Gpt2Shape, SharedModel, Weights};
+use batchgen::graph::{Gpt2Shape, SharedModel, Weights};
 
 /// Contexts at which steps are timed: from `start` for `steps` steps.
 const WINDOWS: [(usize, usize); 2] = [(32, 256), (512, 256)];
@@ -35,10 +35,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("decode_context", &dir)?, &shape)?;
     // BATCHGEN_WEIGHTS: the built graph's precision, as `serve --weights`.
     let precision = batchgen::graph::Precision::from_env()?;
-    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
-    println!("built graph weights: {precision}");
-    let mut built: Box<dyn Backend> =
-        Box::new(SlotBackend::new(BuiltModel::new(shared.session(&rt.env, &options)?, &shape, rows)?));
+    // BATCHGEN_KV_DTYPE / BATCHGEN_ATTENTION: its cache and attention kernel.
+    let kv = batchgen::graph::KvLayout::from_env()?;
+    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
+    println!("built graph weights: {precision}, KV cache {} ({:?})", kv.dtype, kv.kernel);
+    let session = std::sync::Arc::new(shared.session(&rt.env, &options)?);
+    let mut built: Box<dyn Backend> = Box::new(SlotBackend::new(shared.worker(&session, rows)?));
     let mut exported: Box<dyn Backend> =
         Box::new(PaddedBackend::new(Model::load(&rt.env, &onnx, shape.layers, &options)?, 50256, rows));
     println!("{rows} rows, {threads} threads; median decode step (ms) over each window of context");

@@ -100,10 +100,13 @@ fn built_loop(
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("ort_loop", dir)?, &shape)?;
     // BATCHGEN_WEIGHTS picks the precision as `serve --weights` does.
     let precision = batchgen::graph::Precision::from_env()?;
-    println!("built graph, weights {precision}");
-    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision));
-    let session = shared.session(&rt.env, &batchgen::engine::SessionOptions { intra_op_threads: threads })?;
-    let mut model = BuiltModel::new(session, &shape, 1)?;
+    // BATCHGEN_KV_DTYPE / BATCHGEN_ATTENTION: its cache and attention kernel.
+    let kv = batchgen::graph::KvLayout::from_env()?;
+    println!("built graph, weights {precision}, KV cache {} ({:?})", kv.dtype, kv.kernel);
+    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
+    let session =
+        std::sync::Arc::new(shared.session(&rt.env, &batchgen::engine::SessionOptions { intra_op_threads: threads })?);
+    let mut model: BuiltModel = shared.worker(&session, 1)?;
     let prompt: Vec<u32> = (0..32).map(|i| i * 7 + 100).collect();
     for run in 0..runs {
         let start = Instant::now();

@@ -7,7 +7,8 @@
 # MODEL_DIR: the 124M shape (scripts/make_fixture.py --shape 124m [--checkpoint]).
 # TRAINED / HELDOUT: a trained small model and its held-out text
 # (scripts/train_small.py; made here with TRAIN=1 when missing, needs torch).
-# PRECISIONS (fp32,int8,int8-fp32-head), SHORT_NEW (128), LONG_PROMPT (500),
+# PRECISIONS (fp32,int8,int8-fp32-head; WEIGHTS:KV serves --kv-dtype KV too,
+# e.g. int8:fp16), SHORT_NEW (128), LONG_PROMPT (500),
 # LONG_NEW (64), LONG=0 skips the long-prompt load, QUALITY=0 the eval.
 # Needs: cargo build --release --bin batchgen
 set -euo pipefail
@@ -22,9 +23,10 @@ cpu_info
 for round in $(seq "$rounds"); do
   for p in ${precisions//,/ }; do
     log=$(mktemp)
+    w=${p%%:*}; kv=fp32; [ "$w" = "$p" ] || kv=${p#*:}
     serve_ready "$batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
-      --intra-op-threads "$threads" --weights "$p"
-    echo "== round $round: --weights $p ($(grep VmRSS /proc/$pid/status | awk '{print int($2/1024)}') MiB idle)"
+      --intra-op-threads "$threads" --weights "$w" --kv-dtype "$kv"
+    echo "== round $round: --weights $w --kv-dtype $kv ($(grep VmRSS /proc/$pid/status | awk '{print int($2/1024)}') MiB idle)"
     "$batchgen" bench --target http://127.0.0.1:$port --json --concurrency 16 --prompt-tokens 32 \
       --new-tokens "$short_new" 2>/dev/null | bench_summary "short $p"
     if [ "${LONG:-1}" = 1 ]; then
@@ -43,6 +45,7 @@ if [ "${QUALITY:-1}" = 1 ]; then
       --out "$trained" --eval-out "$heldout"
   fi
   echo "== quality: batchgen eval on $trained, $heldout"
-  "$batchgen" eval --model "$trained" --text "$heldout" --weights "${precisions#fp32,}" \
+  weights=$(tr ',' '\n' <<<"$precisions" | cut -d: -f1 | grep -v '^fp32$' | sort -u | paste -sd,)
+  "$batchgen" eval --model "$trained" --text "$heldout" --weights "${weights:-int8}" --kv-dtypes fp16 \
     --intra-op-threads "$threads" --prompts 64
 fi

@@ -5,7 +5,7 @@ use std::time::Instant;
 use crate::config::{GraphChoice, ServeArgs};
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
 use crate::eval::QualityCheck;
-use crate::graph::{BuiltModel, Gpt2Shape, Precision, SharedModel, Weights, WeightsError};
+use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, Weights, WeightsError};
 use crate::model::{ModelConfig, ModelError, ModelFiles};
 use crate::runtime::{self, RuntimeError};
 use crate::server::AppState;
@@ -22,6 +22,8 @@ pub enum StartupError {
     Weights(#[from] WeightsError),
     #[error("--weights {0} needs batchgen's own graph (--graph built or auto); the export runs as it is")]
     Precision(Precision),
+    #[error("--kv-dtype {0} needs batchgen's own graph (--graph built or auto); the export runs as it is")]
+    KvDtype(KvDtype),
     #[error("--default-max-new-tokens ({default}) must be between 1 and --max-new-tokens ({max})")]
     Limits { default: u32, max: u32 },
 }
@@ -48,6 +50,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     if args.model.weights != Precision::Fp32 && choice == GraphChoice::Exported {
         return Err(StartupError::Precision(args.model.weights));
     }
+    if args.model.kv_dtype != KvDtype::Fp32 && choice == GraphChoice::Exported {
+        return Err(StartupError::KvDtype(args.model.kv_dtype));
+    }
     let t = Instant::now();
     let files =
         ModelFiles::resolve(&args.model.model, args.model.revision.as_deref(), choice == GraphChoice::Exported)?;
@@ -60,7 +65,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let slots = l.max_batch_size.max(1);
     let precision = args.model.weights;
     let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) =
-        match read_weights(&files, choice, precision)? {
+        match read_weights(&files, choice, precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32)? {
             Some((shape, fp32)) => {
                 let source = fp32.source.clone();
                 let session_err = |detail: String| ModelError::Session { path: source.clone(), detail };
@@ -69,7 +74,8 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                     Some(path) => Some(QualityCheck::read(path, args.model.eval_tokens, &tokenizer).map_err(eval_err)?),
                     None => None,
                 };
-                if let Some(q) = quality.as_mut().filter(|_| precision != Precision::Fp32) {
+                let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32;
+                if let Some(q) = quality.as_mut().filter(|_| !exact) {
                     q.baseline(&shape, &fp32, &rt.env, &options).map_err(eval_err)?;
                 }
                 let t = Instant::now();
@@ -79,17 +85,19 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                     phase("quantize", t);
                 }
                 let t = Instant::now();
-                let shared = SharedModel::new(shape, weights);
+                let kv = KvLayout::new(args.model.kv_dtype);
+                let shared = SharedModel::new(shape, weights, kv);
                 phase("graph", t);
                 let t = Instant::now();
                 let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
                 phase("session", t);
                 if let Some(q) = quality {
-                    q.log(&session, &shared.shape, precision).map_err(eval_err)?;
+                    q.log(&session, &shared, precision).map_err(eval_err)?;
                 }
                 let backends = (0..workers)
                     .map(|_| -> Result<Box<dyn Backend>, ModelError> {
-                        let model = BuiltModel::new(session.clone(), &shared.shape, slots)
+                        let model = shared
+                            .worker(&session, slots)
                             .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
                         Ok(Box::new(SlotBackend::new(model)))
                     })
@@ -98,6 +106,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 tracing::info!(
                     weights = %shared.weights.source.display(),
                     precision = %precision,
+                    kv_dtype = %kv.dtype,
                     weight_bytes = shared.weights.data.len(),
                     layers = s.layers,
                     heads = s.heads,
@@ -108,7 +117,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                     t.elapsed(),
                     t0.elapsed()
                 );
-                (backends, "float32".to_string(), precision.to_string())
+                (backends, kv.dtype.onnx_name().to_string(), precision.to_string())
             }
             None => {
                 let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
@@ -201,10 +210,11 @@ fn phase(name: &'static str, started: Instant) {
 /// The weights for the built graph (float32), or `None` to run the export
 /// as it is: `--graph exported`, or `auto` when they cannot be read (logged;
 /// not with `--weights int8`, which needs them).
+/// `exact`: float32 weights and cache, which the export can serve instead.
 fn read_weights(
     files: &ModelFiles,
     choice: GraphChoice,
-    precision: Precision,
+    exact: bool,
 ) -> Result<Option<(Gpt2Shape, Weights)>, StartupError> {
     if choice == GraphChoice::Exported {
         return Ok(None);
@@ -218,7 +228,7 @@ fn read_weights(
     };
     match read() {
         Ok(read) => Ok(Some(read)),
-        Err(e) if choice == GraphChoice::Auto && files.onnx.is_some() && precision == Precision::Fp32 => {
+        Err(e) if choice == GraphChoice::Auto && files.onnx.is_some() && exact => {
             tracing::warn!(
                 "cannot build batchgen's own graph ({e}); serving the ONNX export as it is (--graph exported)"
             );

@@ -62,6 +62,10 @@ pub struct EvalArgs {
     /// Precisions measured against float32 (which is always measured first).
     #[arg(long, value_delimiter = ',', default_value = "int8,int8-fp32-head", value_enum)]
     pub weights: Vec<crate::graph::Precision>,
+    /// KV cache element types measured with each precision (a float32
+    /// cache always is).
+    #[arg(long, value_delimiter = ',', default_value = "fp16", value_enum)]
+    pub kv_dtypes: Vec<crate::graph::KvDtype>,
     /// Tokens per perplexity window (0: the model's context).
     #[arg(long, default_value_t = 0)]
     pub window: usize,
@@ -184,6 +188,13 @@ pub struct ModelArgs {
     /// Measure what it costs with `batchgen eval` or `--eval-text`.
     #[arg(long, env = "BATCHGEN_WEIGHTS", default_value = "fp32", value_enum)]
     pub weights: crate::graph::Precision,
+    /// Element type of the KV cache (built graph only): "fp32", attended by
+    /// ONNX Runtime's GroupQueryAttention, or "fp16" (half the memory per
+    /// cached token: `--max-batch-tokens` then holds half the bytes),
+    /// attended by batchgen's own kernel, which computes in float32.
+    /// Measure what it costs with `batchgen eval` or `--eval-text`.
+    #[arg(long, env = "BATCHGEN_KV_DTYPE", default_value = "fp32", value_enum)]
+    pub kv_dtype: crate::graph::KvDtype,
     /// A text file to measure the quality of `--weights` on at start-up: the
     /// perplexity of its first `--eval-tokens` tokens and the top-1 agreement
     /// with float32, logged in one line before serving (costs a float32

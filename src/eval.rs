@@ -135,6 +135,8 @@ pub fn prompts(ids: &[u32], count: usize, len: usize, room: usize) -> Vec<&[u32]
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
     pub precision: String,
+    /// Element type of the KV cache (`fp32`, `fp16`).
+    pub kv_dtype: String,
     pub perplexity: f64,
     /// Relative change of perplexity against float32 (0.01 = 1 % higher).
     pub delta: f64,
@@ -185,7 +187,7 @@ pub fn cpu() -> String {
 pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
     use anyhow::Context;
 
-    use crate::graph::{Gpt2Shape, Precision, SharedModel, Weights};
+    use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, Weights};
     let rt = crate::runtime::init(args.onnxruntime.as_deref())?;
     let files = crate::model::ModelFiles::resolve(&args.model, args.revision.as_deref(), false)?;
     let tokenizer = crate::tokenizer::Tokenizer::from_file(&files.tokenizer).map_err(|e| anyhow::anyhow!("{}", e.0))?;
@@ -204,13 +206,15 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
     let options = crate::engine::SessionOptions { intra_op_threads: args.intra_op_threads };
     let mut precisions = vec![Precision::Fp32];
     precisions.extend(args.weights.iter().filter(|&&p| p != Precision::Fp32));
+    let mut caches = vec![KvDtype::Fp32];
+    caches.extend(args.kv_dtypes.iter().filter(|&&d| d != KvDtype::Fp32));
     let (mut rows, mut base, mut continuations) = (Vec::new(), None::<Scored>, Vec::new());
-    for precision in precisions {
+    for (precision, kv) in precisions.into_iter().flat_map(|p| caches.iter().map(move |&d| (p, d))) {
         let weights = fp32.quantized(&shape, precision);
         let weight_bytes = weights.data.len();
-        let shared = SharedModel::new(shape.clone(), weights);
-        let session = shared.session(&rt.env, &options).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let mut model = BuiltModel::new(session, &shape, 1)?;
+        let shared = SharedModel::new(shape.clone(), weights, KvLayout::new(kv));
+        let session = std::sync::Arc::new(shared.session(&rt.env, &options).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        let mut model = shared.worker(&session, 1)?;
         let scored = score(&mut model, &ids, w)?;
         if continuations.is_empty() {
             for p in &prompts {
@@ -226,6 +230,7 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
         let b = base.get_or_insert_with(|| scored.clone());
         rows.push(Row {
             precision: precision.to_string(),
+            kv_dtype: kv.to_string(),
             perplexity: scored.perplexity(),
             delta: scored.perplexity() / b.perplexity() - 1.0,
             top1_agreement: scored.agreement(b),
@@ -257,14 +262,24 @@ pub fn table(r: &Report) -> String {
         r.model, r.text, r.tokens, r.scored, r.window, r.stride, r.prompts, r.prompt_tokens, r.new_tokens, r.cpu
     );
     out += &format!(
-        "{:<16} {:>11} {:>10} {:>13} {:>13} {:>10} {:>12} {:>10}\n",
-        "precision", "perplexity", "Δ vs fp32", "top-1 (text)", "greedy top-1", "identical", "tokens/s", "weights MB"
+        "{:<16} {:>5} {:>11} {:>10} {:>13} {:>13} {:>10} {:>12} {:>10}\n",
+        "precision",
+        "kv",
+        "perplexity",
+        "Δ vs fp32",
+        "top-1 (text)",
+        "greedy top-1",
+        "identical",
+        "tokens/s",
+        "weights MB"
     );
     for row in &r.rows {
-        let delta = if row.precision == "fp32" { "—".to_string() } else { format!("{:+.2} %", 100.0 * row.delta) };
+        let base = row.precision == "fp32" && row.kv_dtype == "fp32";
+        let delta = if base { "—".to_string() } else { format!("{:+.2} %", 100.0 * row.delta) };
         out += &format!(
-            "{:<16} {:>11.3} {:>10} {:>11.2} % {:>11.2} % {:>10} {:>12.0} {:>10.1}\n",
+            "{:<16} {:>5} {:>11.3} {:>10} {:>11.2} % {:>11.2} % {:>10} {:>12.0} {:>10.1}\n",
             row.precision,
+            row.kv_dtype,
             row.perplexity,
             delta,
             100.0 * row.top1_agreement,
@@ -310,9 +325,10 @@ impl QualityCheck {
         env: &ort::environment::Environment,
         options: &crate::engine::SessionOptions,
     ) -> Result<(), String> {
-        let shared = crate::graph::SharedModel::new(shape.clone(), fp32.clone());
-        let session = shared.session(env, options).map_err(|e| format!("{e:?}"))?;
-        let mut model = BuiltModel::new(session, shape, 1).map_err(|e| e.to_string())?;
+        let kv = crate::graph::KvLayout::new(crate::graph::KvDtype::Fp32);
+        let shared = crate::graph::SharedModel::new(shape.clone(), fp32.clone(), kv);
+        let session = std::sync::Arc::new(shared.session(env, options).map_err(|e| format!("{e:?}"))?);
+        let mut model = shared.worker(&session, 1).map_err(|e| e.to_string())?;
         self.base = Some(score(&mut model, &self.ids, self.window(shape)).map_err(|e| e.to_string())?);
         Ok(())
     }
@@ -321,10 +337,15 @@ impl QualityCheck {
     pub fn log(
         self,
         session: &std::sync::Arc<ort::session::Session>,
-        shape: &crate::graph::Gpt2Shape,
+        served: &crate::graph::SharedModel,
         precision: crate::graph::Precision,
     ) -> Result<(), String> {
-        let mut model = BuiltModel::new(session.clone(), shape, 1).map_err(|e| e.to_string())?;
+        let shape = &served.shape;
+        let mut model = served.worker(session, 1).map_err(|e| e.to_string())?;
+        let kv = served.kv.dtype;
+        // "int8", or "int8 kv-fp16" with a float16 cache.
+        let precision =
+            if kv == crate::graph::KvDtype::Fp32 { precision.to_string() } else { format!("{precision} kv-{kv}") };
         let s = score(&mut model, &self.ids, self.window(shape)).map_err(|e| e.to_string())?;
         let (ppl, file, n) = (s.perplexity(), self.path.display(), s.scored());
         match &self.base {

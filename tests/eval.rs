@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use batchgen::config::EvalArgs;
-use batchgen::graph::Precision;
+use batchgen::graph::{KvDtype, Precision};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -29,6 +29,7 @@ fn args(model: &std::path::Path, window: usize, stride: usize, weights: Vec<Prec
         revision: None,
         text: fixtures().join("eval-text.txt"),
         weights,
+        kv_dtypes: vec![],
         window,
         stride,
         max_tokens: 0,
@@ -83,4 +84,21 @@ fn int8_weights_score_close_to_float32_but_not_equal() {
     let head_fp32 = &report.rows[2];
     assert!(fp32.weight_bytes - head_fp32.weight_bytes >= matmul_bytes * 3 / 4 - 8192, "{report:?}");
     assert!(report.rows[1].weight_bytes > head_fp32.weight_bytes + 50257 * 48);
+}
+
+#[test]
+fn float16_cache_scores_close_to_float32_but_not_equal() {
+    let dir = checkpoint_dir();
+    let mut a = args(dir.path(), 128, 64, vec![Precision::Int8]);
+    a.kv_dtypes = vec![KvDtype::Fp16];
+    let report = batchgen::eval::run(&a).unwrap();
+    let names: Vec<(&str, &str)> = report.rows.iter().map(|r| (r.precision.as_str(), r.kv_dtype.as_str())).collect();
+    assert_eq!(names, [("fp32", "fp32"), ("fp32", "fp16"), ("int8", "fp32"), ("int8", "fp16")]);
+    let fp16 = &report.rows[1];
+    // Rounded keys and values: not float32's numbers, but much nearer to
+    // them than int8 weights are.
+    assert!(fp16.delta != 0.0 && fp16.delta.abs() < 0.005, "{fp16:?}");
+    assert!(fp16.top1_agreement > 0.97 && fp16.greedy_agreement > 0.97, "{fp16:?}");
+    assert!(fp16.delta.abs() < report.rows[2].delta.abs(), "{:?}", report.rows);
+    assert_eq!(fp16.weight_bytes, report.rows[0].weight_bytes);
 }

@@ -119,16 +119,18 @@ fn int8_weights_log_their_measured_quality_before_serving() {
 }
 
 #[test]
-fn int8_weights_are_refused_for_an_export_served_as_it_is() {
-    let out = Command::new(env!("CARGO_BIN_EXE_batchgen"))
-        .args(["serve", "--model"])
-        .arg(common::fixture_dir())
-        .args(["--graph", "exported", "--weights", "int8", "--listen", "127.0.0.1:0", "--http-listen", "off"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("--weights int8 needs batchgen's own graph"), "{err}");
+fn int8_weights_and_a_float16_cache_are_refused_for_an_export_served_as_it_is() {
+    for (flag, value) in [("--weights", "int8"), ("--kv-dtype", "fp16")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_batchgen"))
+            .args(["serve", "--model"])
+            .arg(common::fixture_dir())
+            .args(["--graph", "exported", flag, value, "--listen", "127.0.0.1:0", "--http-listen", "off"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(&format!("{flag} {value} needs batchgen's own graph")), "{err}");
+    }
 }
 
 /// SIGTERM: the listener closes and connections get GOAWAY at once (a

@@ -19,9 +19,18 @@
 //!
 //! With int8 weights (`quant`) each of those MatMuls (and the LM head, when
 //! it is quantized too) is a `DynamicQuantizeMatMul` instead.
+//!
+//! With batchgen's own attention kernel (`Kernel::Slot`, which a float16
+//! cache needs) each layer's GroupQueryAttention is a `batchgen.SlotAttention`
+//! instead: it takes one more input, `past_lens [B]` (int32, what each row's
+//! cache held before the run), writes the new keys and values into the past
+//! buffers it is given, and has no present outputs.
+use super::attention;
+use super::cache::KvDtype;
 use super::onnx::{self, tensor_proto::DataType};
 use super::quant;
 use super::weights::{Activation, Elem, Gpt2Shape, Weights};
+use super::{Kernel, KvLayout};
 
 /// Name of the in-memory "file" the weight initializers point into.
 pub const WEIGHTS_FILE: &str = "batchgen-weights.bin";
@@ -153,7 +162,7 @@ impl Graph {
 
 /// The serialized model. Its weights are external: pass `weights.data` to
 /// the session as the in-memory file `WEIGHTS_FILE`.
-pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
+pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
     use prost::Message;
     let mut g = Graph { nodes: Vec::new(), initializers: Vec::new() };
     let (e, heads) = (shape.width as i64, shape.heads as i64);
@@ -199,13 +208,22 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
         let (pk, pv) = past_names(i);
         let (ok, ov) = present_names(i);
         let attn3 = format!("l{i}_attn3");
-        g.node(
-            "GroupQueryAttention",
-            ms,
-            &[&qkv3, "", "", &pk, &pv, "seqlens_k", "total_sequence_length"],
-            &[&attn3, &ok, &ov],
-            vec![attr_i("num_heads", heads), attr_i("kv_num_heads", heads), attr_f("scale", shape.scales[i])],
-        );
+        match kv.kernel {
+            Kernel::GroupQuery => g.node(
+                "GroupQueryAttention",
+                ms,
+                &[&qkv3, "", "", &pk, &pv, "seqlens_k", "total_sequence_length"],
+                &[&attn3, &ok, &ov],
+                vec![attr_i("num_heads", heads), attr_i("kv_num_heads", heads), attr_f("scale", shape.scales[i])],
+            ),
+            Kernel::Slot => g.node(
+                attention::OP,
+                attention::DOMAIN,
+                &[&qkv3, &pk, &pv, "seqlens_k", "past_lens"],
+                &[&attn3],
+                vec![attr_i("num_heads", heads), attr_f("scale", shape.scales[i])],
+            ),
+        }
         let attn = format!("l{i}_attn");
         g.node("Reshape", "", &[&attn3, "c_flat"], &[&attn], vec![]);
         let proj = format!("l{i}_proj");
@@ -239,7 +257,11 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
     }
 
     let (d, mx) = (shape.head_dim() as i64, "max_len");
-    let kv = |name: &str| value_info(name, DataType::Float, &[Err("batch"), Ok(heads), Err(mx), Ok(d)]);
+    let kv_type = match kv.dtype {
+        KvDtype::Fp32 => DataType::Float,
+        KvDtype::Fp16 => DataType::Float16,
+    };
+    let cache = |name: &str| value_info(name, kv_type, &[Err("batch"), Ok(heads), Err(mx), Ok(d)]);
     let mut inputs = vec![
         value_info("input_ids", DataType::Int64, &[Err("batch"), Err("seq")]),
         value_info("position_ids", DataType::Int64, &[Err("batch"), Err("seq")]),
@@ -247,11 +269,16 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
         value_info("total_sequence_length", DataType::Int32, &[Ok(1)]),
         value_info("logits_index", DataType::Int64, &[Err("picked")]),
     ];
+    if kv.kernel == Kernel::Slot {
+        inputs.push(value_info("past_lens", DataType::Int32, &[Err("batch")]));
+    }
     let mut outputs = vec![value_info("logits", DataType::Float, &[Err("picked"), Ok(shape.vocab as i64)])];
     for i in 0..shape.layers {
         let ((pk, pv), (ok, ov)) = (past_names(i), present_names(i));
-        inputs.extend([kv(&pk), kv(&pv)]);
-        outputs.extend([kv(&ok), kv(&ov)]);
+        inputs.extend([cache(&pk), cache(&pv)]);
+        if kv.kernel == Kernel::GroupQuery {
+            outputs.extend([cache(&ok), cache(&ov)]);
+        }
     }
     let model = onnx::ModelProto {
         ir_version: Some(8),
@@ -260,6 +287,7 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights) -> Vec<u8> {
         opset_import: vec![
             onnx::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) },
             onnx::OperatorSetIdProto { domain: Some(ms.into()), version: Some(1) },
+            onnx::OperatorSetIdProto { domain: Some(attention::DOMAIN.into()), version: Some(1) },
         ],
         graph: Some(onnx::GraphProto {
             name: Some("batchgen-gpt2".into()),

@@ -1,5 +1,6 @@
 //! The slot KV cache: per layer one key and one value buffer of shape
-//! `[slots, heads, max_len, head_dim]`, float32, in which each running row
+//! `[slots, heads, max_len, head_dim]`, float32 or float16 (`KvDtype`), in
+//! which each running row
 //! owns a slot. Rows never move: a step binds a view of a range of slots as
 //! both past and present, and GroupQueryAttention writes each new key/value
 //! at the row's own position.
@@ -14,10 +15,10 @@
 use std::ops::Range;
 use std::ptr::NonNull;
 
-/// One mapped `[slots, heads, max_len, head_dim]` float32 buffer.
+/// One mapped `[slots, heads, max_len, head_dim]` buffer.
 struct Region {
-    ptr: NonNull<f32>,
-    elements: usize,
+    ptr: NonNull<u8>,
+    bytes: usize,
 }
 
 // SAFETY: the region is plain memory owned by one cache; the cache lives on
@@ -25,8 +26,8 @@ struct Region {
 unsafe impl Send for Region {}
 
 impl Region {
-    fn new(elements: usize) -> std::io::Result<Self> {
-        let bytes = (elements * 4).max(1);
+    fn new(bytes: usize) -> std::io::Result<Self> {
+        let bytes = bytes.max(1);
         // SAFETY: an anonymous private mapping; checked for MAP_FAILED.
         let ptr = unsafe {
             libc::mmap(
@@ -41,21 +42,21 @@ impl Region {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Region { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), elements })
+        Ok(Region { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), bytes })
     }
 
-    fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: the mapping holds `elements` floats (zero-filled on first touch).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.elements) }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping holds `bytes` bytes (zero-filled on first touch).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.bytes) }
     }
 
-    /// Gives the whole pages inside `range` (elements) back to the kernel;
+    /// Gives the whole pages inside `range` (bytes) back to the kernel;
     /// they read as zeros afterwards.
     fn release(&mut self, range: Range<usize>) {
         let page = 4096;
         let base = self.ptr.as_ptr() as usize;
-        let start = (base + range.start * 4).div_ceil(page) * page;
-        let end = (base + range.end * 4) / page * page;
+        let start = (base + range.start).div_ceil(page) * page;
+        let end = (base + range.end) / page * page;
         if end > start {
             // SAFETY: [start, end) lies inside the mapping; its contents are no longer needed.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
@@ -66,7 +67,7 @@ impl Region {
 impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: the mapping was made by `Region::new` with this size.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), (self.elements * 4).max(1)) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 
@@ -79,24 +80,68 @@ pub struct CacheShape {
     /// Columns per slot: the model's context length.
     pub max_len: usize,
     pub head_dim: usize,
+    pub dtype: KvDtype,
+}
+
+/// Element type of the KV cache (`--kv-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvDtype {
+    /// float32, attended by ONNX Runtime's GroupQueryAttention.
+    #[default]
+    Fp32,
+    /// float16 (half the memory per token), attended by batchgen's own
+    /// kernel (`super::attention`), which computes in float32.
+    Fp16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::Fp32 => 4,
+            KvDtype::Fp16 => 2,
+        }
+    }
+
+    /// The name ModelInfo reports (`float32`, `float16`).
+    pub fn onnx_name(self) -> &'static str {
+        match self {
+            KvDtype::Fp32 => "float32",
+            KvDtype::Fp16 => "float16",
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::Fp32 => "fp32",
+            KvDtype::Fp16 => "fp16",
+        })
+    }
 }
 
 impl CacheShape {
-    /// Floats one slot takes in one buffer.
+    /// Elements one slot takes in one buffer.
     pub fn slot_elements(&self) -> usize {
         self.heads * self.max_len * self.head_dim
     }
 
-    /// The element ranges, head by head, of the first `len` positions of
+    /// Bytes one slot takes in one buffer.
+    fn slot_bytes(&self) -> usize {
+        self.slot_elements() * self.dtype.bytes()
+    }
+
+    /// The byte ranges, head by head, of the first `len` positions of
     /// `slot` in one buffer.
     fn prefix(&self, slot: usize, len: usize) -> impl Iterator<Item = Range<usize>> {
-        let (start, column, n) = (slot * self.slot_elements(), self.max_len * self.head_dim, len * self.head_dim);
+        let e = self.dtype.bytes();
+        let (start, column, n) = (slot * self.slot_bytes(), self.max_len * self.head_dim * e, len * self.head_dim * e);
         (0..self.heads).map(move |h| start + h * column..start + h * column + n)
     }
 
     /// Bytes one token takes over all layers, keys and values.
     pub fn token_bytes(&self) -> usize {
-        2 * self.layers * self.heads * self.head_dim * 4
+        2 * self.layers * self.heads * self.head_dim * self.dtype.bytes()
     }
 }
 
@@ -108,7 +153,7 @@ pub struct SlotCache {
 
 impl SlotCache {
     pub fn new(shape: CacheShape) -> std::io::Result<Self> {
-        let n = shape.slots * shape.slot_elements();
+        let n = shape.slots * shape.slot_bytes();
         let layers =
             (0..shape.layers).map(|_| Ok((Region::new(n)?, Region::new(n)?))).collect::<std::io::Result<_>>()?;
         Ok(SlotCache { shape, layers })
@@ -116,9 +161,9 @@ impl SlotCache {
 
     /// Raw pointers to the key and value buffers of `layer`, at the first
     /// slot of `slots` (for binding a view of those slots).
-    pub fn views(&mut self, layer: usize, slots: &Range<usize>) -> (*mut f32, *mut f32) {
+    pub fn views(&mut self, layer: usize, slots: &Range<usize>) -> (*mut u8, *mut u8) {
         assert!(slots.end <= self.shape.slots && layer < self.shape.layers);
-        let offset = slots.start * self.shape.slot_elements();
+        let offset = slots.start * self.shape.slot_bytes();
         let (k, v) = &mut self.layers[layer];
         // SAFETY: offset is inside both mappings (checked above).
         unsafe { (k.ptr.as_ptr().add(offset), v.ptr.as_ptr().add(offset)) }
@@ -149,7 +194,7 @@ impl SlotCache {
     pub fn permute(&mut self, to: &[usize], from: &[usize], len: usize) -> usize {
         let moves: Vec<(usize, usize)> = to.iter().zip(from).filter(|(t, f)| t != f).map(|(&t, &f)| (t, f)).collect();
         // Sources that are overwritten by another move are read first.
-        let mut saved: std::collections::HashMap<usize, Vec<f32>> = std::collections::HashMap::new();
+        let mut saved: std::collections::HashMap<usize, Vec<u8>> = std::collections::HashMap::new();
         for &(_, f) in &moves {
             if moves.iter().any(|&(t, _)| t == f) && !saved.contains_key(&f) {
                 let mut buf = Vec::new();
@@ -176,7 +221,7 @@ impl SlotCache {
 
     /// Calls `f` on the first `len` positions of `slot`, for every layer,
     /// key then value, head by head.
-    fn each_prefix(&mut self, slot: usize, len: usize, mut f: impl FnMut(&mut [f32])) {
+    fn each_prefix(&mut self, slot: usize, len: usize, mut f: impl FnMut(&mut [u8])) {
         let s = self.shape;
         for (k, v) in &mut self.layers {
             for region in [k, v] {
@@ -190,19 +235,21 @@ impl SlotCache {
 
     /// Returns a freed slot's memory to the kernel.
     pub fn release(&mut self, slot: usize) {
-        let n = self.shape.slot_elements();
+        let n = self.shape.slot_bytes();
         for (k, v) in &mut self.layers {
             k.release(slot * n..(slot + 1) * n);
             v.release(slot * n..(slot + 1) * n);
         }
     }
 
-    /// Reads position `pos` of head `head` in slot `slot` of a layer's keys.
+    /// Reads position `pos` of head `head` in slot `slot` of a layer's keys
+    /// (a float32 cache).
     #[cfg(test)]
     fn key(&mut self, layer: usize, slot: usize, head: usize, pos: usize) -> Vec<f32> {
         let s = self.shape;
-        let at = slot * s.slot_elements() + (head * s.max_len + pos) * s.head_dim;
-        self.layers[layer].0.as_mut_slice()[at..at + s.head_dim].to_vec()
+        let at = (slot * s.slot_elements() + (head * s.max_len + pos) * s.head_dim) * 4;
+        let bytes = &self.layers[layer].0.as_mut_slice()[at..at + s.head_dim * 4];
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     }
 }
 
@@ -211,7 +258,8 @@ mod tests {
     use super::*;
 
     fn cache() -> SlotCache {
-        SlotCache::new(CacheShape { layers: 2, slots: 4, heads: 2, max_len: 8, head_dim: 3 }).unwrap()
+        SlotCache::new(CacheShape { layers: 2, slots: 4, heads: 2, max_len: 8, head_dim: 3, dtype: KvDtype::Fp32 })
+            .unwrap()
     }
 
     fn fill(c: &mut SlotCache, slot: usize, tag: f32) {
@@ -219,9 +267,9 @@ mod tests {
         for (k, v) in &mut c.layers {
             for (r, region) in [k, v].into_iter().enumerate() {
                 let data = region.as_mut_slice();
-                let start = slot * s.slot_elements();
-                for (i, x) in data[start..start + s.slot_elements()].iter_mut().enumerate() {
-                    *x = tag + r as f32 * 0.5 + i as f32 * 1e-3;
+                let start = slot * s.slot_bytes();
+                for (i, x) in data[start..start + s.slot_bytes()].chunks_exact_mut(4).enumerate() {
+                    x.copy_from_slice(&(tag + r as f32 * 0.5 + i as f32 * 1e-3).to_le_bytes());
                 }
             }
         }
@@ -255,7 +303,8 @@ mod tests {
 
     #[test]
     fn released_slots_read_as_zero() {
-        let mut c = SlotCache::new(CacheShape { layers: 1, slots: 2, heads: 2, max_len: 1024, head_dim: 64 }).unwrap();
+        let shape = CacheShape { layers: 1, slots: 2, heads: 2, max_len: 1024, head_dim: 64, dtype: KvDtype::Fp32 };
+        let mut c = SlotCache::new(shape).unwrap();
         fill(&mut c, 1, 2.0);
         c.release(1);
         assert_eq!(c.key(0, 1, 1, 100), vec![0.0; 64]);

@@ -1,6 +1,7 @@
 //! batchgen's own GPT-2 graph: built at load from the weights (a
 //! transformers checkpoint or an optimum export's initializers), run by ONNX
 //! Runtime over a slot KV cache that is never copied between steps.
+pub mod attention;
 pub mod builder;
 pub mod cache;
 pub mod quant;
@@ -14,7 +15,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Shape, Tensor, TensorRefMut};
 
-pub use cache::{CacheShape, SlotCache};
+pub use cache::{CacheShape, KvDtype, SlotCache};
 pub use quant::Precision;
 pub use weights::{Gpt2Shape, Weights, WeightsError};
 
@@ -30,6 +31,52 @@ fn run_err(e: impl std::fmt::Debug) -> ForwardError {
     ForwardError::Run(format!("{e:?}"))
 }
 
+/// Which kernel attends over the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// ONNX Runtime's `com.microsoft.GroupQueryAttention` (float32 only).
+    GroupQuery,
+    /// batchgen's own `batchgen.SlotAttention` (`attention`).
+    Slot,
+}
+
+/// The cache's element type and the kernel that reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub dtype: KvDtype,
+    pub kernel: Kernel,
+}
+
+impl KvLayout {
+    /// GroupQueryAttention for float32 (measured faster than ours there),
+    /// our kernel for float16 (which GroupQueryAttention reads slowly).
+    pub fn new(dtype: KvDtype) -> Self {
+        let kernel = match dtype {
+            KvDtype::Fp32 => Kernel::GroupQuery,
+            KvDtype::Fp16 => Kernel::Slot,
+        };
+        KvLayout { dtype, kernel }
+    }
+
+    /// `BATCHGEN_KV_DTYPE` (fp32 when unset) and, for measuring the kernels
+    /// against each other, `BATCHGEN_ATTENTION=slot` (our kernel over a
+    /// float32 cache): for the benchmark programs, which take no flags.
+    pub fn from_env() -> Result<Self, String> {
+        let dtype = match std::env::var("BATCHGEN_KV_DTYPE") {
+            Ok(d) => <KvDtype as clap::ValueEnum>::from_str(&d, true)?,
+            Err(_) => KvDtype::Fp32,
+        };
+        let mut kv = KvLayout::new(dtype);
+        match std::env::var("BATCHGEN_ATTENTION").as_deref() {
+            Ok("slot") => kv.kernel = Kernel::Slot,
+            Ok("gqa") if dtype == KvDtype::Fp32 => kv.kernel = Kernel::GroupQuery,
+            Ok(other) => return Err(format!("BATCHGEN_ATTENTION={other}: slot, or gqa with a float32 cache")),
+            Err(_) => {}
+        }
+        Ok(kv)
+    }
+}
+
 /// The weights and the serialized graph the session is built from. Workers
 /// share one session (ONNX Runtime runs one session from several threads
 /// at once, each run with its own binding), so a worker costs its KV cache
@@ -38,13 +85,19 @@ fn run_err(e: impl std::fmt::Debug) -> ForwardError {
 pub struct SharedModel {
     pub shape: Gpt2Shape,
     pub weights: Weights,
+    pub kv: KvLayout,
     graph: Vec<u8>,
 }
 
 impl SharedModel {
-    pub fn new(shape: Gpt2Shape, weights: Weights) -> Self {
-        let graph = builder::build(&shape, &weights);
-        SharedModel { shape, weights, graph }
+    pub fn new(shape: Gpt2Shape, weights: Weights, kv: KvLayout) -> Self {
+        let graph = builder::build(&shape, &weights, kv);
+        SharedModel { shape, weights, kv, graph }
+    }
+
+    /// A worker's model: the shared session over a cache of its own.
+    pub fn worker(&self, session: &Arc<Session>, slots: usize) -> std::io::Result<BuiltModel> {
+        BuiltModel::new(session.clone(), &self.shape, self.kv, slots)
     }
 
     /// A session over the weights. Build it once and give every worker's
@@ -62,6 +115,9 @@ impl SharedModel {
             .map_err(e)?
             .with_external_initializer_file_in_memory(builder::WEIGHTS_FILE, self.weights.data.clone())
             .map_err(e)?;
+        if self.kv.kernel == Kernel::Slot {
+            builder = builder.with_operators(attention::domain()?).map_err(e)?;
+        }
         // ONNX Runtime's per-operator profile (a Chrome trace JSON named
         // from this prefix), for finding where a step's time goes.
         if let Some(prefix) = std::env::var_os("BATCHGEN_ORT_PROFILE") {
@@ -87,18 +143,26 @@ pub struct BuiltModel {
     session: Arc<Session>,
     pub cache: SlotCache,
     pub vocab: usize,
+    kernel: Kernel,
 }
 
 impl BuiltModel {
-    pub fn new(session: impl Into<Arc<Session>>, shape: &Gpt2Shape, slots: usize) -> std::io::Result<Self> {
+    /// `kv` must be the layout the session's graph was built with.
+    pub fn new(
+        session: impl Into<Arc<Session>>,
+        shape: &Gpt2Shape,
+        kv: KvLayout,
+        slots: usize,
+    ) -> std::io::Result<Self> {
         let cache = SlotCache::new(CacheShape {
             layers: shape.layers,
             slots,
             heads: shape.heads,
             max_len: shape.positions,
             head_dim: shape.head_dim(),
+            dtype: kv.dtype,
         })?;
-        Ok(BuiltModel { session: session.into(), cache, vocab: shape.vocab })
+        Ok(BuiltModel { session: session.into(), cache, vocab: shape.vocab, kernel: kv.kernel })
     }
 
     /// Runs `rows` (one per slot of `slots`) and returns the logits they
@@ -125,7 +189,7 @@ impl BuiltModel {
                 c.max_len
             ));
         }
-        if b > 1 && s > 1 && rows.iter().any(|r| r.past > 0) {
+        if self.kernel == Kernel::GroupQuery && b > 1 && s > 1 && rows.iter().any(|r| r.past > 0) {
             return bad("a chunk on a cached past runs one row at a time".into());
         }
         let mut ids = Vec::with_capacity(b * s);
@@ -157,41 +221,65 @@ impl BuiltModel {
         binding
             .bind_input("total_sequence_length", &Tensor::from_array(([1usize], vec![total])).map_err(run_err)?)
             .map_err(run_err)?;
-        let shape = Shape::new([b as i64, c.heads as i64, c.max_len as i64, c.head_dim as i64]);
-        let info = MemoryInfo::default();
-        // Views of the slots, bound as both past and present: the run writes
-        // the new keys and values into the cache itself.
-        let mut views: Vec<TensorRefMut<'_, f32>> = Vec::with_capacity(4 * c.layers);
-        for layer in 0..c.layers {
-            let (k, v) = self.cache.views(layer, &slots);
-            for ptr in [k, v, k, v] {
-                // SAFETY: the pointer addresses `b` whole slots of a live
-                // mapping owned by `self.cache`, which outlives the run.
-                views
-                    .push(unsafe { TensorRefMut::from_raw(info.clone(), ptr.cast(), shape.clone()) }.map_err(run_err)?);
-            }
-        }
-        let mut views = views.into_iter();
-        for layer in 0..c.layers {
-            let ((pk, pv), (ok, ov)) = (builder::past_names(layer), builder::present_names(layer));
-            let (ik, iv) = (views.next().expect("4 views per layer"), views.next().expect("4 views per layer"));
-            bind_view(&mut binding, &pk, &ik)?;
-            bind_view(&mut binding, &pv, &iv)?;
-            binding.bind_output(ok, views.next().expect("4 views per layer")).map_err(run_err)?;
-            binding.bind_output(ov, views.next().expect("4 views per layer")).map_err(run_err)?;
+        let pasts: Vec<i32> = rows.iter().map(|r| r.past as i32).collect();
+        let pasts = Tensor::from_array(([b], pasts)).map_err(run_err)?;
+        if self.kernel == Kernel::Slot {
+            binding.bind_input("past_lens", &pasts).map_err(run_err)?;
         }
         // The logits land in a buffer of ours: no copy out of ONNX Runtime's.
         let mut logits = vec![0.0f32; n_picked * self.vocab];
         let logits_shape = Shape::new([n_picked as i64, self.vocab as i64]);
         // SAFETY: `logits` holds `n_picked * vocab` floats and outlives the run.
-        let out = unsafe { TensorRefMut::<f32>::from_raw(info.clone(), logits.as_mut_ptr().cast(), logits_shape) }
-            .map_err(run_err)?;
+        let out =
+            unsafe { TensorRefMut::<f32>::from_raw(MemoryInfo::default(), logits.as_mut_ptr().cast(), logits_shape) }
+                .map_err(run_err)?;
         binding.bind_output("logits", out).map_err(run_err)?;
-        run_shared(&self.session, &binding)?;
+        match self.cache.shape.dtype {
+            KvDtype::Fp32 => self.run_over_cache::<f32>(&mut binding, &slots)?,
+            KvDtype::Fp16 => self.run_over_cache::<half::f16>(&mut binding, &slots)?,
+        }
         drop(binding);
         let wanted: usize = rows.iter().map(|r| r.logits).sum();
         logits.truncate(wanted * self.vocab);
         Ok(Logits { vocab: self.vocab, data: logits })
+    }
+}
+
+impl BuiltModel {
+    /// Binds views of `slots` of the cache (elements `T`) and runs. With
+    /// GroupQueryAttention each view is bound as both past and present; our
+    /// kernel writes into the past it is given.
+    #[allow(unsafe_code)]
+    fn run_over_cache<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+        &mut self,
+        binding: &mut ort::session::IoBinding,
+        slots: &Range<usize>,
+    ) -> Result<(), ForwardError> {
+        let c = self.cache.shape;
+        let shape = Shape::new([slots.len() as i64, c.heads as i64, c.max_len as i64, c.head_dim as i64]);
+        let info = MemoryInfo::default();
+        let present = self.kernel == Kernel::GroupQuery;
+        let view = |ptr: *mut u8| {
+            // SAFETY: the pointer addresses `slots.len()` whole slots of a
+            // live mapping owned by `self.cache`, which outlives the run.
+            unsafe { TensorRefMut::<T>::from_raw(info.clone(), ptr.cast(), shape.clone()) }.map_err(run_err)
+        };
+        let mut views = Vec::with_capacity(4 * c.layers);
+        for layer in 0..c.layers {
+            let (k, v) = self.cache.views(layer, slots);
+            let ((pk, pv), (ok, ov)) = (builder::past_names(layer), builder::present_names(layer));
+            let (ik, iv) = (view(k)?, view(v)?);
+            bind_view(binding, &pk, &ik)?;
+            bind_view(binding, &pv, &iv)?;
+            views.extend([ik, iv]);
+            if present {
+                binding.bind_output(ok, view(k)?).map_err(run_err)?;
+                binding.bind_output(ov, view(v)?).map_err(run_err)?;
+            }
+        }
+        run_shared(&self.session, binding)?;
+        drop(views);
+        Ok(())
     }
 }
 
@@ -229,10 +317,10 @@ fn check(status: ort::sys::OrtStatusPtr, what: &str) -> Result<(), ForwardError>
 /// would copy the whole cache on every step.) The caller keeps `view` alive
 /// until the run is over.
 #[allow(unsafe_code)]
-fn bind_view(
+fn bind_view<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug>(
     binding: &mut ort::session::IoBinding,
     name: &str,
-    view: &TensorRefMut<'_, f32>,
+    view: &TensorRefMut<'_, T>,
 ) -> Result<(), ForwardError> {
     use ort::AsPointer;
     let name = std::ffi::CString::new(name).map_err(run_err)?;

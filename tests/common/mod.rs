@@ -38,6 +38,7 @@ pub fn serve_args() -> ServeArgs {
             revision: None,
             graph: graph(),
             weights: batchgen::graph::Precision::Fp32,
+            kv_dtype: batchgen::graph::KvDtype::Fp32,
             eval_text: None,
             eval_tokens: 2048,
         },
