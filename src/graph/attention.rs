@@ -42,15 +42,25 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
     /// `q · k` over `q.len()` elements.
-    fn dot(q: &[f32], k: *const Self) -> f32;
+    ///
+    /// # Safety
+    /// `k` addresses `q.len()` elements (and so for every pointer below:
+    /// the elements the operation reads).
+    unsafe fn dot(q: &[f32], k: *const Self) -> f32;
     /// `acc += p × v` over `acc.len()` elements.
-    fn axpy(acc: &mut [f32], p: f32, v: *const Self);
+    ///
+    /// # Safety
+    /// `v` addresses `acc.len()` elements.
+    unsafe fn axpy(acc: &mut [f32], p: f32, v: *const Self);
     /// Whether the cache holds float16.
     const HALF: bool;
 
     /// `scores[j] = scale × q · k_j` for consecutive keys of `q.len()`
     /// elements at `k`; returns the largest score.
-    fn scores(q: &[f32], k: *const Self, scale: f32, scores: &mut [f32]) -> f32 {
+    ///
+    /// # Safety
+    /// `k` addresses `scores.len() × q.len()` elements.
+    unsafe fn scores(q: &[f32], k: *const Self, scale: f32, scores: &mut [f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if *ISA == Isa::Avx512 && q.len() == 64 {
             // SAFETY: the CPU has AVX-512F; `k` addresses scores.len() keys of 64.
@@ -65,7 +75,7 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
         let mut max = f32::NEG_INFINITY;
         for (j, score) in scores.iter_mut().enumerate() {
             // SAFETY: key j lies inside the keys `k` addresses.
-            *score = Self::dot(q, unsafe { k.add(j * q.len()) }) * scale;
+            *score = unsafe { Self::dot(q, k.add(j * q.len())) } * scale;
             max = max.max(*score);
         }
         max
@@ -73,7 +83,10 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
 
     /// `out = Σ_j p[j] × v_j` for consecutive values of `out.len()`
     /// elements at `v`.
-    fn weighted(p: &[f32], v: *const Self, out: &mut [f32]) {
+    ///
+    /// # Safety
+    /// `v` addresses `p.len() × out.len()` elements.
+    unsafe fn weighted(p: &[f32], v: *const Self, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if *ISA == Isa::Avx512 && out.len() == 64 {
             // SAFETY: the CPU has AVX-512F; `v` addresses p.len() values of 64.
@@ -88,7 +101,7 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
         out.fill(0.0);
         for (j, &w) in p.iter().enumerate() {
             // SAFETY: value j lies inside the values `v` addresses.
-            Self::axpy(out, w, unsafe { v.add(j * out.len()) });
+            unsafe { Self::axpy(out, w, v.add(j * out.len())) };
         }
     }
 }
@@ -120,18 +133,22 @@ static ISA: std::sync::LazyLock<Isa> = std::sync::LazyLock::new(isa);
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    //! Each function's contract: the CPU has the features it enables, and
+    //! the pointers address the elements it reads (`q.len()` or `d` per key
+    //! or value, consecutive); its body is one unsafe context.
+    #![allow(unsafe_op_in_unsafe_fn)]
     use std::arch::x86_64::*;
 
     use half::f16;
 
-    /// `q · k` for `d` a multiple of 16, keys float32 or float16.
+    /// `q · k` for `d` a multiple of 32, keys float32 or float16.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot512<const F16: bool>(q: &[f32], k: *const u8) -> f32 {
         let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut i = 0;
         while i < q.len() {
-            let (k0, k1) = unsafe { (load512::<F16>(k, i), load512::<F16>(k, i + 16)) };
-            let (q0, q1) = unsafe { (_mm512_loadu_ps(q.as_ptr().add(i)), _mm512_loadu_ps(q.as_ptr().add(i + 16))) };
+            let (k0, k1) = (load512::<F16>(k, i), load512::<F16>(k, i + 16));
+            let (q0, q1) = (_mm512_loadu_ps(q.as_ptr().add(i)), _mm512_loadu_ps(q.as_ptr().add(i + 16)));
             a0 = _mm512_fmadd_ps(q0, k0, a0);
             a1 = _mm512_fmadd_ps(q1, k1, a1);
             i += 32;
@@ -144,10 +161,8 @@ mod simd {
         let p = _mm512_set1_ps(p);
         let mut i = 0;
         while i < acc.len() {
-            unsafe {
-                let a = acc.as_mut_ptr().add(i);
-                _mm512_storeu_ps(a, _mm512_fmadd_ps(p, load512::<F16>(v, i), _mm512_loadu_ps(a)));
-            }
+            let a = acc.as_mut_ptr().add(i);
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(p, load512::<F16>(v, i), _mm512_loadu_ps(a)));
             i += 16;
         }
     }
@@ -155,12 +170,10 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn load512<const F16: bool>(base: *const u8, i: usize) -> __m512 {
-        unsafe {
-            if F16 {
-                _mm512_cvtph_ps(_mm256_loadu_si256(base.cast::<f16>().add(i).cast()))
-            } else {
-                _mm512_loadu_ps(base.cast::<f32>().add(i))
-            }
+        if F16 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(base.cast::<f16>().add(i).cast()))
+        } else {
+            _mm512_loadu_ps(base.cast::<f32>().add(i))
         }
     }
 
@@ -169,13 +182,12 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn scores64<const F16: bool>(q: &[f32], k: *const u8, scale: f32, scores: &mut [f32]) -> f32 {
         let e = if F16 { 2 } else { 4 };
-        let qs = unsafe { [0, 16, 32, 48].map(|i| _mm512_loadu_ps(q.as_ptr().add(i))) };
+        let qs = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(q.as_ptr().add(i)));
         let mut max = f32::NEG_INFINITY;
         for (j, score) in scores.iter_mut().enumerate() {
-            let key = unsafe { k.add(j * 64 * e) };
-            let (k0, k1, k2, k3) = unsafe {
-                (load512::<F16>(key, 0), load512::<F16>(key, 16), load512::<F16>(key, 32), load512::<F16>(key, 48))
-            };
+            let key = k.add(j * 64 * e);
+            let (k0, k1, k2, k3) =
+                (load512::<F16>(key, 0), load512::<F16>(key, 16), load512::<F16>(key, 32), load512::<F16>(key, 48));
             let a = _mm512_fmadd_ps(qs[1], k1, _mm512_mul_ps(qs[0], k0));
             let b = _mm512_fmadd_ps(qs[3], k3, _mm512_mul_ps(qs[2], k2));
             *score = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
@@ -193,23 +205,23 @@ mod simd {
         // Two values per iteration: eight independent sums.
         while j + 1 < p.len() {
             for (u, half) in [(0, 0), (1, 4)] {
-                let value = unsafe { v.add((j + u) * 64 * e) };
+                let value = v.add((j + u) * 64 * e);
                 let w = _mm512_set1_ps(p[j + u]);
                 for i in 0..4 {
-                    acc[half + i] = _mm512_fmadd_ps(w, unsafe { load512::<F16>(value, 16 * i) }, acc[half + i]);
+                    acc[half + i] = _mm512_fmadd_ps(w, load512::<F16>(value, 16 * i), acc[half + i]);
                 }
             }
             j += 2;
         }
         if j < p.len() {
-            let value = unsafe { v.add(j * 64 * e) };
+            let value = v.add(j * 64 * e);
             let w = _mm512_set1_ps(p[j]);
-            for i in 0..4 {
-                acc[i] = _mm512_fmadd_ps(w, unsafe { load512::<F16>(value, 16 * i) }, acc[i]);
+            for (i, a) in acc[..4].iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(w, load512::<F16>(value, 16 * i), *a);
             }
         }
         for i in 0..4 {
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_add_ps(acc[i], acc[i + 4])) };
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_add_ps(acc[i], acc[i + 4]));
         }
     }
 
@@ -219,8 +231,8 @@ mod simd {
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i < q.len() {
-            let (k0, k1) = unsafe { (load256::<F16>(k, i), load256::<F16>(k, i + 8)) };
-            let (q0, q1) = unsafe { (_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(q.as_ptr().add(i + 8))) };
+            let (k0, k1) = (load256::<F16>(k, i), load256::<F16>(k, i + 8));
+            let (q0, q1) = (_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(q.as_ptr().add(i + 8)));
             a0 = _mm256_fmadd_ps(q0, k0, a0);
             a1 = _mm256_fmadd_ps(q1, k1, a1);
             i += 16;
@@ -236,10 +248,8 @@ mod simd {
         let p = _mm256_set1_ps(p);
         let mut i = 0;
         while i < acc.len() {
-            unsafe {
-                let a = acc.as_mut_ptr().add(i);
-                _mm256_storeu_ps(a, _mm256_fmadd_ps(p, load256::<F16>(v, i), _mm256_loadu_ps(a)));
-            }
+            let a = acc.as_mut_ptr().add(i);
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(p, load256::<F16>(v, i), _mm256_loadu_ps(a)));
             i += 8;
         }
     }
@@ -247,12 +257,10 @@ mod simd {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn load256<const F16: bool>(base: *const u8, i: usize) -> __m256 {
-        unsafe {
-            if F16 {
-                _mm256_cvtph_ps(_mm_loadu_si128(base.cast::<f16>().add(i).cast()))
-            } else {
-                _mm256_loadu_ps(base.cast::<f32>().add(i))
-            }
+        if F16 {
+            _mm256_cvtph_ps(_mm_loadu_si128(base.cast::<f16>().add(i).cast()))
+        } else {
+            _mm256_loadu_ps(base.cast::<f32>().add(i))
         }
     }
 }
@@ -266,6 +274,7 @@ macro_rules! dispatch {
                 // SAFETY: the CPU has the features (checked at run time) and
                 // the pointers address `d` elements.
                 Isa::Avx512 if $d % 32 == 0 => return unsafe { simd::$simd512::<{ $f16 }>($($arg),*) },
+                // SAFETY: as above.
                 Isa::Avx2 | Isa::Avx512 if $d % 16 == 0 => return unsafe { simd::$simd256::<{ $f16 }>($($arg),*) },
                 _ => {}
             }
@@ -283,14 +292,14 @@ impl CacheElem for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    fn dot(q: &[f32], k: *const Self) -> f32 {
+    unsafe fn dot(q: &[f32], k: *const Self) -> f32 {
         dispatch!(false, q.len(), dot512, dot256, (q, k.cast()), {
             // SAFETY: `k` addresses `q.len()` floats.
             let k = unsafe { std::slice::from_raw_parts(k, q.len()) };
             q.iter().zip(k).map(|(a, b)| a * b).sum()
         })
     }
-    fn axpy(acc: &mut [f32], p: f32, v: *const Self) {
+    unsafe fn axpy(acc: &mut [f32], p: f32, v: *const Self) {
         dispatch!(false, acc.len(), axpy512, axpy256, (acc, p, v.cast()), {
             // SAFETY: `v` addresses `acc.len()` floats.
             let v = unsafe { std::slice::from_raw_parts(v, acc.len()) };
@@ -308,14 +317,14 @@ impl CacheElem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
-    fn dot(q: &[f32], k: *const Self) -> f32 {
+    unsafe fn dot(q: &[f32], k: *const Self) -> f32 {
         dispatch!(true, q.len(), dot512, dot256, (q, k.cast()), {
             // SAFETY: `k` addresses `q.len()` halves.
             let k = unsafe { std::slice::from_raw_parts(k, q.len()) };
             q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum()
         })
     }
-    fn axpy(acc: &mut [f32], p: f32, v: *const Self) {
+    unsafe fn axpy(acc: &mut [f32], p: f32, v: *const Self) {
         dispatch!(true, acc.len(), axpy512, axpy256, (acc, p, v.cast()), {
             // SAFETY: `v` addresses `acc.len()` halves.
             let v = unsafe { std::slice::from_raw_parts(v, acc.len()) };
@@ -384,6 +393,7 @@ struct Run<E> {
 
 // SAFETY: the pointers stay valid for the run, and tasks write disjoint parts.
 unsafe impl<E> Send for Run<E> {}
+// SAFETY: as for Send.
 unsafe impl<E> Sync for Run<E> {}
 
 fn bad(why: String) -> ort::Error {
@@ -466,6 +476,7 @@ unsafe fn attend<E: CacheElem>(run: Run<E>, r: usize, h: usize, past: usize, n: 
     let (s, d, e) = (run.seq, run.head_dim, run.heads * run.head_dim);
     let cache = ((r * run.heads + h) * run.max_len) * d;
     let token = |t: usize| (r * s + t) * 3 * e + h * d;
+    // SAFETY: every offset below is inside the shapes the caller checked.
     unsafe {
         for t in 0..n {
             let at = cache + (past + t) * d;
@@ -528,7 +539,7 @@ fn exp_neg(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
@@ -565,17 +576,21 @@ mod tests {
         for (got_s, got_w, k) in [
             {
                 let mut s = vec![0.0; n];
-                let m = f32::scores(&q, kv.as_ptr(), 0.125, &mut s);
                 let mut w = vec![0.0; 64];
-                f32::weighted(&p, kv.as_ptr(), &mut w);
+                // SAFETY: kv holds n keys (values) of 64.
+                let m = unsafe { f32::scores(&q, kv.as_ptr(), 0.125, &mut s) };
+                // SAFETY: as above.
+                unsafe { f32::weighted(&p, kv.as_ptr(), &mut w) };
                 assert_eq!(m, s.iter().cloned().fold(f32::MIN, f32::max));
                 (s, w, &kv)
             },
             {
                 let mut s = vec![0.0; n];
-                f16::scores(&q, kh.as_ptr(), 0.125, &mut s);
                 let mut w = vec![0.0; 64];
-                f16::weighted(&p, kh.as_ptr(), &mut w);
+                // SAFETY: kh holds n keys (values) of 64.
+                unsafe { f16::scores(&q, kh.as_ptr(), 0.125, &mut s) };
+                // SAFETY: as above.
+                unsafe { f16::weighted(&p, kh.as_ptr(), &mut w) };
                 (s, w, &kh32)
             },
         ] {
@@ -595,11 +610,16 @@ mod tests {
         let kh: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
         let want: f32 = q.iter().zip(&k).map(|(a, b)| a * b).sum();
         let want_h: f32 = q.iter().zip(&kh).map(|(a, b)| a * b.to_f32()).sum();
-        assert!((f32::dot(&q, k.as_ptr()) - want).abs() < 1e-5);
-        assert!((f16::dot(&q, kh.as_ptr()) - want_h).abs() < 1e-5);
+        // SAFETY: k and kh hold 64 elements, as q does (and a, ah below).
+        let (got, got_h) = unsafe { (f32::dot(&q, k.as_ptr()), f16::dot(&q, kh.as_ptr())) };
+        assert!((got - want).abs() < 1e-5);
+        assert!((got_h - want_h).abs() < 1e-5);
         let (mut a, mut ah) = (q.clone(), q.clone());
-        f32::axpy(&mut a, 0.5, k.as_ptr());
-        f16::axpy(&mut ah, 0.5, kh.as_ptr());
+        // SAFETY: as above.
+        unsafe {
+            f32::axpy(&mut a, 0.5, k.as_ptr());
+            f16::axpy(&mut ah, 0.5, kh.as_ptr());
+        }
         for i in 0..64 {
             assert!((a[i] - (q[i] + 0.5 * k[i])).abs() < 1e-6);
             assert!((ah[i] - (q[i] + 0.5 * kh[i].to_f32())).abs() < 1e-6);
