@@ -26,7 +26,8 @@ for round in $(seq "$rounds"); do
     w=${p%%:*}; kv=fp32; [ "$w" = "$p" ] || kv=${p#*:}
     serve_ready "$batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
       --intra-op-threads "$threads" --weights "$w" --kv-dtype "$kv"
-    echo "== round $round: --weights $w --kv-dtype $kv ($(grep VmRSS /proc/$pid/status | awk '{print int($2/1024)}') MiB idle)"
+    flags="--weights $w"; [ "$kv" = fp32 ] || flags="$flags --kv-dtype $kv"
+    echo "== round $round: $flags ($(grep VmRSS /proc/$pid/status | awk '{print int($2/1024)}') MiB idle)"
     "$batchgen" bench --target http://127.0.0.1:$port --json --concurrency 16 --prompt-tokens 32 \
       --new-tokens "$short_new" 2>/dev/null | bench_summary "short $p"
     if [ "${LONG:-1}" = 1 ]; then
