@@ -64,8 +64,10 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let workers = args.runtime.workers.max(1);
     let slots = l.max_batch_size.max(1);
     let precision = args.model.weights;
+    // float32 weights and cache: what the export could serve instead.
+    let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32;
     let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) =
-        match read_weights(&files, choice, precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32)? {
+        match read_weights(&files, choice, exact)? {
             Some((shape, fp32)) => {
                 let source = fp32.source.clone();
                 let session_err = |detail: String| ModelError::Session { path: source.clone(), detail };
@@ -74,7 +76,6 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                     Some(path) => Some(QualityCheck::read(path, args.model.eval_tokens, &tokenizer).map_err(eval_err)?),
                     None => None,
                 };
-                let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32;
                 if let Some(q) = quality.as_mut().filter(|_| !exact) {
                     q.baseline(&shape, &fp32, &rt.env, &options).map_err(eval_err)?;
                 }

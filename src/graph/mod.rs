@@ -221,10 +221,9 @@ impl BuiltModel {
         binding
             .bind_input("total_sequence_length", &Tensor::from_array(([1usize], vec![total])).map_err(run_err)?)
             .map_err(run_err)?;
-        let pasts: Vec<i32> = rows.iter().map(|r| r.past as i32).collect();
-        let pasts = Tensor::from_array(([b], pasts)).map_err(run_err)?;
         if self.kernel == Kernel::Slot {
-            binding.bind_input("past_lens", &pasts).map_err(run_err)?;
+            let pasts: Vec<i32> = rows.iter().map(|r| r.past as i32).collect();
+            binding.bind_input("past_lens", &Tensor::from_array(([b], pasts)).map_err(run_err)?).map_err(run_err)?;
         }
         // The logits land in a buffer of ours: no copy out of ONNX Runtime's.
         let mut logits = vec![0.0f32; n_picked * self.vocab];
