@@ -1,6 +1,6 @@
 //! Start-up: ONNX Runtime, model, tokenizer, engine thread.
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{GraphChoice, ServeArgs};
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
@@ -164,6 +164,8 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             max_batch_tokens: l.max_batch_tokens,
             max_prefill_tokens: l.max_prefill_tokens,
             max_burst_prefill_tokens: l.max_burst_prefill_tokens,
+            idle_gather_gap: Duration::from_micros(l.idle_gather_gap_us),
+            idle_gather_max: Duration::from_micros(l.idle_gather_max_us),
         },
         max_queue: l.max_queue,
     };

@@ -335,6 +335,19 @@ pub struct LimitArgs {
     /// iteration. Set it to `--max-prefill-tokens` to never grow.
     #[arg(long, env = "BATCHGEN_MAX_BURST_PREFILL_TOKENS", default_value_t = 1024)]
     pub max_burst_prefill_tokens: usize,
+    /// An idle worker that receives a request waits this long (microseconds)
+    /// for another before it starts the prefill, and again after each one
+    /// that comes, so requests sent together (clients starting at once, a
+    /// closed loop whose rows all ended in one step) are prefilled in one run
+    /// instead of the later ones waiting for the earlier ones' run. A lone
+    /// request pays one wait; a busy worker never waits. 0 (the default):
+    /// never wait.
+    #[arg(long, env = "BATCHGEN_IDLE_GATHER_GAP_US", default_value_t = 0)]
+    pub idle_gather_gap_us: u64,
+    /// The most an idle worker waits in all while requests keep coming
+    /// (microseconds).
+    #[arg(long, env = "BATCHGEN_IDLE_GATHER_MAX_US", default_value_t = 5000)]
+    pub idle_gather_max_us: u64,
     /// Largest num_beams a request may ask for (each beam is a row).
     #[arg(long, env = "BATCHGEN_MAX_BEAMS", default_value_t = 8)]
     pub max_beams: u32,

@@ -12,6 +12,8 @@
 //! - One prefill takes at most `max_prefill_tokens` (rows × longest prompt,
 //!   padding included), which bounds how long it stalls the running rows.
 
+use std::time::Duration;
+
 /// Limits the policy enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -22,6 +24,22 @@ pub struct Limits {
     /// Prompt tokens one iteration may prefill when at least as many rows
     /// wait for their first token as are decoding (see `prefill_budget`).
     pub max_burst_prefill_tokens: usize,
+    /// How long an idle worker waits for one more request before it
+    /// prefills what came (zero: not at all); see `gathered_enough`.
+    pub idle_gather_gap: Duration,
+    /// The most an idle worker waits in all.
+    pub idle_gather_max: Duration,
+}
+
+/// Whether an idle worker that has received the requests `queued` (their
+/// rows and prompt tokens) and has waited `waited` should stop waiting for
+/// more and prefill them now: when the wait is over, or when the first run
+/// could not take more anyway (a full batch, or the burst prefill budget).
+pub fn gathered_enough(limits: &Limits, queued: Waiting, waited: Duration) -> bool {
+    waited >= limits.idle_gather_max
+        || limits.idle_gather_gap.is_zero()
+        || queued.rows >= limits.max_batch_size
+        || queued.tokens >= limits.max_burst_prefill_tokens.max(limits.max_prefill_tokens)
 }
 
 /// Prompt tokens the next iteration may prefill (chunked backends), given
@@ -149,8 +167,18 @@ pub fn admit_slots(limits: &Limits, running: &[Candidate], queue: impl IntoItera
 mod tests {
     use super::*;
 
-    const LIMITS: Limits =
-        Limits { max_batch_size: 4, max_batch_tokens: 1000, max_prefill_tokens: 300, max_burst_prefill_tokens: 1200 };
+    const LIMITS: Limits = Limits {
+        max_batch_size: 4,
+        max_batch_tokens: 1000,
+        max_prefill_tokens: 300,
+        max_burst_prefill_tokens: 1200,
+        idle_gather_gap: Duration::from_millis(1),
+        idle_gather_max: Duration::from_millis(5),
+    };
+
+    fn w(rows: usize, tokens: usize, longest: usize) -> Waiting {
+        Waiting { rows, tokens, longest }
+    }
 
     fn c(prompt_len: usize, max_new_tokens: usize) -> Candidate {
         Candidate { prompt_len, max_new_tokens, rows: 1 }
@@ -224,7 +252,6 @@ mod tests {
 
     #[test]
     fn the_prefill_budget_grows_for_idle_batches_and_bursts_of_short_prompts() {
-        let w = |rows, tokens, longest| Waiting { rows, tokens, longest };
         // Nothing decodes: nobody's inter-token time suffers.
         assert_eq!(prefill_budget(&LIMITS, w(16, 8000, 500), 0), 1200);
         assert_eq!(prefill_budget(&LIMITS, w(0, 0, 0), 0), 1200);
@@ -243,6 +270,23 @@ mod tests {
         // A cap below the base never shrinks the base.
         let small = Limits { max_burst_prefill_tokens: 10, ..LIMITS };
         assert_eq!(prefill_budget(&small, w(16, 100, 10), 0), 300);
+    }
+
+    #[test]
+    fn an_idle_worker_gathers_until_the_wait_or_the_first_run_is_full() {
+        let ms = Duration::from_millis;
+        // Keeps waiting while the batch and the burst budget have room.
+        assert!(!gathered_enough(&LIMITS, w(1, 32, 32), ms(1)));
+        assert!(!gathered_enough(&LIMITS, w(3, 1199, 500), ms(4)));
+        // Stops at the longest wait...
+        assert!(gathered_enough(&LIMITS, w(1, 32, 32), ms(5)));
+        // ...at a full batch (rows, samples and beams included)...
+        assert!(gathered_enough(&LIMITS, w(4, 128, 32), ms(1)));
+        // ...when the first run's prompt tokens are taken...
+        assert!(gathered_enough(&LIMITS, w(2, 1200, 600), ms(1)));
+        // ...and at once when gathering is off.
+        let off = Limits { idle_gather_gap: Duration::ZERO, ..LIMITS };
+        assert!(gathered_enough(&off, w(1, 32, 32), Duration::ZERO));
     }
 
     #[test]
