@@ -79,10 +79,12 @@ fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
 /// Whether a failed call was lost with the replica serving it rather than
 /// refused by it: UNAVAILABLE (no replica, a refused or dropped connection)
 /// or a stream a proxy reset mid-answer (nginx cannot send a status after
-/// its upstream died, so the client sees an HTTP/2 error, INTERNAL).
+/// its upstream died, so the client sees an HTTP/2 error, INTERNAL), or
+/// a proxy's 502/503/504 before any answer (its error page read as gRPC).
 fn lost_in_transit(e: &tonic::Status) -> bool {
+    let proxy_lost_upstream = ["status: 502", "status: 503", "status: 504"].iter().any(|s| e.message().contains(s));
     e.code() == tonic::Code::Unavailable
-        || (e.code() == tonic::Code::Internal && e.message().starts_with("h2 protocol error"))
+        || (e.code() == tonic::Code::Internal && (e.message().starts_with("h2 protocol error") || proxy_lost_upstream))
 }
 
 /// Request `i`, sent again (up to `--retries` times, 50 ms apart) while it is
@@ -301,6 +303,11 @@ mod tests {
         use tonic::{Code, Status};
         assert!(lost_in_transit(&Status::unavailable("connection refused")));
         assert!(lost_in_transit(&Status::internal("h2 protocol error: error reading a body from connection")));
+        // nginx answering for a replica killed before it answered (its HTML page as the body).
+        assert!(lost_in_transit(&Status::internal(
+            "protocol error: received message with invalid compression flag: 60 (valid flags are 0 and 1) \
+             while receiving response with status: 502 Bad Gateway"
+        )));
         assert!(!lost_in_transit(&Status::internal("ONNX Runtime run failed")));
         assert!(!lost_in_transit(&Status::new(Code::ResourceExhausted, "queue full")));
         assert!(!lost_in_transit(&Status::invalid_argument("max_new_tokens")));
