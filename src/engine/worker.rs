@@ -68,9 +68,7 @@ impl Worker {
                 }
                 self.gather();
             }
-            while let Ok(job) = self.rx.try_recv() {
-                self.queue.push_back(Arc::new(job));
-            }
+            self.receive();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.iteration()));
             if let Err(panic) = result {
                 let e = EngineError::Panic(super::panic_text(&panic));
@@ -95,23 +93,29 @@ impl Worker {
         let start = now();
         loop {
             let mut queued = admission::Waiting::default();
-            for job in &self.queue {
-                queued.rows += job.request.decoding.rows() as usize;
-                queued.tokens += job.request.prompt_ids.len();
+            for c in self.queue.iter().map(|j| j.candidate()) {
+                queued.rows += c.rows;
+                queued.tokens += c.prompt_len;
             }
             if admission::gathered_enough(&self.limits, queued, start.elapsed()) {
                 return;
             }
             let left = self.limits.idle_gather_max.saturating_sub(start.elapsed());
             std::thread::sleep(self.limits.idle_gather_gap.min(left));
-            let before = self.queue.len();
-            while let Ok(job) = self.rx.try_recv() {
-                self.queue.push_back(Arc::new(job));
-            }
-            if self.queue.len() == before {
+            if self.receive() == 0 {
                 return;
             }
         }
+    }
+
+    /// Moves the requests already sent to this worker into its queue;
+    /// returns how many came.
+    fn receive(&mut self) -> usize {
+        let before = self.queue.len();
+        while let Ok(job) = self.rx.try_recv() {
+            self.queue.push_back(Arc::new(job));
+        }
+        self.queue.len() - before
     }
 
     fn iteration(&mut self) {

@@ -71,6 +71,8 @@ pub fn serve_args() -> ServeArgs {
             max_batch_tokens: 4096,
             max_prefill_tokens: 1024,
             max_burst_prefill_tokens: 1024,
+            // On (the server's default is off), so every integration test
+            // goes through the idle worker's gather.
             idle_gather_gap_us: 1000,
             idle_gather_max_us: 5000,
             max_prompt_tokens: 1024,
