@@ -14,8 +14,10 @@
 //! Gemm for the QKV projection with its bias, GroupQueryAttention on the
 //! packed QKV, MatMul for the output projection whose bias goes into the
 //! next SkipLayerNormalization, MatMul + FastGelu (bias fused) for the MLP.
-//! The LM head (Gemm against the tied embedding, transposed in the kernel)
-//! runs on the `logits_index` rows only.
+//! The last layer gathers the `logits_index` rows right after its attention
+//! (its keys and values are cached by then), so its output projection, MLP,
+//! the final LayerNorm and the LM head (Gemm against the tied embedding,
+//! transposed in the kernel) run on those rows only.
 //!
 //! With int8 weights (`quant`) each of those MatMuls (and the LM head, when
 //! it is quantized too) is a `DynamicQuantizeMatMul` instead.
@@ -224,8 +226,18 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
                 vec![attr_i("num_heads", heads), attr_f("scale", shape.scales[i])],
             ),
         }
-        let attn = format!("l{i}_attn");
+        let mut attn = format!("l{i}_attn");
         g.node("Reshape", "", &[&attn3, "c_flat"], &[&attn], vec![]);
+        if i + 1 == shape.layers {
+            // The last layer's keys and values are in the cache now; what
+            // follows is row-wise and feeds only the logits, so it runs on
+            // the `logits_index` rows alone (llama.cpp's `inp_out_ids`):
+            // a 32-token prompt skips 31/32 of that layer's MLP.
+            let (kept_attn, kept_res) = (format!("l{i}_attn_kept"), format!("l{i}_res1_kept"));
+            g.node("Gather", "", &[&attn, "logits_index"], &[&kept_attn], vec![attr_i("axis", 0)]);
+            g.node("Gather", "", &[&residual, "logits_index"], &[&kept_res], vec![attr_i("axis", 0)]);
+            (attn, residual) = (kept_attn, kept_res);
+        }
         let proj = format!("l{i}_proj");
         g.matmul(weights, &attn, &w("attn.c_proj.weight"), None, &proj);
         let (g2, b2, bo) = (
@@ -248,8 +260,7 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
     }
     let (mlp, res, bias) = carry.expect("at least one layer");
     let (gf, bf) = (g.weight(weights, "ln_f.weight"), g.weight(weights, "ln_f.bias"));
-    g.node("SkipLayerNormalization", ms, &[&mlp, &res, &gf, &bf, &bias], &["hidden"], vec![eps()]);
-    g.node("Gather", "", &["hidden", "logits_index"], &["picked"], vec![attr_i("axis", 0)]);
+    g.node("SkipLayerNormalization", ms, &[&mlp, &res, &gf, &bf, &bias], &["picked"], vec![eps()]);
     if weights.index.contains_key(quant::LM_HEAD) {
         g.matmul(weights, "picked", quant::LM_HEAD, None, "logits");
     } else {
