@@ -209,3 +209,56 @@ fn safetensors_and_onnx_initializers_are_the_same_weights() {
     assert_eq!(from_st.index, from_onnx.index);
     assert_eq!(&*from_st.data, &*from_onnx.data);
 }
+
+/// An export whose identical initializers were deduplicated (torch's exporter
+/// leaves the dropped names as Identity nodes over the one it keeps, as the
+/// random 124M fixture has for its ones and zeros) reads as the same weights.
+#[test]
+fn deduplicated_initializers_are_read_through_identity_nodes() {
+    use batchgen::graph::onnx;
+    use prost::Message;
+    let dir = common::fixture_dir();
+    let shape = Gpt2Shape::load(&dir.join("config.json")).unwrap();
+    let original = Weights::from_onnx(&dir.join("model.onnx"), &shape).unwrap();
+    let mut model = onnx::ModelProto::decode(std::fs::read(dir.join("model.onnx")).unwrap().as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    // One name one hop from its initializer, one two hops (Identity of an Identity).
+    let identity = |from: &str, to: &str| onnx::NodeProto {
+        op_type: Some("Identity".into()),
+        name: Some(format!("Identity_{to}")),
+        input: vec![from.into()],
+        output: vec![to.into()],
+        ..Default::default()
+    };
+    let mut renamed = 0;
+    for (name, kept, via) in [
+        ("transformer.h.1.ln_1.weight", "kept_0", None),
+        ("transformer.h.0.attn.c_attn.bias", "kept_1", Some("between_1")),
+    ] {
+        let t = graph.initializer.iter_mut().find(|t| t.name.as_deref() == Some(name)).unwrap();
+        t.name = Some(kept.into());
+        renamed += 1;
+        match via {
+            None => graph.node.insert(0, identity(kept, name)),
+            Some(via) => {
+                graph.node.insert(0, identity(via, name));
+                graph.node.insert(0, identity(kept, via));
+            }
+        }
+    }
+    assert_eq!(renamed, 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.onnx");
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    let read = Weights::from_onnx(&path, &shape).unwrap();
+    assert_eq!(read.index, original.index);
+    assert_eq!(&*read.data, &*original.data);
+    // Without the Identity nodes the names are missing, and the error names one.
+    let graph = model.graph.as_mut().unwrap();
+    graph
+        .node
+        .retain(|n| n.op_type.as_deref() != Some("Identity") || !n.name.as_deref().unwrap().starts_with("Identity_"));
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    let err = Weights::from_onnx(&path, &shape).unwrap_err().to_string();
+    assert!(err.contains("h.1.ln_1.weight") || err.contains("h.0.attn.c_attn.bias"), "{err}");
+}

@@ -329,11 +329,32 @@ impl Weights {
         let graph = model.graph.unwrap_or_default();
         let by_name: HashMap<&str, &onnx::TensorProto> =
             graph.initializer.iter().map(|t| (t.name.as_deref().unwrap_or(""), t)).collect();
+        // An export whose identical initializers were deduplicated (torch's
+        // exporter does it for the ones and zeros of a freshly initialised
+        // model's norms and biases) keeps the names as outputs of Identity
+        // nodes over the one initializer left.
+        let identity: HashMap<&str, &str> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some("Identity") && n.input.len() == 1 && n.output.len() == 1)
+            .map(|n| (n.output[0].as_str(), n.input[0].as_str()))
+            .collect();
+        let initializer = |name: &str| {
+            let mut name = name;
+            // Bounded: a cycle of Identity nodes is not a valid graph, but must not hang.
+            for _ in 0..=identity.len() {
+                if let Some(t) = by_name.get(name) {
+                    return Some(*t);
+                }
+                name = identity.get(name)?;
+            }
+            None
+        };
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut files: HashMap<String, Vec<u8>> = HashMap::new();
         let mut error = None;
         let weights = assemble(path, &shape.tensors(), |name| {
-            let t = by_name.get(name)?;
+            let t = initializer(name)?;
             let source = match onnx::tensor_proto::DataType::try_from(t.data_type.unwrap_or(0)).ok()? {
                 onnx::tensor_proto::DataType::Float => Source::F32,
                 onnx::tensor_proto::DataType::Float16 => Source::F16,
