@@ -16,6 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("batchgen_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
-    prost_build::Config::new().compile_fds(protox::compile([onnx], ["proto"])?)?;
+    // A tensor's raw_data as `Bytes`: decoded from a `Bytes` buffer it is a
+    // slice of the file read, not a second copy of every weight.
+    prost_build::Config::new()
+        .bytes([".onnx.TensorProto.raw_data"])
+        .compile_fds(protox::compile([onnx], ["proto"])?)?;
     Ok(())
 }

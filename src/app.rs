@@ -207,7 +207,16 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
 /// text logs, an event with `phase` and `seconds` fields in JSON logs.
 fn phase(name: &'static str, started: Instant) {
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(phase = name, seconds, "start-up phase {name}: {seconds:.2} s");
+    // The process's peak resident memory so far: which phase sets it.
+    let peak_mib = peak_rss_kib().map_or(0, |k| k / 1024);
+    tracing::info!(phase = name, seconds, peak_mib, "start-up phase {name}: {seconds:.2} s, peak RSS {peak_mib} MiB");
+}
+
+/// `VmHWM` of /proc/self/status (Linux), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The weights for the built graph (float32), or `None` to run the export

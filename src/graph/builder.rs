@@ -113,7 +113,7 @@ impl Graph {
             name: Some(name.into()),
             data_type: Some(DataType::Int64 as i32),
             dims: vec![values.len() as i64],
-            raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()),
             ..Default::default()
         });
     }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost::Message;
 use serde::Deserialize;
 
@@ -220,10 +221,10 @@ fn convert(bytes: &[u8], from: Source, out: &mut [u8]) {
 /// which returns a tensor's bytes, element type and shape by its name.
 // unsafe: one zeroed buffer for all weights, written in place (no second copy).
 #[allow(unsafe_code)]
-fn assemble<'a>(
+fn assemble(
     path: &Path,
     wanted: &[(String, Vec<usize>)],
-    mut find: impl FnMut(&str) -> Option<(std::borrow::Cow<'a, [u8]>, Source, Vec<usize>)>,
+    mut find: impl FnMut(&str) -> Option<(Bytes, Source, Vec<usize>)>,
 ) -> Result<Weights, WeightsError> {
     let mut index = HashMap::new();
     let mut offset = 0;
@@ -311,7 +312,7 @@ impl Weights {
                 error.get_or_insert(bad(format!("tensor {name} at bytes {start}..{end} of the data: {e}")));
                 return None;
             }
-            Some((std::borrow::Cow::Owned(bytes), source, t.shape.clone()))
+            Some((Bytes::from(bytes), source, t.shape.clone()))
         });
         match (weights, error) {
             (_, Some(e)) => Err(e),
@@ -322,10 +323,11 @@ impl Weights {
     /// Reads the initializers of an optimum export (inline or external data,
     /// float32 or float16).
     pub fn from_onnx(path: &Path, shape: &Gpt2Shape) -> Result<Self, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|error| WeightsError::Read { path: path.into(), error })?;
-        let model = onnx::ModelProto::decode(bytes.as_slice())
+        // Decoded from `Bytes`, every raw_data is a slice of this one read of
+        // the file (held until the weights are laid out), not a copy.
+        let bytes = Bytes::from(std::fs::read(path).map_err(|error| WeightsError::Read { path: path.into(), error })?);
+        let model = onnx::ModelProto::decode(bytes)
             .map_err(|e| WeightsError::Format { path: path.into(), reason: format!("not an ONNX model: {e}") })?;
-        drop(bytes);
         let graph = model.graph.unwrap_or_default();
         let by_name: HashMap<&str, &onnx::TensorProto> =
             graph.initializer.iter().map(|t| (t.name.as_deref().unwrap_or(""), t)).collect();
@@ -351,7 +353,7 @@ impl Weights {
             None
         };
         let dir = path.parent().unwrap_or(Path::new("."));
-        let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut files: HashMap<String, Bytes> = HashMap::new();
         let mut error = None;
         let weights = assemble(path, &shape.tensors(), |name| {
             let t = initializer(name)?;
@@ -369,7 +371,7 @@ impl Weights {
                     return None;
                 }
             };
-            Some((std::borrow::Cow::Owned(data), source, dims))
+            Some((data, source, dims))
         });
         match (weights, error) {
             (_, Some(e)) => Err(e),
@@ -380,11 +382,7 @@ impl Weights {
 
 /// A tensor's bytes: `raw_data`, `float_data`, the fp16 bits in `int32_data`,
 /// or a range of an external data file beside the model.
-fn tensor_bytes(
-    t: &onnx::TensorProto,
-    dir: &Path,
-    files: &mut HashMap<String, Vec<u8>>,
-) -> Result<Vec<u8>, WeightsError> {
+fn tensor_bytes(t: &onnx::TensorProto, dir: &Path, files: &mut HashMap<String, Bytes>) -> Result<Bytes, WeightsError> {
     if t.data_location == Some(onnx::tensor_proto::DataLocation::External as i32) {
         let get =
             |key: &str| t.external_data.iter().find(|e| e.key.as_deref() == Some(key)).and_then(|e| e.value.clone());
@@ -396,24 +394,24 @@ fn tensor_bytes(
         }
         if !files.contains_key(&location) {
             let data = std::fs::read(&path).map_err(|error| WeightsError::Read { path: path.clone(), error })?;
-            files.insert(location.clone(), data);
+            files.insert(location.clone(), data.into());
         }
         let file = &files[&location];
         let offset: usize = get("offset").map_or(Ok(0), |s| s.parse()).map_err(|e| bad(format!("offset: {e}")))?;
         let length: usize = get("length")
             .map_or(Ok(file.len().saturating_sub(offset)), |s| s.parse())
             .map_err(|e| bad(format!("length: {e}")))?;
-        return file
-            .get(offset..offset + length)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| bad(format!("range {offset}+{length} is outside the file")));
+        return match offset.checked_add(length) {
+            Some(end) if end <= file.len() => Ok(file.slice(offset..end)),
+            _ => Err(bad(format!("range {offset}+{length} is outside the file"))),
+        };
     }
     if let Some(raw) = t.raw_data.as_ref().filter(|r| !r.is_empty()) {
         return Ok(raw.clone());
     }
     if !t.float_data.is_empty() {
-        return Ok(t.float_data.iter().flat_map(|f| f.to_le_bytes()).collect());
+        return Ok(t.float_data.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>().into());
     }
     // float16 values without raw_data are stored one per int32.
-    Ok(t.int32_data.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect())
+    Ok(t.int32_data.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect::<Vec<u8>>().into())
 }
