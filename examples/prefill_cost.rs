@@ -39,10 +39,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let session = std::sync::Arc::new(shared.session(&rt.env, &SessionOptions { intra_op_threads: threads })?);
     let most = shapes.iter().map(|s| s.0).max().unwrap_or(1);
     let mut backend = SlotBackend::new(shared.worker(&session, most)?);
-    // Multiplied weights per token (embedding lookups excluded, the LM head
-    // once per prompt) and causal attention (QK and AV, half the square).
-    let (e, l) = (shape.width as f64, shape.layers as f64);
-    let per_token = 2.0 * l * (4.0 * e * e + 2.0 * e * shape.inner as f64);
+    // Multiplied weights per token (embedding lookups excluded; the last
+    // layer past its QKV projection and the LM head once per prompt, as the
+    // graph computes them) and causal attention (QK and AV, half the square).
+    let (e, l, inner) = (shape.width as f64, shape.layers as f64, shape.inner as f64);
+    let per_token = 2.0 * (l - 1.0) * (4.0 * e * e + 2.0 * e * inner) + 2.0 * 3.0 * e * e;
+    let per_prompt = 2.0 * (e * e + 2.0 * e * inner) + 2.0 * e * shape.vocab as f64;
     println!(
         "built graph weights: {precision}, KV cache {} ({:?}), {threads} threads; median of {repeats} prefill runs",
         kv.dtype, kv.kernel
@@ -66,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let median = times[times.len() / 2];
         let n = (prompts * tokens) as f64;
         let flops =
-            n * per_token + prompts as f64 * (2.0 * e * shape.vocab as f64 + 2.0 * l * e * (tokens * tokens) as f64);
+            n * per_token + prompts as f64 * (per_prompt + 2.0 * l * e * (tokens * tokens) as f64);
         println!(
             "{prompts:>3} x {tokens:<4} ({:>5} tokens): {:>7.1} ms  {:>6.0} tokens/s  {:>5.0} GFLOP/s",
             prompts * tokens,
