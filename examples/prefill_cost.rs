@@ -67,8 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let n = (prompts * tokens) as f64;
-        let flops =
-            n * per_token + prompts as f64 * (per_prompt + 2.0 * l * e * (tokens * tokens) as f64);
+        let flops = n * per_token + prompts as f64 * (per_prompt + 2.0 * l * e * (tokens * tokens) as f64);
         println!(
             "{prompts:>3} x {tokens:<4} ({:>5} tokens): {:>7.1} ms  {:>6.0} tokens/s  {:>5.0} GFLOP/s",
             prompts * tokens,

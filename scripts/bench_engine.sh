@@ -24,6 +24,7 @@ cpu_info
 serve() { # binary, log, [workers]; starts a server and waits until it is ready
   serve_ready "$1" "$2" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
     --intra-op-threads "$threads" --workers "${3:-1}"
+  if [ "$1" = "$new" ]; then require_built "$2"; fi
 }
 
 load() { # name, bench args...

@@ -17,6 +17,7 @@ trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
 start=$(date +%s%N)
 serve_ready "$bin/batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
   --intra-op-threads "$threads"
+require_built "$log"
 echo "batchgen ready in $(( ($(date +%s%N) - start) / 1000000 )) ms (process start to ready)"
 for r in $(seq "$rounds"); do
   echo "== round $r: batchgen"

@@ -30,6 +30,17 @@ serve_ready() {
   done
 }
 
+# require_built LOG: stops the benchmark when this tree's server fell back to
+# the export's graph (`--graph auto` when it cannot read the weights), which
+# would otherwise be measured as if it were batchgen's own graph.
+require_built() {
+  if ! grep -q "built graph: one session" "$1"; then
+    grep -E "WARN|ERROR" "$1" >&2 || true
+    kill "$pid" 2>/dev/null || true
+    echo "the server did not build batchgen's own graph (see its log above)" >&2; exit 1
+  fi
+}
+
 # cpu_info: the CPU's model name and the SIMD flags that decide the speed (every
 # benchmark states them).
 cpu_info() {
