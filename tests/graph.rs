@@ -225,19 +225,17 @@ fn deduplicated_initializers_are_read_through_identity_nodes() {
     // One name one hop from its initializer, one two hops (Identity of an Identity).
     let identity = |from: &str, to: &str| onnx::NodeProto {
         op_type: Some("Identity".into()),
-        name: Some(format!("Identity_{to}")),
+        name: Some(format!("dedup_test_{to}")),
         input: vec![from.into()],
         output: vec![to.into()],
         ..Default::default()
     };
-    let mut renamed = 0;
     for (name, kept, via) in [
         ("transformer.h.1.ln_1.weight", "kept_0", None),
         ("transformer.h.0.attn.c_attn.bias", "kept_1", Some("between_1")),
     ] {
         let t = graph.initializer.iter_mut().find(|t| t.name.as_deref() == Some(name)).unwrap();
         t.name = Some(kept.into());
-        renamed += 1;
         match via {
             None => graph.node.insert(0, identity(kept, name)),
             Some(via) => {
@@ -246,7 +244,6 @@ fn deduplicated_initializers_are_read_through_identity_nodes() {
             }
         }
     }
-    assert_eq!(renamed, 2);
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("model.onnx");
     std::fs::write(&path, model.encode_to_vec()).unwrap();
@@ -255,9 +252,7 @@ fn deduplicated_initializers_are_read_through_identity_nodes() {
     assert_eq!(&*read.data, &*original.data);
     // Without the Identity nodes the names are missing, and the error names one.
     let graph = model.graph.as_mut().unwrap();
-    graph
-        .node
-        .retain(|n| n.op_type.as_deref() != Some("Identity") || !n.name.as_deref().unwrap().starts_with("Identity_"));
+    graph.node.retain(|n| !n.name.as_deref().is_some_and(|n| n.starts_with("dedup_test_")));
     std::fs::write(&path, model.encode_to_vec()).unwrap();
     let err = Weights::from_onnx(&path, &shape).unwrap_err().to_string();
     assert!(err.contains("h.1.ln_1.weight") || err.contains("h.0.attn.c_attn.bias"), "{err}");
