@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
     println!("built graph weights: {precision}, KV cache {} ({:?})", kv.dtype, kv.kernel);
     let session = std::sync::Arc::new(shared.session(&rt.env, &options)?);
-    let mut built: Box<dyn Backend> = Box::new(SlotBackend::new(shared.worker(&session, rows)?));
+    let mut built: Box<dyn Backend> = Box::new(SlotBackend::new(shared.worker(&session, rows)?, None));
     let mut exported: Box<dyn Backend> =
         Box::new(PaddedBackend::new(Model::load(&rt.env, &onnx, shape.layers, &options)?, 50256, rows));
     println!("{rows} rows, {threads} threads; median decode step (ms) over each window of context");

@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
     let session = std::sync::Arc::new(shared.session(&rt.env, &SessionOptions { intra_op_threads: threads })?);
     let most = shapes.iter().map(|s| s.0).max().unwrap_or(1);
-    let mut backend = SlotBackend::new(shared.worker(&session, most)?);
+    let mut backend = SlotBackend::new(shared.worker(&session, most)?, None);
     // Multiplied weights per token (embedding lookups excluded; the last
     // layer past its QKV projection and the LM head once per prompt, as the
     // graph computes them) and causal attention (QK and AV, half the square).

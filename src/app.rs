@@ -2,7 +2,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{GraphChoice, ServeArgs};
+use crate::config::{GraphChoice, ServeArgs, Switch};
+use crate::engine::prefix::PrefixCache;
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
 use crate::eval::QualityCheck;
 use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, Weights, WeightsError};
@@ -24,6 +25,16 @@ pub enum StartupError {
     Precision(Precision),
     #[error("--kv-dtype {0} needs batchgen's own graph (--graph built or auto); the export runs as it is")]
     KvDtype(KvDtype),
+    #[error(
+        "--prefix-cache on needs batchgen's own graph (--graph built or auto): the export's left-padded batch \
+         cannot take cached keys and values; use --prefix-cache auto or off with --graph exported"
+    )]
+    PrefixCacheExported,
+    #[error(
+        "--prefix-cache-mib {mib} holds no block of --prefix-block-tokens {block} ({block_bytes} bytes for this \
+         model); give at least {min_mib} MiB, or --prefix-cache off"
+    )]
+    PrefixCacheBudget { mib: usize, block: usize, block_bytes: usize, min_mib: usize },
     #[error("--default-max-new-tokens ({default}) must be between 1 and --max-new-tokens ({max})")]
     Limits { default: u32, max: u32 },
 }
@@ -52,6 +63,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     }
     if args.model.kv_dtype != KvDtype::Fp32 && choice == GraphChoice::Exported {
         return Err(StartupError::KvDtype(args.model.kv_dtype));
+    }
+    if args.cache.prefix_cache == Switch::On && choice == GraphChoice::Exported {
+        return Err(StartupError::PrefixCacheExported);
     }
     let t = Instant::now();
     let files =
@@ -95,12 +109,13 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 if let Some(q) = quality {
                     q.log(&session, &shared, precision).map_err(eval_err)?;
                 }
+                let prefix = prefix_cache(args, &shared.shape, kv.dtype)?;
                 let backends = (0..workers)
                     .map(|_| -> Result<Box<dyn Backend>, ModelError> {
                         let model = shared
                             .worker(&session, slots)
                             .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
-                        Ok(Box::new(SlotBackend::new(model)))
+                        Ok(Box::new(SlotBackend::new(model, prefix.clone())))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let s = &shared.shape;
@@ -201,6 +216,30 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         engine,
     };
     Ok(Loaded { state: Arc::new(state), worker_threads })
+}
+
+/// The prefix cache all workers share, unless `--prefix-cache off`.
+fn prefix_cache(args: &ServeArgs, shape: &Gpt2Shape, dtype: KvDtype) -> Result<Option<Arc<PrefixCache>>, StartupError> {
+    let c = &args.cache;
+    if c.prefix_cache == Switch::Off {
+        tracing::info!("prefix cache off");
+        return Ok(None);
+    }
+    let block = usize::from(c.prefix_block_tokens);
+    let block_bytes = block * 2 * shape.layers * shape.width * dtype.bytes();
+    let budget = c.prefix_cache_mib.saturating_mul(1 << 20);
+    if budget < block_bytes {
+        let min_mib = block_bytes.div_ceil(1 << 20);
+        return Err(StartupError::PrefixCacheBudget { mib: c.prefix_cache_mib, block, block_bytes, min_mib });
+    }
+    let cache = PrefixCache::new(block, block_bytes, budget);
+    tracing::info!(
+        "prefix cache on: {} blocks of {block} tokens ({} tokens, {} MiB), shared by every worker",
+        cache.capacity(),
+        cache.capacity() * block,
+        (cache.capacity() * block_bytes) >> 20
+    );
+    Ok(Some(Arc::new(cache)))
 }
 
 /// Logs that a start-up phase took since `started`: one line per phase in

@@ -110,9 +110,22 @@ pub struct BenchArgs {
     /// Requests per level (0: 4 × concurrency, at least 8; for rates, 8 s worth, at least 8).
     #[arg(long, default_value_t = 0)]
     pub requests: usize,
-    /// Prompt length in tokens (prompts are distinct per request).
+    /// Prompt length in tokens (prompts are distinct per request; with
+    /// --shared-prefix, what follows the shared part; with --turns, each
+    /// turn's new user part).
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: u32,
+    /// Every prompt begins with the same this many tokens (a system prompt,
+    /// few-shot examples), then its own --prompt-tokens: the prefix cache's load.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: u32,
+    /// Multi-turn conversations of this many turns: each turn's prompt is
+    /// the whole conversation so far (prompts and generated tokens) and a new
+    /// --prompt-tokens part; each client runs one conversation after another,
+    /// and --requests counts conversations (default: one per client). TTFT is
+    /// reported per turn. 1: single requests.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub turns: u32,
     /// Tokens generated per request (EOS ignored).
     #[arg(long, default_value_t = 128)]
     pub new_tokens: u32,
@@ -167,6 +180,38 @@ pub struct ServeArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// Whether a feature is on: `auto` lets the server decide (see the flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Prefix cache: a prompt that begins like an earlier one (a system
+    /// prompt, few-shot examples, a conversation's history) copies that
+    /// beginning's keys and values instead of prefilling it again; outputs
+    /// are the same as without it. `auto`: on with batchgen's own graph, off
+    /// with `--graph exported` (which cannot have it; `on` is refused there).
+    #[arg(long = "prefix-cache", env = "BATCHGEN_PREFIX_CACHE", default_value = "auto", value_enum)]
+    pub prefix_cache: Switch,
+    /// Memory the prefix cache may hold, in MiB, shared by all workers
+    /// (least recently used blocks are evicted beyond it). 124M model at
+    /// fp32: 72 KiB per token, so 256 MiB hold about 3,600 tokens.
+    #[arg(long, env = "BATCHGEN_PREFIX_CACHE_MIB", default_value_t = 256)]
+    pub prefix_cache_mib: usize,
+    /// Tokens per prefix cache block: a prompt reuses whole blocks only, so
+    /// smaller blocks find more of a shared beginning, larger ones cost less
+    /// bookkeeping.
+    #[arg(long, env = "BATCHGEN_PREFIX_BLOCK_TOKENS", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub prefix_block_tokens: u16,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -42,6 +42,12 @@ pub const BUILD_INFO: &str = "batchgen_build_info";
 pub const KEY_IN_FLIGHT: &str = "batchgen_api_key_requests_in_flight";
 pub const TLS_RELOADS: &str = "batchgen_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "batchgen_tls_handshake_failures_total";
+pub const PREFIX_CACHE_HIT_TOKENS: &str = "batchgen_prefix_cache_hit_tokens_total";
+pub const PREFIX_CACHE_MISS_TOKENS: &str = "batchgen_prefix_cache_miss_tokens_total";
+pub const PREFIX_CACHE_BLOCKS: &str = "batchgen_prefix_cache_blocks";
+pub const PREFIX_CACHE_BYTES: &str = "batchgen_prefix_cache_bytes";
+pub const PREFIX_CACHE_CAPACITY_BYTES: &str = "batchgen_prefix_cache_capacity_bytes";
+pub const PREFIX_CACHE_EVICTIONS: &str = "batchgen_prefix_cache_evictions_total";
 
 /// Latency buckets: 1 ms to 60 s.
 const SECONDS: [f64; 18] =
@@ -110,12 +116,39 @@ fn describe_all() {
         TLS_HANDSHAKE_FAILURES,
         "TLS connections closed during the handshake (bad or missing client certificate, wrong CA, timeout, not TLS)."
     );
+    describe_counter!(
+        PREFIX_CACHE_HIT_TOKENS,
+        Unit::Count,
+        "Prompt tokens whose keys and values were copied from the prefix cache instead of prefilled."
+    );
+    describe_counter!(
+        PREFIX_CACHE_MISS_TOKENS,
+        Unit::Count,
+        "Prompt tokens prefilled while the prefix cache was on (not found in it)."
+    );
+    describe_gauge!(PREFIX_CACHE_BLOCKS, "Blocks the prefix cache holds.");
+    describe_gauge!(PREFIX_CACHE_BYTES, Unit::Bytes, "Bytes of keys and values the prefix cache holds.");
+    describe_gauge!(
+        PREFIX_CACHE_CAPACITY_BYTES,
+        Unit::Bytes,
+        "The prefix cache's budget (whole blocks of --prefix-cache-mib)."
+    );
+    describe_counter!(PREFIX_CACHE_EVICTIONS, "Prefix cache blocks evicted to make room (least recently used first).");
 }
 
 /// Creates every unlabelled metric and each value of the closed label sets,
 /// so that a scrape shows them (at 0) before the first request.
 fn register_all() {
-    for name in [REQUESTS_RECEIVED, PROMPT_TOKENS, GENERATED_TOKENS, TLS_RELOADS, TLS_HANDSHAKE_FAILURES] {
+    for name in [
+        REQUESTS_RECEIVED,
+        PROMPT_TOKENS,
+        GENERATED_TOKENS,
+        TLS_RELOADS,
+        TLS_HANDSHAKE_FAILURES,
+        PREFIX_CACHE_HIT_TOKENS,
+        PREFIX_CACHE_MISS_TOKENS,
+        PREFIX_CACHE_EVICTIONS,
+    ] {
         metrics::counter!(name).increment(0);
     }
     for kind in [
@@ -134,7 +167,7 @@ fn register_all() {
     for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {
         metrics::counter!(SEQUENCES_FINISHED, "finish_reason" => reason).increment(0);
     }
-    for kind in ["join", "evict", "fork", "beam_reorder"] {
+    for kind in ["join", "evict", "fork", "beam_reorder", "prefix_hit", "prefix_store"] {
         metrics::counter!(KV_COPY_BYTES, "kind" => kind).increment(0);
         let _registered = metrics::histogram!(KV_COPY_DURATION, "kind" => kind);
     }

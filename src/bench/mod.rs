@@ -19,6 +19,10 @@ struct Sample {
     e2e: f64,
     /// Gaps between consecutive tokens' arrivals.
     itl: Vec<f64>,
+    /// The tokens generated (a conversation's next turn sends them back).
+    ids: Vec<u32>,
+    /// Which turn of its conversation (0 for single requests).
+    turn: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +65,9 @@ pub struct Level {
     pub ttft_seconds: Percentiles,
     pub itl_seconds: Percentiles,
     pub e2e_seconds: Percentiles,
+    /// With --turns: TTFT of each turn (first turn first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ttft_by_turn: Vec<Percentiles>,
 }
 
 /// Prompt `i`: distinct per request, reproducible from the seed.
@@ -74,6 +81,19 @@ fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
             (x % 50_000) as u32
         })
         .collect()
+}
+
+/// The shared beginning of every prompt under --shared-prefix (its own
+/// stream of the prompt generator, so it is no request's own prompt).
+fn shared_prefix(args: &BenchArgs) -> Vec<u32> {
+    prompt(args.seed ^ 0x5EED_5EED, usize::MAX - 1, args.shared_prefix)
+}
+
+/// Request `i`'s prompt: the shared prefix, if any, then its own part.
+fn request_prompt(args: &BenchArgs, i: usize) -> Vec<u32> {
+    let mut p = shared_prefix(args);
+    p.extend(prompt(args.seed, i, args.prompt_tokens));
+    p
 }
 
 /// Whether a failed call was lost with the replica serving it rather than
@@ -90,9 +110,40 @@ fn lost_in_transit(e: &tonic::Status) -> bool {
 /// Request `i`, sent again (up to `--retries` times, 50 ms apart) while it is
 /// lost in transit: a replica that was stopped or killed under it.
 async fn one(client: crate::client::Client, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+    send(client, args, i, request_prompt(args, i)).await
+}
+
+/// Conversation `c` (--turns): its turns in order; a failed turn ends it.
+async fn conversation(client: crate::client::Client, args: &BenchArgs, c: usize) -> Vec<Result<Sample, tonic::Status>> {
+    let turns = args.turns as usize;
+    let mut history = request_prompt(args, c * turns);
+    let mut out = Vec::with_capacity(turns);
+    for turn in 0..turns {
+        let result = send(client.clone(), args, c * turns + turn, history.clone()).await;
+        match result {
+            Ok(sample) => {
+                history.extend(&sample.ids);
+                history.extend(prompt(args.seed, c * turns + turn + 1, args.prompt_tokens));
+                out.push(Ok(Sample { turn, ..sample }));
+            }
+            Err(e) => {
+                out.push(Err(e));
+                break;
+            }
+        }
+    }
+    out
+}
+
+async fn send(
+    client: crate::client::Client,
+    args: &BenchArgs,
+    i: usize,
+    prompt: Vec<u32>,
+) -> Result<Sample, tonic::Status> {
     let mut retried = 0;
     loop {
-        match attempt(client.clone(), args, i).await {
+        match attempt(client.clone(), args, i, prompt.clone()).await {
             Err(e) if lost_in_transit(&e) && retried < args.retries => {
                 retried += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -103,7 +154,12 @@ async fn one(client: crate::client::Client, args: &BenchArgs, i: usize) -> Resul
     }
 }
 
-async fn attempt(mut client: crate::client::Client, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
+async fn attempt(
+    mut client: crate::client::Client,
+    args: &BenchArgs,
+    i: usize,
+    prompt: Vec<u32>,
+) -> Result<Sample, tonic::Status> {
     let method = (args.temperature > 0.0).then(|| {
         pb::decoding::Method::Sampling(pb::Sampling {
             temperature: args.temperature,
@@ -114,19 +170,23 @@ async fn attempt(mut client: crate::client::Client, args: &BenchArgs, i: usize) 
     });
     let request = pb::GenerateRequest {
         decoding: Some(pb::Decoding { method, ..Default::default() }),
-        prompt_token_ids: prompt(args.seed, i, args.prompt_tokens),
+        prompt_token_ids: prompt,
         stopping: Some(pb::Stopping { max_new_tokens: args.new_tokens, ignore_eos: true, ..Default::default() }),
         ..Default::default()
     };
     let start = Instant::now();
     let mut stream = client.generate_stream(request).await?.into_inner();
     let mut arrivals = Vec::with_capacity(args.new_tokens as usize);
+    let mut ids = Vec::with_capacity(args.new_tokens as usize);
     while let Some(msg) = stream.message().await? {
         let t = start.elapsed().as_secs_f64();
         arrivals.extend(std::iter::repeat_n(t, msg.tokens.len()));
+        ids.extend(msg.tokens.iter().map(|t| t.id));
     }
     Ok(Sample {
         retried: 0,
+        ids,
+        turn: 0,
         tokens: arrivals.len(),
         ttft: arrivals.first().copied().unwrap_or(0.0),
         e2e: start.elapsed().as_secs_f64(),
@@ -144,6 +204,12 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
         *failed_by_code.entry(format!("{:?}", e.code())).or_insert(0) += 1;
     }
     let ok: Vec<Sample> = results.into_iter().filter_map(Result::ok).collect();
+    let turns = ok.iter().map(|s| s.turn + 1).max().unwrap_or(0);
+    let ttft_by_turn = if turns > 1 {
+        (0..turns).map(|t| percentiles(ok.iter().filter(|s| s.turn == t).map(|s| s.ttft).collect())).collect()
+    } else {
+        Vec::new()
+    };
     let retried = ok.iter().map(|s| s.retried).sum();
     let tokens: usize = ok.iter().map(|s| s.tokens).sum();
     Level {
@@ -160,12 +226,18 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
         ttft_seconds: percentiles(ok.iter().map(|s| s.ttft).collect()),
         itl_seconds: percentiles(ok.iter().flat_map(|s| s.itl.iter().copied()).collect()),
         e2e_seconds: percentiles(ok.iter().map(|s| s.e2e).collect()),
+        ttft_by_turn,
     }
 }
 
 /// `concurrency` clients, each sending requests back to back, `total` in all.
 async fn closed_loop(client: &crate::client::Client, args: &BenchArgs, concurrency: usize, first: usize) -> Level {
-    let total = if args.requests > 0 { args.requests } else { (4 * concurrency).max(8) };
+    let conversations = args.turns > 1;
+    let total = match (args.requests, conversations) {
+        (0, true) => concurrency,
+        (0, false) => (4 * concurrency).max(8),
+        (n, _) => n,
+    };
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -178,7 +250,11 @@ async fn closed_loop(client: &crate::client::Client, args: &BenchArgs, concurren
                 if i >= total {
                     return out;
                 }
-                out.push(one(client.clone(), &args, first + i).await);
+                if conversations {
+                    out.extend(conversation(client.clone(), &args, first + i).await);
+                } else {
+                    out.push(one(client.clone(), &args, first + i).await);
+                }
             }
         }));
     }
@@ -283,6 +359,9 @@ pub fn table(levels: &[Level]) -> String {
             ms(&l.itl_seconds),
             ms(&l.e2e_seconds)
         );
+        for (t, p) in l.ttft_by_turn.iter().enumerate() {
+            s += &format!("{:<16} turn {:<2} TTFT p50/p90/p99 ms {}\n", "", t + 1, ms(p));
+        }
     }
     s
 }

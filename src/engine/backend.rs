@@ -8,8 +8,12 @@
 //!   copies nothing, a fork (samples, beams) copies only that prompt;
 //! - `PaddedBackend` (`super::padded`): an optimum export with a left-padded
 //!   batch, which copies the cache on every join and eviction.
+use std::sync::Arc;
+use std::time::Instant;
+
 use super::admission::{self, Candidate, Limits};
 use super::model::{ForwardError, Logits};
+use super::prefix::PrefixCache;
 use crate::graph::{BuiltModel, RowInput};
 
 /// A piece of a prompt to prefill: `tokens` continue what `slot` holds.
@@ -55,6 +59,23 @@ pub trait Backend: Send {
     fn take_copies(&mut self) -> Copies {
         Copies::default()
     }
+    /// Tokens per block of the prefix cache, when this backend has one.
+    fn prefix_block(&self) -> Option<usize> {
+        None
+    }
+    /// `slot` holds the first `held` tokens of `prompt`: extends it from the
+    /// prefix cache with the cached blocks that continue it, never to the
+    /// prompt's last token (its logits must be computed). Returns the tokens
+    /// added.
+    fn reuse(&mut self, slot: usize, prompt: &[u32], held: usize) -> usize {
+        let _ = (slot, prompt, held);
+        0
+    }
+    /// `slot` holds `tokens` (its whole cache): stores its whole blocks in
+    /// the prefix cache, where missing.
+    fn remember(&mut self, slot: usize, tokens: &[u32]) {
+        let _ = (slot, tokens);
+    }
 }
 
 /// KV copies a call made, for the metrics.
@@ -64,6 +85,12 @@ pub struct Copies {
     pub join_ns: u64,
     pub evict_bytes: usize,
     pub evict_ns: u64,
+    /// Copied from the prefix cache into slots.
+    pub hit_bytes: usize,
+    pub hit_ns: u64,
+    /// Copied out of slots into the prefix cache.
+    pub store_bytes: usize,
+    pub store_ns: u64,
 }
 
 /// Which slots are taken and how many tokens each holds: the bookkeeping
@@ -122,12 +149,15 @@ fn real(chunks: &[Chunk<'_>]) -> usize {
 pub struct SlotBackend {
     model: BuiltModel,
     slots: SlotTable,
+    /// Shared by every worker's backend (`super::prefix`).
+    prefix: Option<Arc<PrefixCache>>,
+    copies: Copies,
 }
 
 impl SlotBackend {
-    pub fn new(model: BuiltModel) -> Self {
+    pub fn new(model: BuiltModel, prefix: Option<Arc<PrefixCache>>) -> Self {
         let slots = SlotTable::new(model.cache.shape.slots);
-        SlotBackend { model, slots }
+        SlotBackend { model, slots, prefix, copies: Copies::default() }
     }
 }
 
@@ -243,5 +273,60 @@ impl Backend for SlotBackend {
 
     fn admit(&self, limits: &Limits, running: &[Candidate], queue: &mut dyn Iterator<Item = Candidate>) -> usize {
         admission::admit_slots(limits, running, queue)
+    }
+
+    fn take_copies(&mut self) -> Copies {
+        std::mem::take(&mut self.copies)
+    }
+
+    fn prefix_block(&self) -> Option<usize> {
+        self.prefix.as_ref().map(|p| p.block())
+    }
+
+    fn reuse(&mut self, slot: usize, prompt: &[u32], held: usize) -> usize {
+        let Some(prefix) = &self.prefix else { return 0 };
+        debug_assert_eq!(self.slots.lens[slot], held, "the worker and the backend agree on what a slot holds");
+        let block = prefix.block();
+        // Whole blocks of the prompt, up to the one holding its last token.
+        let last = prompt.len().saturating_sub(1);
+        if last <= held {
+            return 0;
+        }
+        let t = Instant::now();
+        let chain = prefix.lookup(&prompt[..prompt.len() / block * block]);
+        let cached = (chain.len() * block).min(last);
+        if cached <= held {
+            return 0;
+        }
+        let mut bytes = 0;
+        for (j, data) in chain.iter().enumerate().skip(held / block) {
+            let start = j * block;
+            if start >= cached {
+                break;
+            }
+            let from = held.max(start) - start;
+            let to = cached.min(start + block) - start;
+            bytes += self.model.cache.write_block(slot, start, data, block, from, to - from);
+        }
+        self.slots.lens[slot] = cached;
+        self.copies.hit_bytes += bytes;
+        self.copies.hit_ns += t.elapsed().as_nanos() as u64;
+        cached - held
+    }
+
+    fn remember(&mut self, slot: usize, tokens: &[u32]) {
+        let Some(prefix) = &self.prefix else { return };
+        let held = self.slots.lens[slot].min(tokens.len());
+        let block = prefix.block();
+        if held < block {
+            return;
+        }
+        let t = Instant::now();
+        let cache = &mut self.model.cache;
+        let stored = prefix.insert(&tokens[..held], |j, out| cache.read_block(slot, j * block, block, out));
+        if stored > 0 {
+            self.copies.store_bytes += stored * cache.block_bytes(block);
+            self.copies.store_ns += t.elapsed().as_nanos() as u64;
+        }
     }
 }

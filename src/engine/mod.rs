@@ -6,6 +6,7 @@ pub mod backend;
 pub mod layout;
 pub mod model;
 pub mod padded;
+pub mod prefix;
 mod rows;
 pub mod stats;
 mod worker;
@@ -56,6 +57,9 @@ pub enum QueueError {
 pub enum Event {
     /// Prefill started (the request left the queue).
     Started { at: Instant },
+    /// The prompt is in the cache; `cached_tokens` of it were copied from
+    /// the prefix cache instead of computed.
+    Prefilled { cached_tokens: u32 },
     /// A token was chosen for sequence `index`: `text` is what may be sent
     /// now (whole characters, nothing that could start a stop sequence;
     /// with the held-back rest on its last token); `finish` is set on its

@@ -36,6 +36,8 @@ pub(super) struct Row {
     pub beam: Option<Box<BeamSearch>>,
     /// The text so far and the stop sequences it is matched against.
     pub text: SequenceText,
+    /// Its request failed: its cache is not kept (`Backend::remember`).
+    pub failed: bool,
 }
 
 impl Row {
@@ -96,6 +98,7 @@ pub(super) fn choose(
             let _ = job.send(Event::Failed(super::EngineError::Panic(text)));
             for row in rows.iter_mut().filter(|r| Arc::ptr_eq(&r.job, &job)) {
                 row.done = true;
+                row.failed = true;
             }
         }
         i += width;

@@ -23,6 +23,9 @@ pub struct WorkerStats {
     pub evict_bytes: AtomicU64,
     pub evict_ns: AtomicU64,
     pub restarts: AtomicU64,
+    /// Prompt tokens copied from the prefix cache, and prefilled while it was on.
+    pub prefix_hit_tokens: AtomicU64,
+    pub prefix_miss_tokens: AtomicU64,
 }
 
 /// Worker statistics at one moment, for the summary logged after each busy
@@ -42,6 +45,8 @@ pub struct Snapshot {
     evict_copies: u64,
     evict_bytes: u64,
     evict_ns: u64,
+    prefix_hit_tokens: u64,
+    prefix_miss_tokens: u64,
 }
 
 impl Snapshot {
@@ -61,6 +66,8 @@ impl Snapshot {
             evict_copies: l(&s.evict_copies),
             evict_bytes: l(&s.evict_bytes),
             evict_ns: l(&s.evict_ns),
+            prefix_hit_tokens: l(&s.prefix_hit_tokens),
+            prefix_miss_tokens: l(&s.prefix_miss_tokens),
         }
     }
 
@@ -76,7 +83,8 @@ impl Snapshot {
         format!(
             "{steps} decode steps, {:.2} rows/step, {:.2} ms/iteration; decode Session::run {:.1}%, prefill {:.1}% \
              ({} tokens), joins {:.1}%, evictions {:.1}%, other (sampling, streaming, scheduling) {:.1}%; \
-             {joins} joins at {:.2} ms and {:.2} MiB each; {} rows evicted in {copies} copies at {:.2} ms and {:.2} MiB each",
+             {joins} joins at {:.2} ms and {:.2} MiB each; {} rows evicted in {copies} copies at {:.2} ms and {:.2} MiB each; \
+             prompt tokens from the prefix cache {} of {}",
             (self.step_rows - o.step_rows) as f64 / steps as f64,
             iteration / steps as f64 / 1e6,
             100.0 * run / iteration,
@@ -90,6 +98,8 @@ impl Snapshot {
             self.evictions - o.evictions,
             per(evict, copies),
             mib(self.evict_bytes - o.evict_bytes, copies),
+            self.prefix_hit_tokens - o.prefix_hit_tokens,
+            self.prefix_hit_tokens - o.prefix_hit_tokens + self.prefix_miss_tokens - o.prefix_miss_tokens,
         )
     }
 }

@@ -160,6 +160,12 @@ impl Worker {
             stats.join_ns.fetch_add(c.join_ns, Ordering::Relaxed);
             record_copy("join", c.join_ns, c.join_bytes);
         }
+        if c.hit_bytes > 0 {
+            record_copy("prefix_hit", c.hit_ns, c.hit_bytes);
+        }
+        if c.store_bytes > 0 {
+            record_copy("prefix_store", c.store_ns, c.store_bytes);
+        }
         if c.evict_bytes > 0 {
             stats.evict_copies.fetch_add(1, Ordering::Relaxed);
             stats.evict_bytes.fetch_add(c.evict_bytes as u64, Ordering::Relaxed);
@@ -215,7 +221,7 @@ impl Worker {
             tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             let _ = job.send(Event::Started { at: now() });
-            self.prefilling.push_back(Prefilling { job, slots, done: 0 });
+            self.prefilling.push_back(Prefilling { job, slots, done: 0, cached: 0 });
         }
     }
 
@@ -256,6 +262,12 @@ impl Worker {
             {
                 row.end(&self.tokenizer, reason);
             }
+        }
+        // What finished rows computed stays in the prefix cache (a
+        // conversation's next turn begins with this one's prompt and
+        // answer). Beam rows keep only their prompt there.
+        for r in self.rows.iter().filter(|r| r.done && !r.failed && r.job.request.decoding.beam.is_none()) {
+            self.backend.remember(r.slot, &r.history.tokens);
         }
         let before = self.rows.len();
         self.rows.retain(|r| {
@@ -358,6 +370,7 @@ impl Worker {
         for row in &mut self.rows {
             if failed.iter().any(|j| Arc::ptr_eq(j, &row.job)) {
                 row.done = true;
+                row.failed = true;
             }
         }
     }

@@ -233,6 +233,64 @@ impl SlotCache {
         }
     }
 
+    /// Bytes a block of `block` positions takes outside the cache: every
+    /// layer's keys and values, laid out `[layer][key, value][head][block][head_dim]`.
+    pub fn block_bytes(&self, block: usize) -> usize {
+        block * self.shape.token_bytes()
+    }
+
+    /// Pairs of byte ranges (in one layer buffer of the cache, in a block laid
+    /// out as `block_bytes` says) for positions `from..from + n` of a block of
+    /// `block` positions placed at position `at` of `slot`; with the layer and
+    /// whether it is the value buffer.
+    fn block_spans(
+        &self,
+        slot: usize,
+        at: usize,
+        block: usize,
+        from: usize,
+        n: usize,
+    ) -> impl Iterator<Item = (usize, bool, Range<usize>, Range<usize>)> + use<> {
+        let s = self.shape;
+        assert!(slot < s.slots && from + n <= block && at + from + n <= s.max_len);
+        let e = s.dtype.bytes();
+        let (row, span) = (s.head_dim * e, n * s.head_dim * e);
+        let (column, head_block) = (s.max_len * row, block * row);
+        (0..s.layers).flat_map(move |layer| {
+            [false, true].into_iter().flat_map(move |value| {
+                (0..s.heads).map(move |h| {
+                    let in_cache = slot * s.slot_bytes() + h * column + (at + from) * row;
+                    let in_block = ((layer * 2 + usize::from(value)) * s.heads + h) * head_block + from * row;
+                    (layer, value, in_cache..in_cache + span, in_block..in_block + span)
+                })
+            })
+        })
+    }
+
+    /// Copies positions `at..at + block` of `slot` into `out`
+    /// (`block_bytes(block)` bytes, laid out as that says).
+    pub fn read_block(&mut self, slot: usize, at: usize, block: usize, out: &mut [u8]) {
+        assert_eq!(out.len(), self.block_bytes(block));
+        for (layer, value, cache, b) in self.block_spans(slot, at, block, 0, block) {
+            let (k, v) = &mut self.layers[layer];
+            let region = if value { v } else { k };
+            out[b].copy_from_slice(&region.as_mut_slice()[cache]);
+        }
+    }
+
+    /// Writes positions `from..from + n` of a block of `block` positions
+    /// (read by `read_block`) into `slot`, the block starting at position
+    /// `at`. Returns the bytes written.
+    pub fn write_block(&mut self, slot: usize, at: usize, data: &[u8], block: usize, from: usize, n: usize) -> usize {
+        assert_eq!(data.len(), self.block_bytes(block));
+        for (layer, value, cache, b) in self.block_spans(slot, at, block, from, n) {
+            let (k, v) = &mut self.layers[layer];
+            let region = if value { v } else { k };
+            region.as_mut_slice()[cache].copy_from_slice(&data[b]);
+        }
+        n * self.shape.token_bytes()
+    }
+
     /// Returns a freed slot's memory to the kernel.
     pub fn release(&mut self, slot: usize) {
         let n = self.shape.slot_bytes();
@@ -299,6 +357,34 @@ mod tests {
         assert_eq!(c.key(1, 0, 1, 2), before[1]);
         assert_eq!(c.key(1, 1, 1, 2), before[0]);
         assert_eq!(c.key(1, 2, 1, 2), before[1]);
+    }
+
+    #[test]
+    fn blocks_read_from_one_slot_write_into_another_at_their_positions() {
+        let mut c = cache();
+        fill(&mut c, 0, 1.0);
+        let mut block = vec![0u8; c.block_bytes(3)];
+        c.read_block(0, 2, 3, &mut block);
+        // Positions 2..5 of slot 0 become 2..5 of slot 3, but only the last
+        // two of the block are written.
+        assert_eq!(c.write_block(3, 2, &block, 3, 1, 2), 2 * c.shape.token_bytes());
+        for layer in 0..2 {
+            for head in 0..2 {
+                assert_eq!(c.key(layer, 3, head, 2), vec![0.0; 3], "position 2 was not asked for");
+                for pos in 3..5 {
+                    assert_eq!(c.key(layer, 3, head, pos), c.key(layer, 0, head, pos));
+                }
+                assert_eq!(c.key(layer, 3, head, 5), vec![0.0; 3]);
+            }
+        }
+        // Values too: the value buffer of the last layer, last head.
+        let s = c.shape;
+        let at = (3 * s.slot_elements() + (s.max_len + 4) * s.head_dim) * 4;
+        let from = (s.max_len + 4) * s.head_dim * 4;
+        let v = c.layers[1].1.as_mut_slice();
+        let (got, want) = (v[at..at + 12].to_vec(), v[from..from + 12].to_vec());
+        assert_eq!(got, want);
+        assert_ne!(want, vec![0u8; 12]);
     }
 
     #[test]

@@ -353,11 +353,19 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// OpenAI's breakdown: `cached_tokens` of the prompt came from the prefix cache.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl Usage {
     pub fn add(&mut self, u: &pb::Usage) {
         self.prompt_tokens += u.prompt_tokens;
+        self.prompt_tokens_details.cached_tokens += u.cached_prompt_tokens;
         self.completion_tokens += u.generated_tokens;
         self.total_tokens = self.prompt_tokens + self.completion_tokens;
     }

@@ -31,6 +31,7 @@ pub struct Responder {
     tokenizer: Tokenizer,
     request_id: String,
     prompt_tokens: u32,
+    cached_prompt_tokens: u32,
     arrival: Instant,
     started: Option<Instant>,
     first_token: Option<Instant>,
@@ -64,6 +65,7 @@ impl Responder {
             tokenizer,
             request_id: req.request_id.clone(),
             prompt_tokens: req.prompt_ids.len() as u32,
+            cached_prompt_tokens: 0,
             arrival: req.arrival,
             started: None,
             first_token: None,
@@ -116,6 +118,7 @@ impl Responder {
             queue_seconds: secs(self.started),
             time_to_first_token_seconds: secs(self.first_token),
             total_seconds: now.duration_since(self.arrival).as_secs_f64(),
+            cached_prompt_tokens: self.cached_prompt_tokens,
         }
     }
 
@@ -230,6 +233,10 @@ impl Responder {
                     metrics::histogram!(telemetry::QUEUE_DURATION)
                         .record(at.duration_since(self.arrival).as_secs_f64());
                 }
+                return Step::Nothing;
+            }
+            Event::Prefilled { cached_tokens } => {
+                self.cached_prompt_tokens = cached_tokens;
                 return Step::Nothing;
             }
             Event::Failed(e) => return Step::Fail(e.into()),

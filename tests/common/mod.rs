@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
-use batchgen::config::{GraphChoice, LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs};
+use batchgen::config::{CacheArgs, GraphChoice, LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs, Switch};
 use batchgen::pb::generation_client::GenerationClient;
 use tonic::transport::Channel;
 
@@ -80,6 +80,17 @@ pub fn serve_args() -> ServeArgs {
             max_new_tokens: 200,
             default_max_new_tokens: 16,
         },
+        cache: CacheArgs { prefix_cache: prefix_cache(), prefix_cache_mib: 64, prefix_block_tokens: 4 },
+    }
+}
+
+/// The prefix cache the end-to-end tests run with: `BATCHGEN_TEST_PREFIX_CACHE`
+/// (on, off; default auto, which is on with batchgen's own graph).
+pub fn prefix_cache() -> Switch {
+    match std::env::var("BATCHGEN_TEST_PREFIX_CACHE").as_deref() {
+        Ok("on") => Switch::On,
+        Ok("off") => Switch::Off,
+        _ => Switch::Auto,
     }
 }
 

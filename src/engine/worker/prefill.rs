@@ -26,6 +26,8 @@ pub(super) struct Prefilling {
     pub(super) slots: Vec<usize>,
     /// Prompt tokens already in the cache.
     pub(super) done: usize,
+    /// Of those, the tokens copied from the prefix cache.
+    pub(super) cached: usize,
 }
 
 impl Worker {
@@ -34,6 +36,7 @@ impl Worker {
     /// (whole prompts where the backend cannot chunk; admission bounded them).
     /// Requests whose prompt is complete become decoding rows.
     pub(super) fn prefill(&mut self) {
+        let deferred = self.reuse_prefixes();
         let chunked = self.backend.chunks();
         let mut budget = if chunked {
             let mut waiting = admission::Waiting::default();
@@ -49,6 +52,9 @@ impl Worker {
         };
         let mut work: Vec<(usize, usize)> = Vec::new();
         for (i, p) in self.prefilling.iter().enumerate() {
+            if deferred.get(i).copied().unwrap_or(false) {
+                continue;
+            }
             let left = p.job.request.prompt_ids.len() - p.done;
             let take = if chunked { left.min(budget) } else { left };
             if take == 0 || (!chunked && !work.is_empty() && take > budget) {
@@ -103,6 +109,7 @@ impl Worker {
         for (k, &(i, take)) in work.iter().enumerate() {
             let p = &mut self.prefilling[i];
             p.done += take;
+            self.backend.remember(p.slots[0], &p.job.request.prompt_ids[..p.done]);
             if p.done == p.job.request.prompt_ids.len() {
                 complete.push((i, k));
             }
@@ -123,6 +130,15 @@ impl Worker {
     /// copy of the prompt's cache and each row chooses its first token.
     fn start_rows(&mut self, p: Prefilling, logits: &Logits, k: usize) {
         let job = p.job;
+        if self.backend.prefix_block().is_some() {
+            let prompt = job.request.prompt_ids.len();
+            metrics::counter!(telemetry::PREFIX_CACHE_HIT_TOKENS).increment(p.cached as u64);
+            metrics::counter!(telemetry::PREFIX_CACHE_MISS_TOKENS).increment((prompt - p.cached) as u64);
+            let stats = &self.shared.stats;
+            stats.prefix_hit_tokens.fetch_add(p.cached as u64, Ordering::Relaxed);
+            stats.prefix_miss_tokens.fetch_add((prompt - p.cached) as u64, Ordering::Relaxed);
+        }
+        let _ = job.send(Event::Prefilled { cached_tokens: p.cached as u32 });
         if p.slots.len() > 1 {
             let t = now();
             match self.backend.fork(p.slots[0], &p.slots[1..]) {
@@ -156,6 +172,7 @@ impl Worker {
                         Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
                     }),
                     text: SequenceText::for_request(&job.request),
+                    failed: false,
                     job: job.clone(),
                 }
             })
@@ -167,5 +184,38 @@ impl Worker {
             self.reorder(&new_rows, start, &perm);
         }
         self.rows.extend(new_rows);
+    }
+
+    /// Fills each prefilling request's slot from the prefix cache as far as
+    /// it holds the prompt, and returns which requests wait this iteration:
+    /// those whose next block an earlier prefilling request (on this worker)
+    /// is still to compute, so that it is computed once and then copied
+    /// (16 requests sharing a system prompt arriving together otherwise
+    /// prefill it 16 times).
+    fn reuse_prefixes(&mut self) -> Vec<bool> {
+        let Some(block) = self.backend.prefix_block() else { return Vec::new() };
+        let mut deferred = Vec::with_capacity(self.prefilling.len());
+        for i in 0..self.prefilling.len() {
+            let p = &mut self.prefilling[i];
+            let added = self.backend.reuse(p.slots[0], &p.job.request.prompt_ids, p.done);
+            p.done += added;
+            p.cached += added;
+            let p = &self.prefilling[i];
+            let prompt = &p.job.request.prompt_ids;
+            // The end of the block this request computes next.
+            let end = (p.done / block + 1) * block;
+            // Not when its next block holds its last token, which it
+            // computes anyway. The first request is never deferred, so every
+            // wait ends.
+            deferred.push(
+                end < prompt.len()
+                    && self.prefilling.iter().take(i).any(|q| {
+                        let other = &q.job.request.prompt_ids;
+                        q.done < end && other.len() >= end && other[..end] == prompt[..end]
+                    }),
+            );
+        }
+        self.record_copies();
+        deferred
     }
 }

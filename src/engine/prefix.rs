@@ -1,0 +1,307 @@
+//! The prefix cache: keys and values of prompt (and generated) tokens kept
+//! after their row has gone, in blocks of `block` tokens, so that a request
+//! whose prompt begins like an earlier one prefills only the rest.
+//!
+//! **Keys.** A block is found by its parent block and its own token ids
+//! (`Key`): a chain from the first block, so a block stands for every token
+//! before and in it, as vLLM's hash chain does. The tokens themselves are the
+//! key (not a hash of them), so two prompts can never be taken for each other
+//! however a client crafts them, and the lookup is exact.
+//!
+//! **Rows copy; they do not share.** A hit copies the cached blocks into the
+//! row's slot of the worker's slot cache (`SlotCache::write_block`), and a
+//! prefilled or finished row's whole blocks are copied out of its slot into
+//! the cache (`read_block`). The alternative, a paged cache with a block
+//! table per row, would hold a prefix shared by 16 rows once instead of 16
+//! times, but ONNX Runtime's GroupQueryAttention (the float32 kernel, which
+//! we measured faster than ours there) reads one contiguous `[heads, max_len,
+//! head_dim]` range per row and cannot follow a block table. A copy costs
+//! `token_bytes` per token (72 KiB for the 124M shape at fp32: 37.7 MB, a few
+//! milliseconds, for a 512-token prefix) against ≈ 0.25 GFLOP per token to
+//! prefill it (≈ 130 GFLOP, hundreds of milliseconds); measured figures are in
+//! BENCHMARKS.md ("Prefix cache"). The samples and beams of one request keep
+//! sharing their prompt the same way: one slot is prefilled (or filled from
+//! here) and `fork` copies it to the others.
+//!
+//! **Bounded.** The cache holds at most `capacity` blocks (`--prefix-cache-mib`).
+//! A block is evicted least recently used first, and only when no cached
+//! block continues it (a leaf), so every cached block stays reachable from
+//! the first. Rows never read a block after their copy, and the copy holds
+//! the block's data (`Arc`), so an eviction can never pull memory from under
+//! a row. The row's own KV is counted by admission as before; this budget is
+//! separate.
+//!
+//! **One cache for all workers.** The index sits behind a mutex that is held
+//! only to find or link blocks (microseconds); the copies run outside it. A
+//! prefix prefilled by one worker serves requests routed to any other.
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use crate::telemetry;
+
+/// One block's keys and values, laid out as `SlotCache::block_bytes` says.
+pub type BlockData = Arc<Vec<u8>>;
+
+/// The id of the virtual block before every prompt's first.
+const ROOT: u64 = 0;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    parent: u64,
+    tokens: Box<[u32]>,
+}
+
+struct Entry {
+    key: Key,
+    data: BlockData,
+    /// Cached blocks whose parent this is.
+    children: u32,
+    /// When it was last found or stored (`Inner::clock`).
+    stamp: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    index: HashMap<Key, u64>,
+    entries: HashMap<u64, Entry>,
+    /// The blocks no cached block continues, oldest first: what may be evicted.
+    leaves: BTreeSet<(u64, Reverse<u64>)>,
+    clock: u64,
+    next_id: u64,
+    evictions: u64,
+}
+
+/// What the cache holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    pub blocks: usize,
+    pub bytes: usize,
+    pub evictions: u64,
+}
+
+pub struct PrefixCache {
+    block: usize,
+    block_bytes: usize,
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+impl PrefixCache {
+    /// A cache of blocks of `block` tokens, each `block_bytes` bytes, within
+    /// `budget` bytes.
+    pub fn new(block: usize, block_bytes: usize, budget: usize) -> Self {
+        assert!(block > 0 && block_bytes > 0);
+        let inner = Inner { next_id: ROOT + 1, ..Default::default() };
+        let cache = PrefixCache { block, block_bytes, capacity: budget / block_bytes, inner: Mutex::new(inner) };
+        cache.publish(&cache.lock());
+        cache
+    }
+
+    /// Tokens per block.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Blocks the budget holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn held(&self) -> Held {
+        let inner = self.lock();
+        Held { blocks: inner.entries.len(), bytes: inner.entries.len() * self.block_bytes, evictions: inner.evictions }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding it leaves the index consistent
+        // (every change is made before the lock is released).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached blocks that begin `tokens` (whole blocks only), in order:
+    /// the longest chain there is. Marks them used.
+    pub fn lookup(&self, tokens: &[u32]) -> Vec<BlockData> {
+        let mut inner = self.lock();
+        let stamp = inner.tick();
+        inner.walk(tokens, self.block, stamp).into_iter().map(|id| inner.entries[&id].data.clone()).collect()
+    }
+
+    /// Stores the whole blocks of `tokens` the cache does not hold yet;
+    /// `read(j, out)` fills block `j` (tokens `j * block..(j + 1) * block`).
+    /// Returns how many blocks were stored. Evicts the least recently used
+    /// blocks that nothing continues to make room; stops early when the rest
+    /// of the budget is this chain itself.
+    pub fn insert(&self, tokens: &[u32], mut read: impl FnMut(usize, &mut [u8])) -> usize {
+        let whole = tokens.len() / self.block;
+        if whole == 0 || self.capacity == 0 {
+            return 0;
+        }
+        let first_missing = {
+            let mut inner = self.lock();
+            let stamp = inner.tick();
+            inner.walk(tokens, self.block, stamp).len()
+        };
+        if first_missing == whole {
+            return 0;
+        }
+        // The copies run without the lock.
+        let mut read_blocks: Vec<Vec<u8>> = Vec::with_capacity(whole - first_missing);
+        for j in first_missing..whole.min(first_missing + self.capacity) {
+            let mut data = vec![0u8; self.block_bytes];
+            read(j, &mut data);
+            read_blocks.push(data);
+        }
+        let mut inner = self.lock();
+        let stamp = inner.tick();
+        // Another worker may have stored (or evicted) some of them meanwhile.
+        let chain = inner.walk(tokens, self.block, stamp);
+        if chain.len() < first_missing {
+            // A block before those read was evicted meanwhile: the chain
+            // cannot be continued now.
+            return 0;
+        }
+        let mut parent = chain.last().copied().unwrap_or(ROOT);
+        let mut stored = 0;
+        let mut blocks = read_blocks.into_iter();
+        // Blocks another worker stored after the first walk are dropped.
+        for _ in first_missing..chain.len() {
+            blocks.next();
+        }
+        for (j, data) in (chain.len()..whole).zip(blocks) {
+            if inner.entries.len() >= self.capacity && !inner.evict_one(stamp) {
+                break;
+            }
+            let key = Key { parent, tokens: tokens[j * self.block..(j + 1) * self.block].into() };
+            let id = inner.next_id;
+            inner.next_id += 1;
+            if parent != ROOT {
+                let p = inner.entries.get_mut(&parent).expect("the chain's blocks are cached");
+                p.children += 1;
+                let p_stamp = p.stamp;
+                inner.leaves.remove(&(p_stamp, Reverse(parent)));
+            }
+            inner.index.insert(key.clone(), id);
+            inner.entries.insert(id, Entry { key, data: Arc::new(data), children: 0, stamp });
+            inner.leaves.insert((stamp, Reverse(id)));
+            parent = id;
+            stored += 1;
+        }
+        self.publish(&inner);
+        stored
+    }
+
+    fn publish(&self, inner: &Inner) {
+        metrics::gauge!(telemetry::PREFIX_CACHE_BLOCKS).set(inner.entries.len() as f64);
+        metrics::gauge!(telemetry::PREFIX_CACHE_BYTES).set((inner.entries.len() * self.block_bytes) as f64);
+        metrics::gauge!(telemetry::PREFIX_CACHE_CAPACITY_BYTES).set((self.capacity * self.block_bytes) as f64);
+    }
+}
+
+impl Inner {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The ids of the cached chain of whole blocks that begins `tokens`,
+    /// each marked used at `stamp`.
+    fn walk(&mut self, tokens: &[u32], block: usize, stamp: u64) -> Vec<u64> {
+        let mut chain = Vec::new();
+        let mut parent = ROOT;
+        for piece in tokens.chunks_exact(block) {
+            let key = Key { parent, tokens: piece.into() };
+            let Some(&id) = self.index.get(&key) else { break };
+            let e = self.entries.get_mut(&id).expect("indexed blocks are cached");
+            if e.children == 0 {
+                self.leaves.remove(&(e.stamp, Reverse(id)));
+                self.leaves.insert((stamp, Reverse(id)));
+            }
+            e.stamp = stamp;
+            chain.push(id);
+            parent = id;
+        }
+        chain
+    }
+
+    /// Evicts the least recently used leaf, unless it was used at `stamp`
+    /// (the chain being stored). True when one was evicted.
+    fn evict_one(&mut self, stamp: u64) -> bool {
+        let Some(&(s, Reverse(id))) = self.leaves.iter().next() else { return false };
+        if s >= stamp {
+            return false;
+        }
+        self.leaves.remove(&(s, Reverse(id)));
+        let e = self.entries.remove(&id).expect("leaves are cached");
+        self.index.remove(&e.key);
+        if e.key.parent != ROOT {
+            let p = self.entries.get_mut(&e.key.parent).expect("a cached block's parent is cached");
+            p.children -= 1;
+            if p.children == 0 {
+                self.leaves.insert((p.stamp, Reverse(e.key.parent)));
+            }
+        }
+        self.evictions += 1;
+        metrics::counter!(telemetry::PREFIX_CACHE_EVICTIONS).increment(1);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A block's data records which tokens it was read for.
+    fn store(c: &PrefixCache, tokens: &[u32]) -> usize {
+        c.insert(tokens, |j, out| {
+            out.fill(0);
+            out[0] = tokens[j * c.block()] as u8;
+            out[1] = j as u8;
+        })
+    }
+
+    fn found(c: &PrefixCache, tokens: &[u32]) -> Vec<(u8, u8)> {
+        c.lookup(tokens).iter().map(|d| (d[0], d[1])).collect()
+    }
+
+    #[test]
+    fn finds_the_longest_chain_of_whole_blocks() {
+        let c = PrefixCache::new(2, 4, 1 << 20);
+        assert_eq!(store(&c, &[1, 2, 3, 4, 5]), 2, "the trailing half block is not stored");
+        assert_eq!(found(&c, &[1, 2, 3, 4, 5, 6]), vec![(1, 0), (3, 1)]);
+        assert_eq!(found(&c, &[1, 2, 3, 9]), vec![(1, 0)], "stops where the tokens differ");
+        assert_eq!(found(&c, &[1, 2, 3]), vec![(1, 0)], "a half block is not a hit");
+        assert!(found(&c, &[3, 4]).is_empty(), "a block is keyed by what comes before it too");
+        assert_eq!(store(&c, &[1, 2, 3, 4, 7, 8]), 1, "only the missing block is read");
+        assert_eq!(c.held().blocks, 3);
+    }
+
+    #[test]
+    fn evicts_least_recently_used_leaves_and_never_the_chain_being_stored() {
+        // Room for 3 blocks.
+        let c = PrefixCache::new(1, 10, 30);
+        store(&c, &[1, 2]);
+        store(&c, &[5]);
+        // [1, 2] is used after [5]: [5] is now the oldest leaf.
+        assert_eq!(found(&c, &[1, 2]).len(), 2);
+        assert_eq!(store(&c, &[1, 2, 3]), 1);
+        assert!(found(&c, &[5]).is_empty(), "the least recently used leaf went");
+        assert_eq!(found(&c, &[1, 2, 3]).len(), 3);
+        assert_eq!(c.held(), Held { blocks: 3, bytes: 30, evictions: 1 });
+        // A chain longer than the budget: the cache keeps what fits of it
+        // and never evicts the chain's own blocks to continue it.
+        assert_eq!(store(&c, &[1, 2, 3, 4, 5]), 0);
+        assert_eq!(found(&c, &[1, 2, 3, 4]).len(), 3);
+        // A parent is evicted only after its children.
+        assert_eq!(store(&c, &[7, 8]), 2);
+        assert_eq!(found(&c, &[1, 2, 3]).len(), 1);
+        assert_eq!(c.held().evictions, 3);
+    }
+
+    #[test]
+    fn a_budget_below_one_block_stores_nothing() {
+        let c = PrefixCache::new(2, 100, 99);
+        assert_eq!(store(&c, &[1, 2, 3, 4]), 0);
+        assert!(found(&c, &[1, 2]).is_empty());
+    }
+}
