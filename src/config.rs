@@ -126,6 +126,12 @@ pub struct BenchArgs {
     /// reported per turn. 1: single requests.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub turns: u32,
+    /// Send `x-session-id: PREFIX-N` with every call, N the conversation
+    /// (--turns) or the request: what a balancer routes on so that a
+    /// conversation keeps reaching the replica whose prefix cache holds it
+    /// (deploy/nginx/batchgen.conf).
+    #[arg(long)]
+    pub session_id: Option<String>,
     /// Tokens generated per request (EOS ignored).
     #[arg(long, default_value_t = 128)]
     pub new_tokens: u32,
@@ -202,9 +208,12 @@ pub struct CacheArgs {
     #[arg(long = "prefix-cache", env = "BATCHGEN_PREFIX_CACHE", default_value = "auto", value_enum)]
     pub prefix_cache: Switch,
     /// Memory the prefix cache may hold, in MiB, shared by all workers
-    /// (least recently used blocks are evicted beyond it). 124M model at
-    /// fp32: 72 KiB per token, so 256 MiB hold about 3,600 tokens.
-    #[arg(long, env = "BATCHGEN_PREFIX_CACHE_MIB", default_value_t = 256)]
+    /// (least recently used blocks are evicted beyond it), on top of the
+    /// rows' own KV. 124M model at fp32: 72 KiB per token, so 128 MiB hold
+    /// about 1,800 tokens (a long system prompt and a few conversations);
+    /// sized so that 16 rows of 600 tokens and a full cache stay within
+    /// 1.5 GiB of resident memory.
+    #[arg(long, env = "BATCHGEN_PREFIX_CACHE_MIB", default_value_t = 128)]
     pub prefix_cache_mib: usize,
     /// Tokens per prefix cache block: a prompt reuses whole blocks only, so
     /// smaller blocks find more of a shared beginning, larger ones cost less

@@ -147,6 +147,11 @@ async fn completions_equal_the_grpc_answers_unary_and_streamed() {
     assert_eq!(usage["prompt_tokens"], grpc.usage.unwrap().prompt_tokens);
     assert_eq!(usage["completion_tokens"], want.len());
     assert_eq!(usage["total_tokens"], grpc.usage.unwrap().prompt_tokens as usize + want.len());
+    // The same prompt again (the gRPC call, the stream below) is served from
+    // the prefix cache, which this fresh server's first call filled.
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0, "the first call of a fresh server");
+    let cached = grpc.usage.unwrap().cached_prompt_tokens;
+    assert_eq!(cached > 0, common::built(), "the prefix cache is on with batchgen's own graph only");
 
     // Streamed, with usage: the texts concatenate to the unary text.
     let mut body = body;
@@ -164,6 +169,7 @@ async fn completions_equal_the_grpc_answers_unary_and_streamed() {
     let usage_chunk = chunks.last().unwrap();
     assert!(usage_chunk["choices"].as_array().unwrap().is_empty());
     assert_eq!(usage_chunk["usage"]["completion_tokens"], want.len());
+    assert_eq!(usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"], cached);
     let last_choice = &chunks[chunks.len() - 2]["choices"][0];
     assert_eq!(last_choice["finish_reason"], "stop");
 

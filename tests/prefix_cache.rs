@@ -243,6 +243,41 @@ async fn outputs_stay_exact_after_evictions() {
     assert_same(&a, &generate(&off, &first).await, "an evicted prompt");
 }
 
+/// The cache copies bytes, whatever the cache's element type: a float16
+/// cache (batchgen's own attention kernel) is as exact against the same
+/// server without the cache as float32. (int8 weights are served with the
+/// cache too, but not compared here: their activations are quantized with one
+/// scale per run, so any output depends on how its prompt was split into
+/// runs, chunked prefill without the cache included.)
+#[tokio::test]
+async fn a_float16_cache_is_exact_too() {
+    if !common::built() {
+        return;
+    }
+    let low = |cache| {
+        let mut a = args(cache, 64);
+        a.model.kv_dtype = batchgen::graph::KvDtype::Fp16;
+        a
+    };
+    let off = start_with(low(Switch::Off)).await;
+    let on = start_with(low(Switch::On)).await;
+    let base = tokens(50, 30);
+    for (case, prompt, want) in [
+        ("first", base.clone(), 0),
+        ("again", base.clone(), 28),
+        ("prefix", base[..18].to_vec(), 16),
+        ("continued", [base.as_slice(), &tokens(51, 7)].concat(), 28),
+    ] {
+        for (method, r) in methods(&prompt, 3) {
+            let (a, b) = (generate(&on, &r).await, generate(&off, &r).await);
+            assert_same(&a, &b, &format!("{case} / {method}"));
+            if method == "greedy" {
+                assert_eq!(cached(&a), want, "{case}");
+            }
+        }
+    }
+}
+
 /// What start-up refuses, with a message that says what to do.
 #[tokio::test]
 async fn start_up_refuses_a_cache_it_cannot_have() {

@@ -110,7 +110,7 @@ fn lost_in_transit(e: &tonic::Status) -> bool {
 /// Request `i`, sent again (up to `--retries` times, 50 ms apart) while it is
 /// lost in transit: a replica that was stopped or killed under it.
 async fn one(client: crate::client::Client, args: &BenchArgs, i: usize) -> Result<Sample, tonic::Status> {
-    send(client, args, i, request_prompt(args, i)).await
+    send(client, args, i, i, request_prompt(args, i)).await
 }
 
 /// Conversation `c` (--turns): its turns in order; a failed turn ends it.
@@ -119,7 +119,7 @@ async fn conversation(client: crate::client::Client, args: &BenchArgs, c: usize)
     let mut history = request_prompt(args, c * turns);
     let mut out = Vec::with_capacity(turns);
     for turn in 0..turns {
-        let result = send(client.clone(), args, c * turns + turn, history.clone()).await;
+        let result = send(client.clone(), args, c * turns + turn, c, history.clone()).await;
         match result {
             Ok(sample) => {
                 history.extend(&sample.ids);
@@ -135,15 +135,17 @@ async fn conversation(client: crate::client::Client, args: &BenchArgs, c: usize)
     out
 }
 
+/// Request `i` of session `session` (its conversation, or itself).
 async fn send(
     client: crate::client::Client,
     args: &BenchArgs,
     i: usize,
+    session: usize,
     prompt: Vec<u32>,
 ) -> Result<Sample, tonic::Status> {
     let mut retried = 0;
     loop {
-        match attempt(client.clone(), args, i, prompt.clone()).await {
+        match attempt(client.clone(), args, i, session, prompt.clone()).await {
             Err(e) if lost_in_transit(&e) && retried < args.retries => {
                 retried += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -158,6 +160,7 @@ async fn attempt(
     mut client: crate::client::Client,
     args: &BenchArgs,
     i: usize,
+    session: usize,
     prompt: Vec<u32>,
 ) -> Result<Sample, tonic::Status> {
     let method = (args.temperature > 0.0).then(|| {
@@ -174,6 +177,13 @@ async fn attempt(
         stopping: Some(pb::Stopping { max_new_tokens: args.new_tokens, ignore_eos: true, ..Default::default() }),
         ..Default::default()
     };
+    let mut request = tonic::Request::new(request);
+    if let Some(prefix) = &args.session_id {
+        let id = format!("{prefix}-{session}")
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument(format!("--session-id {prefix:?} is not a header value")))?;
+        request.metadata_mut().insert("x-session-id", id);
+    }
     let start = Instant::now();
     let mut stream = client.generate_stream(request).await?.into_inner();
     let mut arrivals = Vec::with_capacity(args.new_tokens as usize);
@@ -295,8 +305,12 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Err
     let client = crate::client::connect(&args.connect).await?;
     let mut levels: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
     levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1 || args.no_sequential));
-    // Warm-up: the first request pays for lazy initialisation in ORT.
-    one(client.clone(), args, usize::MAX / 2).await?;
+    // Warm-up: the first request pays for lazy initialisation in ORT. Its
+    // prompt is new on every run and shares nothing with the run's (no
+    // shared prefix), so it leaves a prefix cache nothing the run could hit.
+    let warm = usize::MAX / 2;
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    send(client.clone(), args, warm, warm, prompt(args.seed ^ clock, warm, args.prompt_tokens)).await?;
     let mut out = Vec::new();
     let mut first = 0;
     for c in levels {

@@ -91,7 +91,44 @@ pub fn write_all(dir: &Path, runs: &[Run<'_>]) -> Result<Vec<PathBuf>, PlotError
             written.push(path);
         }
     }
+    if runs.iter().any(|r| r.levels.iter().any(|l| !l.ttft_by_turn.is_empty())) {
+        let path = dir.join("closed-loop-time-to-first-token-by-turn.svg");
+        turns_chart(&path, runs).map_err(|reason| PlotError { path: path.clone(), reason })?;
+        written.push(path);
+    }
     Ok(written)
+}
+
+/// TTFT percentiles against the turn of the conversation (`--turns`): the
+/// first level with turns of each run.
+fn turns_chart(path: &Path, runs: &[Run<'_>]) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Debug| format!("{e:?}");
+    // Each turn as a level whose value is the turn's number.
+    let per_turn: Vec<(&str, Vec<Level>)> = runs
+        .iter()
+        .filter_map(|r| {
+            let l = r.levels.iter().find(|l| !l.ttft_by_turn.is_empty())?;
+            let turns = l.ttft_by_turn.iter().enumerate();
+            Some((
+                r.name,
+                turns.map(|(t, p)| Level { value: (t + 1) as f64, ttft_seconds: p.clone(), ..l.clone() }).collect(),
+            ))
+        })
+        .collect();
+    let runs: Vec<(&str, Vec<&Level>)> = per_turn.iter().map(|(n, ls)| (*n, ls.iter().collect())).collect();
+    let turns = runs.iter().map(|(_, ls)| ls.len()).max().unwrap_or(1) as f64;
+    let y_max = runs.iter().flat_map(|(_, ls)| ls.iter().map(|l| l.ttft_seconds.p99 * 1e3)).fold(0.0, f64::max);
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let chart = ChartBuilder::on(&root)
+        .caption("time to first token by turn of the conversation", ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.5..turns + 0.5, 0.0..(y_max * 1.15).max(1e-9))
+        .map_err(|e| err(&e))?;
+    draw(chart, &runs, Measure::Ttft, "turn (each prompt is the conversation so far)", Measure::Ttft.axis())?;
+    root.present().map_err(|e| err(&e))
 }
 
 /// "b / a: 1.45× at 16, …" for the first series of two runs.

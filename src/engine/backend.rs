@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::admission::{self, Candidate, Limits};
 use super::model::{ForwardError, Logits};
-use super::prefix::PrefixCache;
+use super::prefix::{Pin, PrefixCache};
 use crate::graph::{BuiltModel, RowInput};
 
 /// A piece of a prompt to prefill: `tokens` continue what `slot` holds.
@@ -72,10 +72,27 @@ pub trait Backend: Send {
         0
     }
     /// `slot` holds `tokens` (its whole cache): stores its whole blocks in
-    /// the prefix cache, where missing.
-    fn remember(&mut self, slot: usize, tokens: &[u32]) {
-        let _ = (slot, tokens);
+    /// the prefix cache, where missing (`Stage` says what the slot is at).
+    fn remember(&mut self, slot: usize, tokens: &[u32], stage: Stage) {
+        let _ = (slot, tokens, stage);
     }
+}
+
+/// Where a slot is when its cache is stored in the prefix cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Part of its prompt is in: what is stored stays pinned (not evicted)
+    /// until the prompt is, so each chunk continues the chain the last one
+    /// stored instead of copying it again after an eviction.
+    Prefilling,
+    /// Its whole prompt is in; the row decodes from now on and needs no
+    /// block (it copied or computed them all), so nothing stays pinned.
+    Prefilled,
+    /// The row ended: its prompt and answer are stored (a conversation's
+    /// next turn begins with them), nothing stays pinned. (Storing the answer
+    /// only while the prompt is still cached was measured: under a budget
+    /// smaller than the conversations it lost most of their hits.)
+    Finished,
 }
 
 /// KV copies a call made, for the metrics.
@@ -151,13 +168,21 @@ pub struct SlotBackend {
     slots: SlotTable,
     /// Shared by every worker's backend (`super::prefix`).
     prefix: Option<Arc<PrefixCache>>,
+    /// Each slot's pin on the prefix cache block its cache ends in.
+    pins: Vec<Option<Pin>>,
     copies: Copies,
 }
 
 impl SlotBackend {
     pub fn new(model: BuiltModel, prefix: Option<Arc<PrefixCache>>) -> Self {
-        let slots = SlotTable::new(model.cache.shape.slots);
-        SlotBackend { model, slots, prefix, copies: Copies::default() }
+        let n = model.cache.shape.slots;
+        SlotBackend { model, slots: SlotTable::new(n), prefix, pins: vec![None; n], copies: Copies::default() }
+    }
+
+    fn repin(&mut self, slot: usize, pin: Option<Pin>) {
+        if let Some(prefix) = &self.prefix {
+            self.pins[slot] = prefix.repin(self.pins[slot], pin);
+        }
     }
 }
 
@@ -169,6 +194,7 @@ impl Backend for SlotBackend {
 
     fn free(&mut self, slots: &[usize]) {
         for &s in slots {
+            self.repin(s, None);
             if self.slots.free(s) > 0 {
                 self.model.cache.release(s);
             }
@@ -293,7 +319,7 @@ impl Backend for SlotBackend {
             return 0;
         }
         let t = Instant::now();
-        let chain = prefix.lookup(&prompt[..prompt.len() / block * block]);
+        let (chain, pin) = prefix.lookup(&prompt[..prompt.len() / block * block]);
         let cached = (chain.len() * block).min(last);
         if cached <= held {
             return 0;
@@ -311,22 +337,29 @@ impl Backend for SlotBackend {
         self.slots.lens[slot] = cached;
         self.copies.hit_bytes += bytes;
         self.copies.hit_ns += t.elapsed().as_nanos() as u64;
+        // The slot's cache now ends in that chain (all of it, or all but the
+        // last token of its last block): pinned until the next store or the
+        // slot's release.
+        self.repin(slot, pin);
         cached - held
     }
 
-    fn remember(&mut self, slot: usize, tokens: &[u32]) {
+    fn remember(&mut self, slot: usize, tokens: &[u32], stage: Stage) {
         let Some(prefix) = &self.prefix else { return };
         let held = self.slots.lens[slot].min(tokens.len());
         let block = prefix.block();
-        if held < block {
-            return;
+        let mut pin = None;
+        if held >= block {
+            let t = Instant::now();
+            let cache = &mut self.model.cache;
+            let read = |j, out: &mut [u8]| cache.read_block(slot, j * block, block, out);
+            let (stored, last) = prefix.insert(&tokens[..held], read);
+            if stored > 0 {
+                self.copies.store_bytes += stored * cache.block_bytes(block);
+                self.copies.store_ns += t.elapsed().as_nanos() as u64;
+            }
+            pin = last;
         }
-        let t = Instant::now();
-        let cache = &mut self.model.cache;
-        let stored = prefix.insert(&tokens[..held], |j, out| cache.read_block(slot, j * block, block, out));
-        if stored > 0 {
-            self.copies.store_bytes += stored * cache.block_bytes(block);
-            self.copies.store_ns += t.elapsed().as_nanos() as u64;
-        }
+        self.repin(slot, pin.filter(|_| stage == Stage::Prefilling));
     }
 }

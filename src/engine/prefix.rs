@@ -26,10 +26,17 @@
 //! **Bounded.** The cache holds at most `capacity` blocks (`--prefix-cache-mib`).
 //! A block is evicted least recently used first, and only when no cached
 //! block continues it (a leaf), so every cached block stays reachable from
-//! the first. Rows never read a block after their copy, and the copy holds
-//! the block's data (`Arc`), so an eviction can never pull memory from under
-//! a row. The row's own KV is counted by admission as before; this budget is
-//! separate.
+//! the first. A block in use is never evicted: a slot whose prompt is being
+//! prefilled pins the deepest cached block of what it holds (`Pin`), which
+//! keeps that block's whole chain (its ancestors are not leaves), so the
+//! prompt's next chunk continues the chain instead of copying it in again
+//! after an eviction; when nothing but pinned blocks is left, new blocks are
+//! not stored. (Without pins, 16 distinct 544-token prompts, chunked, churned
+//! a 128 MiB cache and cost 4–7 % of the throughput of cache off; pinned
+//! while prefilling, 4 %; BENCHMARKS.md, "Prefix cache".) A decoding row uses no block (it copied or computed them
+//! all), so it pins none. Copies hold the block's data (`Arc`), so nothing is
+//! freed under a reader. The rows' own KV is counted by admission as before;
+//! this budget is separate.
 //!
 //! **One cache for all workers.** The index sits behind a mutex that is held
 //! only to find or link blocks (microseconds); the copies run outside it. A
@@ -57,6 +64,8 @@ struct Entry {
     data: BlockData,
     /// Cached blocks whose parent this is.
     children: u32,
+    /// Slots whose cache ends in this block's chain (`PrefixCache::pin`).
+    pins: u32,
     /// When it was last found or stored (`Inner::clock`).
     stamp: u64,
 }
@@ -71,6 +80,11 @@ struct Inner {
     next_id: u64,
     evictions: u64,
 }
+
+/// A block a slot's cache ends in (the deepest cached block of what the slot
+/// holds): while pinned, neither it nor its chain is evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin(u64);
 
 /// What the cache holds now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,30 +134,61 @@ impl PrefixCache {
     }
 
     /// The cached blocks that begin `tokens` (whole blocks only), in order:
-    /// the longest chain there is. Marks them used.
-    pub fn lookup(&self, tokens: &[u32]) -> Vec<BlockData> {
+    /// the longest chain there is, and the id of its last block. Marks them used.
+    pub fn lookup(&self, tokens: &[u32]) -> (Vec<BlockData>, Option<Pin>) {
         let mut inner = self.lock();
         let stamp = inner.tick();
-        inner.walk(tokens, self.block, stamp).into_iter().map(|id| inner.entries[&id].data.clone()).collect()
+        let chain = inner.walk(tokens, self.block, stamp);
+        let last = chain.last().map(|&id| Pin(id));
+        (chain.into_iter().map(|id| inner.entries[&id].data.clone()).collect(), last)
+    }
+
+    /// Moves a slot's pin from `old` to `new` (either may be none): `new`
+    /// and its chain cannot be evicted until it is unpinned. Returns the pin
+    /// now held: none when another worker evicted `new` since it was found.
+    pub fn repin(&self, old: Option<Pin>, new: Option<Pin>) -> Option<Pin> {
+        if old == new {
+            return new;
+        }
+        let mut inner = self.lock();
+        let pinned = new.filter(|Pin(id)| match inner.entries.get_mut(id) {
+            Some(e) => {
+                e.pins += 1;
+                true
+            }
+            None => false,
+        });
+        if let Some(Pin(id)) = old {
+            inner.entries.get_mut(&id).expect("a pinned block is never evicted").pins -= 1;
+        }
+        pinned
     }
 
     /// Stores the whole blocks of `tokens` the cache does not hold yet;
     /// `read(j, out)` fills block `j` (tokens `j * block..(j + 1) * block`).
-    /// Returns how many blocks were stored. Evicts the least recently used
-    /// blocks that nothing continues to make room; stops early when the rest
-    /// of the budget is this chain itself.
-    pub fn insert(&self, tokens: &[u32], mut read: impl FnMut(usize, &mut [u8])) -> usize {
+    /// Returns how many blocks were stored and the last block of the cached
+    /// chain of `tokens` afterwards (to pin). Evicts the least recently used
+    /// unpinned blocks that nothing continues to make room; stops early when
+    /// none is left but this chain's own.
+    ///
+    pub fn insert(&self, tokens: &[u32], mut read: impl FnMut(usize, &mut [u8])) -> (usize, Option<Pin>) {
         let whole = tokens.len() / self.block;
         if whole == 0 || self.capacity == 0 {
-            return 0;
+            return (0, None);
         }
-        let first_missing = {
+        let (first_missing, last) = {
             let mut inner = self.lock();
             let stamp = inner.tick();
-            inner.walk(tokens, self.block, stamp).len()
+            let chain = inner.walk(tokens, self.block, stamp);
+            let last = chain.last().map(|&id| Pin(id));
+            if chain.len() < whole && inner.entries.len() >= self.capacity && !inner.evictable(stamp) {
+                // Full of blocks in use: reading more would be wasted.
+                return (0, last);
+            }
+            (chain.len(), last)
         };
         if first_missing == whole {
-            return 0;
+            return (0, last);
         }
         // The copies run without the lock.
         let mut read_blocks: Vec<Vec<u8>> = Vec::with_capacity(whole - first_missing);
@@ -159,7 +204,7 @@ impl PrefixCache {
         if chain.len() < first_missing {
             // A block before those read was evicted meanwhile: the chain
             // cannot be continued now.
-            return 0;
+            return (0, chain.last().map(|&id| Pin(id)));
         }
         let mut parent = chain.last().copied().unwrap_or(ROOT);
         let mut stored = 0;
@@ -182,13 +227,13 @@ impl PrefixCache {
                 inner.leaves.remove(&(p_stamp, Reverse(parent)));
             }
             inner.index.insert(key.clone(), id);
-            inner.entries.insert(id, Entry { key, data: Arc::new(data), children: 0, stamp });
+            inner.entries.insert(id, Entry { key, data: Arc::new(data), children: 0, pins: 0, stamp });
             inner.leaves.insert((stamp, Reverse(id)));
             parent = id;
             stored += 1;
         }
         self.publish(&inner);
-        stored
+        (stored, (parent != ROOT).then_some(Pin(parent)))
     }
 
     fn publish(&self, inner: &Inner) {
@@ -224,13 +269,24 @@ impl Inner {
         chain
     }
 
-    /// Evicts the least recently used leaf, unless it was used at `stamp`
-    /// (the chain being stored). True when one was evicted.
+    /// The least recently used unpinned leaf not used at `stamp` (the
+    /// chain being stored).
+    fn victim(&self, stamp: u64) -> Option<(u64, u64)> {
+        self.leaves
+            .iter()
+            .take_while(|&&(s, _)| s < stamp)
+            .find(|&&(_, Reverse(id))| self.entries[&id].pins == 0)
+            .map(|&(s, Reverse(id))| (s, id))
+    }
+
+    fn evictable(&self, stamp: u64) -> bool {
+        self.victim(stamp).is_some()
+    }
+
+    /// Evicts the least recently used unpinned leaf, unless it was used at
+    /// `stamp`. True when one was evicted.
     fn evict_one(&mut self, stamp: u64) -> bool {
-        let Some(&(s, Reverse(id))) = self.leaves.iter().next() else { return false };
-        if s >= stamp {
-            return false;
-        }
+        let Some((s, id)) = self.victim(stamp) else { return false };
         self.leaves.remove(&(s, Reverse(id)));
         let e = self.entries.remove(&id).expect("leaves are cached");
         self.index.remove(&e.key);
@@ -253,6 +309,10 @@ mod tests {
 
     /// A block's data records which tokens it was read for.
     fn store(c: &PrefixCache, tokens: &[u32]) -> usize {
+        store_pinned(c, tokens).0
+    }
+
+    fn store_pinned(c: &PrefixCache, tokens: &[u32]) -> (usize, Option<Pin>) {
         c.insert(tokens, |j, out| {
             out.fill(0);
             out[0] = tokens[j * c.block()] as u8;
@@ -261,7 +321,31 @@ mod tests {
     }
 
     fn found(c: &PrefixCache, tokens: &[u32]) -> Vec<(u8, u8)> {
-        c.lookup(tokens).iter().map(|d| (d[0], d[1])).collect()
+        c.lookup(tokens).0.iter().map(|d| (d[0], d[1])).collect()
+    }
+
+    #[test]
+    fn pinned_chains_are_never_evicted() {
+        // Room for 3 blocks.
+        let c = PrefixCache::new(1, 10, 30);
+        let (_, pin) = store_pinned(&c, &[1, 2]);
+        c.repin(None, pin);
+        assert_eq!(store(&c, &[5]), 1);
+        // Full: [5] goes, [1, 2] is pinned and stays.
+        assert_eq!(store(&c, &[6]), 1);
+        assert!(found(&c, &[5]).is_empty());
+        assert_eq!(found(&c, &[1, 2]).len(), 2);
+        // With [6] pinned too nothing can go: nothing is read or stored.
+        let (_, six) = store_pinned(&c, &[6]);
+        c.repin(None, six);
+        let mut reads = 0;
+        assert_eq!(c.insert(&[7, 8], |_, _| reads += 1).0, 0);
+        assert_eq!(reads, 0, "a full cache of pinned blocks reads nothing");
+        // Unpinned, the least recently used chain goes, leaf first.
+        c.repin(pin, None);
+        assert_eq!(store(&c, &[7]), 1);
+        assert_eq!(found(&c, &[1, 2]).len(), 1);
+        assert_eq!(found(&c, &[6]).len(), 1);
     }
 
     #[test]

@@ -7,7 +7,11 @@
 #       nginx they end INTERNAL, "h2 protocol error": nginx resets a stream whose
 #       upstream died mid-answer; without a proxy they end UNAVAILABLE), and the
 #       clients' retries (bench --retries) land on the survivors;
-#   (c) bring it back: once its health is SERVING it receives calls again.
+#   (c) bring it back: once its health is SERVING it receives calls again;
+#   (d) one conversation (4 turns, one x-session-id) goes to one replica: only
+#       that replica's prefix cache hits rise;
+#   (e) kill that replica: the same session is served by one other replica,
+#       whose hits rise, and no call fails.
 # Prints per-replica call counts (nginx's log of upstream addresses) and failures,
 # and asserts them. Everything it starts it stops; every wait is bounded.
 #   tests/scaleout/run.sh      (scripts/test.sh runs it; needs root, ip, nginx)
@@ -166,4 +170,40 @@ load back; wait "$bench" || fail "bench (back)"
 report back
 [ "$(field back failed)" = 0 ] || fail "calls failed with replica 2 back"
 [ "$(calls 2)" -gt 0 ] || fail "replica 2 took no calls after it was SERVING again"
-echo "scale-out: drain lost nothing, a kill lost only retried calls, a restarted replica serves again"
+echo "== (d) session affinity: one conversation's turns reach one replica and its prefix cache"
+start 1
+sleep 6 # nginx's fail_timeout for replica 1, seen down in (a)
+hits() { # replica number: its prefix cache hit tokens so far
+  python3 -c '
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+print(int(float(next(l.split()[-1] for l in text.splitlines() if l.startswith("batchgen_prefix_cache_hit_tokens_total")))))
+' "http://$net.$1.2:9464/metrics"
+}
+conversation() { # phase name: one conversation of 4 turns under one session id, through nginx
+  timeout 60 "$bin" bench --target "http://127.0.0.1:$port" --json --no-sequential --concurrency 1 --requests 1 \
+    --turns 4 --prompt-tokens 16 --new-tokens 8 --seed 99 --session-id affinity --retries 3 >"$work/$1.json" 2>"$work/$1.err" \
+    || fail "bench ($1)"
+  [ "$(field "$1" failed)" = 0 ] || fail "calls of the conversation failed ($1)"
+  [ "$(field "$1" requests)" = 4 ] || fail "the conversation did not run its 4 turns ($1)"
+}
+declare -A before after
+for i in 1 2 3; do before[$i]=$(hits "$i"); done
+conversation affinity
+rose=()
+for i in 1 2 3; do after[$i]=$(hits "$i"); if [ "${after[$i]}" -gt "${before[$i]}" ]; then rose+=("$i"); fi; done
+echo "  affinity: prefix cache hit tokens per replica ${before[1]},${before[2]},${before[3]} -> ${after[1]},${after[2]},${after[3]}"
+[ "${#rose[@]}" = 1 ] || fail "the conversation's hits rose on ${#rose[@]} replicas (${rose[*]:-none}), not on one"
+owner=${rose[0]}
+echo "== (e) the session's replica ($owner) killed: the same session is served by another"
+kill -9 "${pid[$owner]}"; wait "${pid[$owner]}" 2>/dev/null || true; pid[$owner]=
+for i in 1 2 3; do [ "$i" = "$owner" ] || before[$i]=$(hits "$i"); done
+conversation failover
+moved=()
+for i in 1 2 3; do
+  [ "$i" = "$owner" ] && continue
+  after[$i]=$(hits "$i"); if [ "${after[$i]}" -gt "${before[$i]}" ]; then moved+=("$i"); fi
+done
+[ "${#moved[@]}" = 1 ] || fail "after the kill the session's hits rose on ${#moved[@]} replicas, not on one"
+echo "  failover: the session moved from replica $owner to replica ${moved[0]}; no call failed"
+echo "scale-out: drain lost nothing, a kill lost only retried calls, a restarted replica serves again, a session keeps to one replica and moves when it dies"

@@ -13,7 +13,7 @@ use crate::decoding::beam::BeamSearch;
 use crate::decoding::logits::History;
 use crate::decoding::stopping::SequenceText;
 use crate::engine::admission;
-use crate::engine::backend::Chunk;
+use crate::engine::backend::{Chunk, Stage};
 use crate::engine::model::Logits;
 use crate::engine::rows::{Row, choose};
 use crate::engine::{EngineError, Event, Job};
@@ -21,6 +21,7 @@ use crate::telemetry;
 
 /// An admitted request whose prompt is being prefilled into `slots[0]`;
 /// its other slots (samples, beams) receive a copy when it is complete.
+#[derive(Clone)]
 pub(super) struct Prefilling {
     pub(super) job: Arc<Job>,
     pub(super) slots: Vec<usize>,
@@ -66,14 +67,43 @@ impl Worker {
         if work.is_empty() {
             return;
         }
-        let chunks: Vec<Chunk<'_>> = work
+        // One backend call per run: prompts starting an empty cache together
+        // (the backend runs them side by side), a chunk on a cached past (a
+        // prefix cache hit, a long prompt's next chunk) alone. Each call's
+        // requests get their first token as soon as it is over, not after
+        // the iteration's last run.
+        let mut calls: Vec<Vec<(usize, usize)>> = Vec::new();
+        for &(i, take) in &work {
+            let fresh = self.prefilling[i].done == 0;
+            match calls.last_mut() {
+                Some(call) if fresh && self.prefilling[call[0].0].done == 0 => call.push((i, take)),
+                _ => calls.push(vec![(i, take)]),
+            }
+        }
+        let mut gone = Vec::new();
+        for call in calls {
+            self.prefill_call(&call, &mut gone);
+        }
+        // Prompts that are complete or failed leave the prefilling list
+        // (from the back: the indices are ascending).
+        gone.sort_unstable();
+        for &i in gone.iter().rev() {
+            self.prefilling.remove(i);
+        }
+    }
+
+    /// Runs one backend prefill call over `call` (indices into the
+    /// prefilling list, tokens to take), starts the rows of the prompts it
+    /// completes and pushes the indices of those, and of failed ones, to `gone`.
+    fn prefill_call(&mut self, call: &[(usize, usize)], gone: &mut Vec<usize>) {
+        let chunks: Vec<Chunk<'_>> = call
             .iter()
             .map(|&(i, take)| {
                 let p = &self.prefilling[i];
                 Chunk { slot: p.slots[0], tokens: &p.job.request.prompt_ids[p.done..p.done + take] }
             })
             .collect();
-        let tokens: usize = work.iter().map(|w| w.1).sum();
+        let tokens: usize = call.iter().map(|w| w.1).sum();
         let t = now();
         let result = self.backend.prefill(&chunks);
         let stats = &self.shared.stats;
@@ -83,7 +113,7 @@ impl Worker {
         metrics::histogram!(telemetry::PREFILL_TOKENS).record(tokens as f64);
         tracing::debug!(
             worker = self.shared.id,
-            prompts = work.len(),
+            prompts = call.len(),
             tokens,
             decoding = self.rows.len(),
             waiting = self.queue.len(),
@@ -96,33 +126,26 @@ impl Worker {
             Err(e) => {
                 tracing::error!(worker = self.shared.id, "prefill failed: {e}");
                 let e = EngineError::from(e);
-                let failed: Vec<usize> = work.iter().map(|w| w.0).collect();
-                for i in failed.into_iter().rev() {
-                    let p = self.prefilling.remove(i).expect("index from this list");
+                for &(i, _) in call {
+                    let p = &self.prefilling[i];
                     let _ = p.job.send(Event::Failed(e.clone()));
                     self.backend.free(&p.slots);
+                    gone.push(i);
                 }
                 return;
             }
         };
-        let mut complete = Vec::new();
-        for (k, &(i, take)) in work.iter().enumerate() {
+        for (k, &(i, take)) in call.iter().enumerate() {
             let p = &mut self.prefilling[i];
             p.done += take;
-            self.backend.remember(p.slots[0], &p.job.request.prompt_ids[..p.done]);
-            if p.done == p.job.request.prompt_ids.len() {
-                complete.push((i, k));
+            let complete = p.done == p.job.request.prompt_ids.len();
+            let stage = if complete { Stage::Prefilled } else { Stage::Prefilling };
+            self.backend.remember(p.slots[0], &p.job.request.prompt_ids[..p.done], stage);
+            if complete {
+                let p = p.clone();
+                self.start_rows(p, &logits, k);
+                gone.push(i);
             }
-        }
-        // Complete prompts leave the prefilling list (it is FIFO, and the
-        // work list is ascending, so remove from the back).
-        let mut started = Vec::new();
-        for &(i, k) in complete.iter().rev() {
-            started.push((self.prefilling.remove(i).expect("index from this list"), k));
-        }
-        started.reverse();
-        for (p, k) in started {
-            self.start_rows(p, &logits, k);
         }
     }
 
