@@ -47,4 +47,9 @@ expect precision "long int8 c16: .* tok/s"
 expect precision "--weights int8 (.* MiB idle)"
 expect precision "^int8 .* %"
 grep -q "failed [1-9]" "$out/precision" && { cat "$out/precision"; echo "bench smoke: requests failed" >&2; exit 1; }
+run prefix 300 env SHARED=64 OWN=8 NEW=4 scripts/bench_prefix.sh "$model" 1 8
+expect prefix "prefix cache on: shared-c16"
+expect prefix "turn 6  TTFT"
+expect prefix "prefix cache off: distinct"
+expect prefix "VmHWM"
 echo "bench smoke: every benchmark script ran"

@@ -75,3 +75,27 @@ fn one_run_alone_and_a_file_that_is_not_a_run() {
     let e = read_run(&bad).unwrap_err().to_string();
     assert!(e.contains("not a `batchgen bench --json` run"), "{e}");
 }
+
+/// A `--turns` run gets a chart of TTFT against the turn: one point per
+/// turn on each percentile's line, the turn on the x axis.
+#[test]
+fn a_multi_turn_run_is_charted_by_turn() {
+    use batchgen::bench::Percentiles;
+    use batchgen::bench::plot::{Run, write_all};
+    let dir = tempfile::tempdir().unwrap();
+    let mut level = read_run(&fixture("tiny-built.json")).unwrap().remove(0);
+    let p = |ms: f64| Percentiles { p50: ms / 1e3, p90: 1.5 * ms / 1e3, p99: 2.0 * ms / 1e3 };
+    level.ttft_by_turn = vec![p(100.0), p(120.0), p(150.0), p(130.0)];
+    let files = write_all(dir.path(), &[Run { name: "turns", levels: std::slice::from_ref(&level) }]).unwrap();
+    let chart = dir.path().join("closed-loop-time-to-first-token-by-turn.svg");
+    assert!(files.contains(&chart), "{files:?}");
+    let (texts, lines) = read_svg(&chart);
+    assert!(texts.iter().any(|t| t.starts_with("turn (each prompt")), "x axis: {texts:?}");
+    assert!(texts.iter().any(|t| t == "p99"), "legend: {texts:?}");
+    assert_eq!(lines.iter().filter(|&&n| n == 4).count(), 3, "three percentiles of four turns: {lines:?}");
+    // A run without turns has no such chart.
+    let other = tempfile::tempdir().unwrap();
+    level.ttft_by_turn.clear();
+    let files = write_all(other.path(), &[Run { name: "plain", levels: std::slice::from_ref(&level) }]).unwrap();
+    assert!(files.iter().all(|f| !f.ends_with("closed-loop-time-to-first-token-by-turn.svg")));
+}

@@ -16,10 +16,13 @@
 //! times, but ONNX Runtime's GroupQueryAttention (the float32 kernel, which
 //! we measured faster than ours there) reads one contiguous `[heads, max_len,
 //! head_dim]` range per row and cannot follow a block table. A copy costs
-//! `token_bytes` per token (72 KiB for the 124M shape at fp32: 37.7 MB, a few
-//! milliseconds, for a 512-token prefix) against ≈ 0.25 GFLOP per token to
-//! prefill it (≈ 130 GFLOP, hundreds of milliseconds); measured figures are in
-//! BENCHMARKS.md ("Prefix cache"). The samples and beams of one request keep
+//! `token_bytes` per token (72 KiB for the 124M shape at fp32: 37.7 MB for a
+//! 512-token prefix, measured at 16.5 ms per hit on the Intel Xeon of
+//! BENCHMARKS.md, 2.3 GB/s: the slot's pages were given back when its last
+//! row left, so the copy also takes their page faults; storing runs at
+//! 1.7 GB/s) against ≈ 0.25 GFLOP per token to prefill it (≈ 130 GFLOP, 481 ms
+//! to first token there); the rest of the figures are in BENCHMARKS.md
+//! ("Prefix cache"). The samples and beams of one request keep
 //! sharing their prompt the same way: one slot is prefilled (or filled from
 //! here) and `fork` copies it to the others.
 //!
