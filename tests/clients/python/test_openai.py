@@ -37,6 +37,19 @@ def test_a_greedy_completion_equals_the_grpc_answer(servers):
     assert r.usage.total_tokens == g.usage.prompt_tokens + g.usage.generated_tokens
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_in_the_openai_shape(servers):
+    _, oc, model = servers
+    prompt = ("A system prompt that every request of this test begins with, long enough for two of the "
+              "cache's blocks of sixteen tokens, and then a question.")
+    first = oc.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    again = oc.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    # The openai package parses batchgen's usage.prompt_tokens_details; the
+    # prefix cache (on by default) served the second prompt but its last token.
+    assert again.choices[0].text == first.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
+
 def test_a_streamed_completion_concatenates_to_the_unary_text_and_ends_with_usage(servers):
     stub, oc, model = servers
     chunks = list(oc.completions.create(model=model, prompt="Emoji time 🎉", max_tokens=24, temperature=0,
