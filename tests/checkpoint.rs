@@ -81,4 +81,21 @@ fn a_truncated_or_corrupt_checkpoint_is_refused_with_the_reason() {
     garbage.extend_from_slice(b"not a json head!rest");
     let err = refused(&garbage);
     assert!(err.contains("not a safetensors header"), "{err}");
+    // A tensor of a type batchgen does not read (float64, as numpy 2 makes
+    // of float32 × a numpy float64 scalar) is named with its type, not
+    // reported missing.
+    let n = u64::from_le_bytes(whole[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&whole[8..8 + n]).unwrap();
+    let (key, t) = header.as_object_mut().unwrap().iter_mut().find(|(k, _)| k.ends_with("h.0.ln_1.bias")).unwrap();
+    let key = key.clone();
+    assert_eq!(t["dtype"], "F16", "the fixture is float16");
+    let elements = t["shape"][0].as_u64().unwrap();
+    t["dtype"] = "F64".into();
+    t["shape"] = serde_json::json!([elements / 4]);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    assert!(text.len() <= n);
+    text.resize(n, b' ');
+    let f64_file = [&whole[..8], &text, &whole[8 + n..]].concat();
+    let err = refused(&f64_file);
+    assert!(err.contains(&format!("tensor {key} is F64")), "{err}");
 }

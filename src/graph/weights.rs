@@ -304,7 +304,12 @@ impl Weights {
                 safetensors::Dtype::F32 => Source::F32,
                 safetensors::Dtype::F16 => Source::F16,
                 safetensors::Dtype::BF16 => Source::Bf16,
-                _ => return None,
+                other => {
+                    error.get_or_insert(bad(format!(
+                        "tensor {name} is {other:?}; batchgen reads float32, float16 or bfloat16 weights"
+                    )));
+                    return None;
+                }
             };
             let (start, end) = t.data_offsets;
             let mut bytes = vec![0u8; end.saturating_sub(start)];
