@@ -5,7 +5,6 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::{EngineError, QueueError};
-use crate::server::auth::AuthError;
 use crate::validation::ValidationError;
 
 /// Everything a request can fail with, across layers.
@@ -86,5 +85,35 @@ impl From<Error> for Status {
             Error::Engine(_) | Error::Deadline | Error::Stalled(_) => return Status::new(code, message),
         };
         Status::with_error_details(code, message, details)
+    }
+}
+
+/// Why a call was refused by the key check.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum AuthError {
+    /// No key, a malformed header or an unknown key: the same answer for all
+    /// three, so that a caller learns nothing about which keys exist.
+    #[error("a valid API key is required (metadata `authorization: Bearer <key>`)")]
+    Unauthenticated,
+    #[error("API key {name:?} has {limit} requests in flight, its concurrency limit")]
+    Concurrency { name: String, limit: u32 },
+    #[error(
+        "API key {name:?} is over its limit of {limit} tokens per minute: this request needs {cost} (prompt + max_new_tokens × sequences), {available} are available now"
+    )]
+    Rate { name: String, limit: u64, cost: u64, available: u64, retry_after: Duration },
+    #[error(
+        "API key {name:?} may use {limit} tokens per minute; this request needs {cost} (prompt + max_new_tokens × sequences) and can never fit"
+    )]
+    TooLarge { name: String, limit: u64, cost: u64 },
+}
+
+impl AuthError {
+    /// How long to wait before retrying, when waiting helps.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AuthError::Concurrency { .. } => Some(Duration::from_secs(1)),
+            AuthError::Rate { retry_after, .. } => Some(*retry_after),
+            AuthError::Unauthenticated | AuthError::TooLarge { .. } => None,
+        }
     }
 }

@@ -13,8 +13,6 @@
 //!   milliseconds longer (a slow model, to hold requests in flight).
 use std::time::Duration;
 
-use crate::validation::ValidationError;
-
 /// The metadata key a request names its fault in.
 pub const HEADER: &str = "x-batchgen-fault";
 
@@ -37,14 +35,12 @@ enum Kind {
 }
 
 impl Fault {
-    /// The fault `metadata` asks for; a malformed value is INVALID_ARGUMENT.
-    pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Result<Fault, ValidationError> {
+    /// The fault `metadata` asks for; a malformed value is refused with a
+    /// message for the `HEADER` field (the caller answers INVALID_ARGUMENT).
+    pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Result<Fault, String> {
         #[cfg(feature = "fault-injection")]
         if let Some(v) = metadata.get(HEADER) {
-            let bad = || ValidationError::Invalid {
-                field: HEADER,
-                message: format!("{v:?} is not run-error@N, panic@N or slow@MS (N, MS: 1 to 100000)"),
-            };
+            let bad = || format!("{v:?} is not run-error@N, panic@N or slow@MS (N, MS: 1 to 100000)");
             let text = v.to_str().map_err(|_| bad())?;
             let (what, n) = text.split_once('@').ok_or_else(bad)?;
             let n: u32 = n.parse().ok().filter(|n| (1..=100_000).contains(n)).ok_or_else(bad)?;
@@ -94,7 +90,7 @@ impl Fault {
 mod tests {
     use super::*;
 
-    fn fault(v: &str) -> Result<Fault, ValidationError> {
+    fn fault(v: &str) -> Result<Fault, String> {
         let mut m = tonic::metadata::MetadataMap::new();
         m.insert(HEADER, v.parse().unwrap());
         Fault::from_metadata(&m)

@@ -15,6 +15,7 @@ pub mod fault;
 pub mod graph;
 pub mod http;
 pub mod model;
+pub mod run;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;

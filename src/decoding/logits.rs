@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use rand::Rng;
 
-use crate::decoding::sampling::{fast_exp, max_of, sum_exp};
+use crate::decoding::math::{fast_exp, max_of, sum_exp};
 
 /// Request settings that change the scores (validated ranges; "off" values
 /// are 0 / empty / 1.0 for repetition_penalty).

@@ -123,11 +123,6 @@ impl SequenceText {
         SequenceText { detok: Detokenizer::new(), matcher: StopMatcher::new(stops, include) }
     }
 
-    /// With a request's stop sequences.
-    pub fn for_request(req: &crate::validation::ValidRequest) -> Self {
-        Self::new(req.stop_sequences.clone(), req.include_stop_sequence)
-    }
-
     /// The text `id` completes.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Outcome {
         self.matcher.push(&self.detok.push(tok, id).unwrap_or_default())

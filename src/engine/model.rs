@@ -12,23 +12,10 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use super::layout::{self, KvShape};
 use crate::model::{Dtype, ModelError, Port, Signature};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("ONNX Runtime run failed: {0}")]
-    Run(String),
-    #[error("malformed forward input: {0}")]
-    Input(String),
-}
+pub use crate::run::{ForwardError, Logits, SessionOptions};
 
 fn run_err(e: impl std::fmt::Debug) -> ForwardError {
     ForwardError::Run(format!("{e:?}"))
-}
-
-/// Options for building a session.
-#[derive(Debug, Clone)]
-pub struct SessionOptions {
-    pub intra_op_threads: usize,
 }
 
 /// One batch of rows for a forward step. All rows have `seq` new tokens
@@ -193,19 +180,6 @@ fn tensor_bytes(value: &DynValue) -> usize {
         _ => 4,
     };
     elements.max(0) as usize * width
-}
-
-/// Each row's logits at its last position, `batch * vocab` floats.
-#[derive(Debug, Clone)]
-pub struct Logits {
-    pub vocab: usize,
-    pub data: Vec<f32>,
-}
-
-impl Logits {
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.vocab..(i + 1) * self.vocab]
-    }
 }
 
 pub struct Model {

@@ -163,7 +163,7 @@ fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer
 /// A finished hypothesis's text, cut (with its tokens) where a stop sequence
 /// matches.
 fn hypothesis_text(mut h: Hypothesis, req: &ValidRequest, tok: &Tokenizer) -> (Hypothesis, String) {
-    let mut text = SequenceText::for_request(req);
+    let mut text = req.sequence_text();
     let mut out = String::new();
     for (n, c) in h.tokens.iter().enumerate() {
         let last = n + 1 == h.tokens.len();

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod builder;
 pub mod cache;
+pub mod precision;
 pub mod quant;
 pub mod weights;
 
@@ -16,10 +17,10 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Shape, Tensor, TensorRefMut};
 
 pub use cache::{CacheShape, KvDtype, SlotCache};
-pub use quant::Precision;
+pub use precision::Precision;
 pub use weights::{Gpt2Shape, Weights, WeightsError};
 
-use crate::engine::model::{ForwardError, Logits, SessionOptions};
+use crate::run::{ForwardError, Logits, SessionOptions};
 
 /// The ONNX protobuf messages (`proto/onnx/onnx.proto`).
 #[allow(clippy::all, missing_docs)]

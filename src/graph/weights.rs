@@ -177,7 +177,7 @@ pub struct Weights {
     pub index: HashMap<String, Slice>,
     /// Where they were read from (for messages).
     pub source: PathBuf,
-    pub precision: super::quant::Precision,
+    pub precision: super::precision::Precision,
 }
 
 impl std::fmt::Debug for Weights {
@@ -263,7 +263,7 @@ fn assemble(
     }
     // SAFETY: every byte was initialised (zeroed, then written).
     let data = unsafe { data.assume_init() };
-    Ok(Weights { data, index, source: path.into(), precision: super::quant::Precision::Fp32 })
+    Ok(Weights { data, index, source: path.into(), precision: super::precision::Precision::Fp32 })
 }
 
 impl Weights {

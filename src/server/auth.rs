@@ -33,35 +33,9 @@ pub enum KeysError {
     Line { path: PathBuf, line: usize, reason: String },
 }
 
-/// Why a call was refused by the key check.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-pub enum AuthError {
-    /// No key, a malformed header or an unknown key: the same answer for all
-    /// three, so that a caller learns nothing about which keys exist.
-    #[error("a valid API key is required (metadata `authorization: Bearer <key>`)")]
-    Unauthenticated,
-    #[error("API key {name:?} has {limit} requests in flight, its concurrency limit")]
-    Concurrency { name: String, limit: u32 },
-    #[error(
-        "API key {name:?} is over its limit of {limit} tokens per minute: this request needs {cost} (prompt + max_new_tokens × sequences), {available} are available now"
-    )]
-    Rate { name: String, limit: u64, cost: u64, available: u64, retry_after: Duration },
-    #[error(
-        "API key {name:?} may use {limit} tokens per minute; this request needs {cost} (prompt + max_new_tokens × sequences) and can never fit"
-    )]
-    TooLarge { name: String, limit: u64, cost: u64 },
-}
-
-impl AuthError {
-    /// How long to wait before retrying, when waiting helps.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            AuthError::Concurrency { .. } => Some(Duration::from_secs(1)),
-            AuthError::Rate { retry_after, .. } => Some(*retry_after),
-            AuthError::Unauthenticated | AuthError::TooLarge { .. } => None,
-        }
-    }
-}
+/// Why a call was refused by the key check (defined with the status table,
+/// which maps it).
+pub use crate::error::AuthError;
 
 /// A key's limits; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

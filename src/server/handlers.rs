@@ -168,7 +168,8 @@ impl GenerationService {
             return Err(Error::ShuttingDown);
         }
         let deadline = deadline_of(&req, arrival);
-        let fault = crate::fault::Fault::from_metadata(req.metadata())?;
+        let fault = crate::fault::Fault::from_metadata(req.metadata())
+            .map_err(|message| crate::validation::ValidationError::Invalid { field: crate::fault::HEADER, message })?;
         let body = req.into_inner();
         let prompt = self
             .log_prompts

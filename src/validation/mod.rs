@@ -79,6 +79,13 @@ pub struct ValidRequest {
     pub fault: crate::fault::Fault,
 }
 
+impl ValidRequest {
+    /// The text of one of its sequences, matched against its stop sequences.
+    pub fn sequence_text(&self) -> crate::decoding::stopping::SequenceText {
+        crate::decoding::stopping::SequenceText::new(self.stop_sequences.clone(), self.include_stop_sequence)
+    }
+}
+
 /// Most stop sequences per request.
 pub const MAX_STOP_SEQUENCES: usize = 8;
 /// Longest stop sequence, in bytes.

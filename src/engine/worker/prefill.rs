@@ -11,7 +11,6 @@ use rand_chacha::ChaCha8Rng;
 use super::{Worker, now, record_copy};
 use crate::decoding::beam::BeamSearch;
 use crate::decoding::logits::History;
-use crate::decoding::stopping::SequenceText;
 use crate::engine::admission;
 use crate::engine::backend::{Chunk, Stage};
 use crate::engine::model::Logits;
@@ -194,7 +193,7 @@ impl Worker {
                         let ids = stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
                         Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
                     }),
-                    text: SequenceText::for_request(&job.request),
+                    text: job.request.sequence_text(),
                     failed: false,
                     job: job.clone(),
                 }
