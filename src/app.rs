@@ -6,7 +6,7 @@ use crate::config::{GraphChoice, ServeArgs, Switch};
 use crate::engine::prefix::PrefixCache;
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
 use crate::eval::QualityCheck;
-use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, Weights, WeightsError};
+use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, SlotCache, Weights, WeightsError};
 use crate::model::{ModelConfig, ModelError, ModelFiles};
 use crate::runtime::{self, RuntimeError};
 use crate::server::AppState;
@@ -109,15 +109,15 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 if let Some(q) = quality {
                     q.log(&session, &shared, precision).map_err(eval_err)?;
                 }
-                let prefix = prefix_cache(args, &shared.shape, kv.dtype)?;
-                let backends = (0..workers)
-                    .map(|_| -> Result<Box<dyn Backend>, ModelError> {
-                        let model = shared
-                            .worker(&session, slots)
-                            .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
-                        Ok(Box::new(SlotBackend::new(model, prefix.clone())))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let models = (0..workers)
+                    .map(|_| shared.worker(&session, slots))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
+                let prefix = prefix_cache(args, &models[0].cache)?;
+                let backends = models
+                    .into_iter()
+                    .map(|model| Box::new(SlotBackend::new(model, prefix.clone())) as Box<dyn Backend>)
+                    .collect();
                 let s = &shared.shape;
                 tracing::info!(
                     weights = %shared.weights.source.display(),
@@ -219,14 +219,15 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
 }
 
 /// The prefix cache all workers share, unless `--prefix-cache off`.
-fn prefix_cache(args: &ServeArgs, shape: &Gpt2Shape, dtype: KvDtype) -> Result<Option<Arc<PrefixCache>>, StartupError> {
+/// Its blocks are laid out as `kv` (every worker's cache has one shape) reads them.
+fn prefix_cache(args: &ServeArgs, kv: &SlotCache) -> Result<Option<Arc<PrefixCache>>, StartupError> {
     let c = &args.cache;
     if c.prefix_cache == Switch::Off {
         tracing::info!("prefix cache off");
         return Ok(None);
     }
     let block = usize::from(c.prefix_block_tokens);
-    let block_bytes = block * 2 * shape.layers * shape.width * dtype.bytes();
+    let block_bytes = kv.block_bytes(block);
     let budget = c.prefix_cache_mib.saturating_mul(1 << 20);
     if budget < block_bytes {
         let min_mib = block_bytes.div_ceil(1 << 20);

@@ -65,6 +65,11 @@ fn beams(prompt: Vec<u32>, n: u32) -> GenerateRequest {
     r
 }
 
+/// A server without the cache and one with it (`mib` of budget), to compare.
+async fn off_and_on(mib: usize) -> (TestServer, TestServer) {
+    (start_with(args(Switch::Off, 64)).await, start_with(args(Switch::On, mib)).await)
+}
+
 async fn generate(server: &TestServer, r: &GenerateRequest) -> GenerateResponse {
     server.client.clone().generate(r.clone()).await.unwrap().into_inner()
 }
@@ -104,8 +109,7 @@ async fn outputs_equal_the_cache_off_server_for_every_kind_of_overlap() {
     if !common::built() {
         return;
     }
-    let off = start_with(args(Switch::Off, 64)).await;
-    let on = start_with(args(Switch::On, 64)).await;
+    let (off, on) = off_and_on(64).await;
     let base = tokens(1, 40);
     let cat = |a: &[u32], b: &[u32]| [a, b].concat();
     // (case, prompt, prompt tokens the cache must serve when sent after `base`).
@@ -162,8 +166,7 @@ async fn concurrent_requests_with_one_prefix_compute_it_once() {
     if !common::built() {
         return;
     }
-    let off = start_with(args(Switch::Off, 64)).await;
-    let on = start_with(args(Switch::On, 64)).await;
+    let (off, on) = off_and_on(64).await;
     let shared = tokens(20, 32);
     let reqs: Vec<GenerateRequest> =
         (0..12).map(|i| greedy([shared.as_slice(), &tokens(100 + i, 5)].concat(), 10)).collect();
@@ -191,8 +194,7 @@ async fn a_conversation_reuses_its_previous_turns_and_answers() {
     if !common::built() {
         return;
     }
-    let off = start_with(args(Switch::Off, 64)).await;
-    let on = start_with(args(Switch::On, 64)).await;
+    let (off, on) = off_and_on(64).await;
     let mut prompt = tokens(30, 13);
     for turn in 0..4 {
         let r = greedy(prompt.clone(), 9);
@@ -222,8 +224,7 @@ async fn outputs_stay_exact_after_evictions() {
     if !common::built() {
         return;
     }
-    let off = start_with(args(Switch::Off, 64)).await;
-    let on = start_with(args(Switch::On, 1)).await;
+    let (off, on) = off_and_on(1).await;
     let prompts: Vec<Vec<u32>> = (0..30).map(|i| tokens(200 + i, 200)).collect();
     for p in &prompts {
         generate(&on, &greedy(p.clone(), 2)).await;

@@ -72,27 +72,16 @@ pub trait Backend: Send {
         0
     }
     /// `slot` holds `tokens` (its whole cache): stores its whole blocks in
-    /// the prefix cache, where missing (`Stage` says what the slot is at).
-    fn remember(&mut self, slot: usize, tokens: &[u32], stage: Stage) {
-        let _ = (slot, tokens, stage);
+    /// the prefix cache, where missing. `prefilling`: only part of its
+    /// prompt is in, and what is stored stays pinned (not evicted) until the
+    /// prompt is, so each chunk continues the chain the last one stored
+    /// instead of copying it again after an eviction. Otherwise (the whole
+    /// prompt is in, or the row ended: its prompt and answer are stored for a
+    /// conversation's next turn) nothing stays pinned: a decoding row needs
+    /// no block, it copied or computed them all.
+    fn remember(&mut self, slot: usize, tokens: &[u32], prefilling: bool) {
+        let _ = (slot, tokens, prefilling);
     }
-}
-
-/// Where a slot is when its cache is stored in the prefix cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Part of its prompt is in: what is stored stays pinned (not evicted)
-    /// until the prompt is, so each chunk continues the chain the last one
-    /// stored instead of copying it again after an eviction.
-    Prefilling,
-    /// Its whole prompt is in; the row decodes from now on and needs no
-    /// block (it copied or computed them all), so nothing stays pinned.
-    Prefilled,
-    /// The row ended: its prompt and answer are stored (a conversation's
-    /// next turn begins with them), nothing stays pinned. (Storing the answer
-    /// only while the prompt is still cached was measured: under a budget
-    /// smaller than the conversations it lost most of their hits.)
-    Finished,
 }
 
 /// KV copies a call made, for the metrics.
@@ -313,13 +302,14 @@ impl Backend for SlotBackend {
         let Some(prefix) = &self.prefix else { return 0 };
         debug_assert_eq!(self.slots.lens[slot], held, "the worker and the backend agree on what a slot holds");
         let block = prefix.block();
-        // Whole blocks of the prompt, up to the one holding its last token.
+        // Whole blocks of the prompt (the lookup takes no partial one), but
+        // never its last token.
         let last = prompt.len().saturating_sub(1);
         if last <= held {
             return 0;
         }
         let t = Instant::now();
-        let (chain, pin) = prefix.lookup(&prompt[..prompt.len() / block * block]);
+        let (chain, pin) = prefix.lookup(prompt);
         let cached = (chain.len() * block).min(last);
         if cached <= held {
             return 0;
@@ -344,7 +334,7 @@ impl Backend for SlotBackend {
         cached - held
     }
 
-    fn remember(&mut self, slot: usize, tokens: &[u32], stage: Stage) {
+    fn remember(&mut self, slot: usize, tokens: &[u32], prefilling: bool) {
         let Some(prefix) = &self.prefix else { return };
         let held = self.slots.lens[slot].min(tokens.len());
         let block = prefix.block();
@@ -360,6 +350,6 @@ impl Backend for SlotBackend {
             }
             pin = last;
         }
-        self.repin(slot, pin.filter(|_| stage == Stage::Prefilling));
+        self.repin(slot, pin.filter(|_| prefilling));
     }
 }

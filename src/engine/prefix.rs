@@ -36,8 +36,8 @@
 //! after an eviction; when nothing but pinned blocks is left, new blocks are
 //! not stored. (Without pins, 16 distinct 544-token prompts, chunked, churned
 //! a 128 MiB cache and cost 4–7 % of the throughput of cache off; pinned
-//! while prefilling, 4 %; BENCHMARKS.md, "Prefix cache".) A decoding row uses no block (it copied or computed them
-//! all), so it pins none. Copies hold the block's data (`Arc`), so nothing is
+//! while prefilling, 4 %; BENCHMARKS.md, "Prefix cache".) A decoding row
+//! uses no block (it copied or computed them all), so it pins none. Copies hold the block's data (`Arc`), so nothing is
 //! freed under a reader. The rows' own KV is counted by admission as before;
 //! this budget is separate.
 //!
@@ -173,7 +173,6 @@ impl PrefixCache {
     /// chain of `tokens` afterwards (to pin). Evicts the least recently used
     /// unpinned blocks that nothing continues to make room; stops early when
     /// none is left but this chain's own.
-    ///
     pub fn insert(&self, tokens: &[u32], mut read: impl FnMut(usize, &mut [u8])) -> (usize, Option<Pin>) {
         let whole = tokens.len() / self.block;
         if whole == 0 || self.capacity == 0 {

@@ -16,7 +16,7 @@ mod prefill;
 use prefill::Prefilling;
 
 use super::admission::{self, Candidate};
-use super::backend::{Backend, Copies, Stage};
+use super::backend::{Backend, Copies};
 use super::rows::{self, Row, choose};
 use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
@@ -267,7 +267,7 @@ impl Worker {
         // conversation's next turn begins with this one's prompt and
         // answer). Beam rows keep only their prompt there.
         for r in self.rows.iter().filter(|r| r.done && !r.failed && r.job.request.decoding.beam.is_none()) {
-            self.backend.remember(r.slot, &r.history.tokens, Stage::Finished);
+            self.backend.remember(r.slot, &r.history.tokens, false);
         }
         let before = self.rows.len();
         self.rows.retain(|r| {

@@ -12,7 +12,7 @@ use super::{Worker, now, record_copy};
 use crate::decoding::beam::BeamSearch;
 use crate::decoding::logits::History;
 use crate::engine::admission;
-use crate::engine::backend::{Chunk, Stage};
+use crate::engine::backend::Chunk;
 use crate::engine::model::Logits;
 use crate::engine::rows::{Row, choose};
 use crate::engine::{EngineError, Event, Job};
@@ -138,8 +138,7 @@ impl Worker {
             let p = &mut self.prefilling[i];
             p.done += take;
             let complete = p.done == p.job.request.prompt_ids.len();
-            let stage = if complete { Stage::Prefilled } else { Stage::Prefilling };
-            self.backend.remember(p.slots[0], &p.job.request.prompt_ids[..p.done], stage);
+            self.backend.remember(p.slots[0], &p.job.request.prompt_ids[..p.done], !complete);
             if complete {
                 let p = p.clone();
                 self.start_rows(p, &logits, k);
