@@ -19,7 +19,8 @@ serve_ready() {
   "$binary" serve "$@" "${http[@]}" >"$log" 2>&1 &
   pid=$!
   local deadline=$((SECONDS + ${READY_TIMEOUT:-120}))
-  until grep -q "serving (ready" "$log"; do
+  # "ready in N s: serving ..." (older binaries compared with: "serving (ready").
+  until grep -qE "^.*(ready in [0-9.]+ s: serving|serving \(ready)" "$log"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       cat "$log"; echo "$binary exited before it was ready" >&2; exit 1
     fi

@@ -43,19 +43,35 @@ pub enum StartupError {
 pub struct Loaded {
     pub state: Arc<AppState>,
     pub worker_threads: Vec<std::thread::JoinHandle<()>>,
+    pub summary: Summary,
+}
+
+/// What the readiness line says about the server that was loaded.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// "built" or "exported".
+    pub graph: &'static str,
+    pub workers: usize,
+    /// The prefix cache's budget, when it is on.
+    pub prefix_cache_mib: Option<usize>,
 }
 
 /// Loads everything `serve` needs. Blocking (file and network I/O, session
 /// creation): call it off the async runtime.
 pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
-    let t0 = Instant::now();
     let l = &args.limits;
     if l.default_max_new_tokens == 0 || l.default_max_new_tokens > l.max_new_tokens {
         return Err(StartupError::Limits { default: l.default_max_new_tokens, max: l.max_new_tokens });
     }
     let t = Instant::now();
     let rt = runtime::init(args.runtime.onnxruntime.as_deref())?;
-    tracing::info!(path = %rt.path.display(), source = ?rt.source, "ONNX Runtime loaded");
+    crate::log_fact!(
+        "ONNX Runtime loaded",
+        text = format!("ONNX Runtime {} from {} ({})", runtime::ORT_VERSION, rt.path.display(), rt.source),
+        version = runtime::ORT_VERSION,
+        path = %rt.path.display(),
+        source = %rt.source
+    );
     phase("onnxruntime", t);
     let choice = args.model.graph;
     if args.model.weights != Precision::Fp32 && choice == GraphChoice::Exported {
@@ -80,99 +96,121 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let precision = args.model.weights;
     // float32 weights and cache: what the export could serve instead.
     let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32;
-    let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) =
-        match read_weights(&files, choice, exact)? {
-            Some((shape, fp32)) => {
-                let source = fp32.source.clone();
-                let session_err = |detail: String| ModelError::Session { path: source.clone(), detail };
-                let eval_err = |e: String| session_err(format!("--eval-text: {e}"));
-                let mut quality = match &args.model.eval_text {
-                    Some(path) => Some(QualityCheck::read(path, args.model.eval_tokens, &tokenizer).map_err(eval_err)?),
-                    None => None,
-                };
-                if let Some(q) = quality.as_mut().filter(|_| !exact) {
-                    q.baseline(&shape, &fp32, &rt.env, &options).map_err(eval_err)?;
-                }
-                let t = Instant::now();
-                let weights = fp32.quantized(&shape, precision);
-                drop(fp32);
-                if precision != Precision::Fp32 {
-                    phase("quantize", t);
-                }
-                let t = Instant::now();
-                let kv = KvLayout::new(args.model.kv_dtype);
-                let shared = SharedModel::new(shape, weights, kv);
-                phase("graph", t);
-                let t = Instant::now();
-                let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
-                phase("session", t);
-                if let Some(q) = quality {
-                    q.log(&session, &shared, precision).map_err(eval_err)?;
-                }
-                let models = (0..workers)
-                    .map(|_| shared.worker(&session, slots))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
-                let prefix = prefix_cache(args, &models[0].cache)?;
-                let backends = models
+    let mut prefix_cache_mib = None;
+    let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) = match read_weights(
+        &files, choice, exact,
+    )? {
+        Some((shape, fp32)) => {
+            let source = fp32.source.clone();
+            let session_err = |detail: String| ModelError::Session { path: source.clone(), detail };
+            let eval_err = |e: String| session_err(format!("--eval-text: {e}"));
+            let mut quality = match &args.model.eval_text {
+                Some(path) => Some(QualityCheck::read(path, args.model.eval_tokens, &tokenizer).map_err(eval_err)?),
+                None => None,
+            };
+            if let Some(q) = quality.as_mut().filter(|_| !exact) {
+                q.baseline(&shape, &fp32, &rt.env, &options).map_err(eval_err)?;
+            }
+            let t = Instant::now();
+            let weights = fp32.quantized(&shape, precision);
+            drop(fp32);
+            if precision != Precision::Fp32 {
+                phase("quantize", t);
+            }
+            let t = Instant::now();
+            let kv = KvLayout::new(args.model.kv_dtype);
+            let shared = SharedModel::new(shape, weights, kv);
+            phase("graph", t);
+            let t = Instant::now();
+            let session = Arc::new(shared.session(&rt.env, &options).map_err(|e| session_err(format!("{e:?}")))?);
+            phase("session", t);
+            if let Some(q) = quality {
+                q.log(&session, &shared, precision).map_err(eval_err)?;
+            }
+            let models = (0..workers)
+                .map(|_| shared.worker(&session, slots))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
+            let prefix = prefix_cache(args, &models[0].cache)?;
+            prefix_cache_mib = prefix.as_ref().map(|_| args.cache.prefix_cache_mib);
+            let backends = models
+                .into_iter()
+                .map(|model| Box::new(SlotBackend::new(model, prefix.clone())) as Box<dyn Backend>)
+                .collect();
+            let s = &shared.shape;
+            crate::log_fact!(
+                "built graph",
+                text = format!(
+                    "built graph: one session shared by {workers} worker(s): {precision} weights ({:.1} MB from {}), \
+                     {} KV cache, {} layers, {} heads, width {}, context {}",
+                    shared.weights.data.len() as f64 / 1e6,
+                    shared.weights.source.display(),
+                    kv.dtype,
+                    s.layers,
+                    s.heads,
+                    s.width,
+                    s.positions
+                ),
+                weights = %shared.weights.source.display(),
+                precision = %precision,
+                kv_dtype = %kv.dtype,
+                weight_bytes = shared.weights.data.len(),
+                layers = s.layers,
+                heads = s.heads,
+                width = s.width,
+                context = s.positions,
+                workers
+            );
+            (backends, kv.dtype.onnx_name().to_string(), precision.to_string())
+        }
+        None => {
+            let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
+                dir: files.config.parent().map(Into::into).unwrap_or_default(),
+                candidates: crate::model::ONNX_CANDIDATES.join(", "),
+            })?;
+            let t = Instant::now();
+            let models = (0..workers)
+                .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
+                .collect::<Result<Vec<_>, _>>()?;
+            phase("session", t);
+            let sig = &models[0].signature;
+            crate::log_fact!(
+                "exported graph",
+                text = format!(
+                    "exported graph: {} as it is, one session per worker ({workers}): {} layers, {} heads, {} KV cache{}{}",
+                    onnx.display(),
+                    sig.layers,
+                    sig.heads,
+                    sig.kv_dtype,
+                    if sig.has_position_ids { "" } else { ", no position_ids" },
+                    if sig.has_use_cache_branch { ", merged decoder" } else { "" }
+                ),
+                onnx = %onnx.display(),
+                layers = sig.layers,
+                heads = sig.heads,
+                kv = %sig.kv_dtype,
+                position_ids = sig.has_position_ids,
+                merged = sig.has_use_cache_branch,
+                workers
+            );
+            let (pad_id, kv_dtype) = (config.eos_token_id, sig.kv_dtype.to_string());
+            let weights = if kv_dtype == "float16" { "fp16" } else { "fp32" }.to_string();
+            (
+                models
                     .into_iter()
-                    .map(|model| Box::new(SlotBackend::new(model, prefix.clone())) as Box<dyn Backend>)
-                    .collect();
-                let s = &shared.shape;
-                tracing::info!(
-                    weights = %shared.weights.source.display(),
-                    precision = %precision,
-                    kv_dtype = %kv.dtype,
-                    weight_bytes = shared.weights.data.len(),
-                    layers = s.layers,
-                    heads = s.heads,
-                    width = s.width,
-                    context = s.positions,
-                    workers,
-                    "built graph: one session shared by {workers} worker(s) in {:.2?} (model loaded in {:.2?})",
-                    t.elapsed(),
-                    t0.elapsed()
-                );
-                (backends, kv.dtype.onnx_name().to_string(), precision.to_string())
-            }
-            None => {
-                let onnx = files.onnx.clone().ok_or_else(|| ModelError::NoOnnx {
-                    dir: files.config.parent().map(Into::into).unwrap_or_default(),
-                    candidates: crate::model::ONNX_CANDIDATES.join(", "),
-                })?;
-                let t = Instant::now();
-                let models = (0..workers)
-                    .map(|_| Model::load(&rt.env, &onnx, config.n_layer, &options))
-                    .collect::<Result<Vec<_>, _>>()?;
-                phase("session", t);
-                let sig = &models[0].signature;
-                tracing::info!(
-                    onnx = %onnx.display(),
-                    layers = sig.layers,
-                    heads = sig.heads,
-                    kv = %sig.kv_dtype,
-                    position_ids = sig.has_position_ids,
-                    merged = sig.has_use_cache_branch,
-                    "exported graph loaded in {:.2?}",
-                    t0.elapsed()
-                );
-                let (pad_id, kv_dtype) = (config.eos_token_id, sig.kv_dtype.to_string());
-                let weights = if kv_dtype == "float16" { "fp16" } else { "fp32" }.to_string();
-                (
-                    models
-                        .into_iter()
-                        .map(|m| Box::new(PaddedBackend::new(m, pad_id, slots)) as Box<dyn Backend>)
-                        .collect(),
-                    kv_dtype,
-                    weights,
-                )
-            }
-        };
+                    .map(|m| Box::new(PaddedBackend::new(m, pad_id, slots)) as Box<dyn Backend>)
+                    .collect(),
+                kv_dtype,
+                weights,
+            )
+        }
+    };
     // The session builds left their temporaries freed but resident.
     crate::engine::trim_heap();
     // A backend that cannot chunk prompts prefills them whole, so there the
     // prefill bound is also the longest prompt.
-    let prefill_cap = if backends[0].chunks() { u32::MAX } else { l.max_prefill_tokens as u32 };
+    let backends_chunk = backends[0].chunks();
+    let prefill_cap = if backends_chunk { u32::MAX } else { l.max_prefill_tokens as u32 };
     let engine_config = EngineConfig {
         limits: admission::Limits {
             max_batch_size: l.max_batch_size.max(1),
@@ -215,7 +253,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         draining: Default::default(),
         engine,
     };
-    Ok(Loaded { state: Arc::new(state), worker_threads })
+    let graph = if backends_chunk { "built" } else { "exported" };
+    let summary = Summary { graph, workers, prefix_cache_mib };
+    Ok(Loaded { state: Arc::new(state), worker_threads, summary })
 }
 
 /// The prefix cache all workers share, unless `--prefix-cache off`.
@@ -223,7 +263,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
 fn prefix_cache(args: &ServeArgs, kv: &SlotCache) -> Result<Option<Arc<PrefixCache>>, StartupError> {
     let c = &args.cache;
     if c.prefix_cache == Switch::Off {
-        tracing::info!("prefix cache off");
+        crate::log_fact!("prefix cache", text = "prefix cache off", blocks = 0);
         return Ok(None);
     }
     let block = usize::from(c.prefix_block_tokens);
@@ -234,11 +274,16 @@ fn prefix_cache(args: &ServeArgs, kv: &SlotCache) -> Result<Option<Arc<PrefixCac
         return Err(StartupError::PrefixCacheBudget { mib: c.prefix_cache_mib, block, block_bytes, min_mib });
     }
     let cache = PrefixCache::new(block, block_bytes, budget);
-    tracing::info!(
-        "prefix cache on: {} blocks of {block} tokens ({} tokens, {} MiB), shared by every worker",
-        cache.capacity(),
-        cache.capacity() * block,
-        (cache.capacity() * block_bytes) >> 20
+    let (blocks, mib) = (cache.capacity(), (cache.capacity() * block_bytes) >> 20);
+    crate::log_fact!(
+        "prefix cache",
+        text = format!(
+            "prefix cache on: {blocks} blocks of {block} tokens ({} tokens, {mib} MiB), shared by every worker",
+            blocks * block
+        ),
+        blocks,
+        block_tokens = block,
+        mib
     );
     Ok(Some(Arc::new(cache)))
 }
@@ -249,7 +294,13 @@ fn phase(name: &'static str, started: Instant) {
     let seconds = started.elapsed().as_secs_f64();
     // The process's peak resident memory so far: which phase sets it.
     let peak_mib = peak_rss_kib().map_or(0, |k| k / 1024);
-    tracing::info!(phase = name, seconds, peak_mib, "start-up phase {name}: {seconds:.2} s, peak RSS {peak_mib} MiB");
+    crate::log_fact!(
+        "start-up phase",
+        text = format!("start-up phase {name}: {seconds:.2} s, peak RSS {peak_mib} MiB"),
+        phase = name,
+        seconds,
+        peak_mib
+    );
 }
 
 /// `VmHWM` of /proc/self/status (Linux), in KiB.

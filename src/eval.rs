@@ -351,22 +351,29 @@ impl QualityCheck {
         match &self.base {
             Some(b) => {
                 let (delta, agreement) = (100.0 * (ppl / b.perplexity() - 1.0), 100.0 * s.agreement(b));
-                tracing::info!(
+                crate::log_fact!(
+                    "quality",
+                    text = format!(
+                        "quality: {precision} perplexity {ppl:.3} vs fp32 {:.3} ({delta:+.2} %), \
+                         top-1 agreement with fp32 {agreement:.2} % on {file} ({n} tokens)",
+                        b.perplexity()
+                    ),
                     precision = %precision,
                     perplexity = ppl,
                     fp32_perplexity = b.perplexity(),
                     delta_percent = delta,
                     top1_agreement_percent = agreement,
-                    tokens = n,
-                    "quality: {precision} perplexity {ppl:.3} vs fp32 {:.3} ({delta:+.2} %), top-1 agreement with fp32 {agreement:.2} % on {file} ({n} tokens)",
-                    b.perplexity()
+                    text_file = %file,
+                    tokens = n
                 );
             }
-            None => tracing::info!(
+            None => crate::log_fact!(
+                "quality",
+                text = format!("quality: {precision} perplexity {ppl:.3} on {file} ({n} tokens)"),
                 precision = %precision,
                 perplexity = ppl,
-                tokens = n,
-                "quality: {precision} perplexity {ppl:.3} on {file} ({n} tokens)"
+                text_file = %file,
+                tokens = n
             ),
         }
         Ok(())

@@ -14,6 +14,7 @@ pub mod eval;
 pub mod fault;
 pub mod graph;
 pub mod http;
+pub mod logs;
 pub mod model;
 pub mod run;
 pub mod runtime;

@@ -12,17 +12,7 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let json = matches!(&cli.command, Command::Serve(a) if a.server.log_format == "json");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into());
-    // Colours only for a terminal: a log file or a collector gets no
-    // control sequences.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    batchgen::logs::init(matches!(&cli.command, Command::Serve(a) if a.server.log_format == "json"));
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(*args)),
@@ -104,7 +94,7 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     // Listen first: health checks answer NOT_SERVING while the model loads.
     let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
     let metrics_listener = tokio::net::TcpListener::bind(args.server.metrics_listen).await?;
-    tracing::info!("metrics on http://{}/metrics", metrics_listener.local_addr()?);
+    let metrics_at = metrics_listener.local_addr()?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(batchgen::telemetry::serve(metrics_listener, batchgen::telemetry::install(), async {
         let _ = metrics_stopped.await;
@@ -115,11 +105,12 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
     // The HTTP front closes its listener with the gRPC one and lets its
     // requests finish (the drain ends them within the grace period).
     let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut http_at = None;
     let http = match args.server.http_listen.0 {
         Some(at) => {
             let listener = tokio::net::TcpListener::bind(at).await?;
             let scheme = if options.tls.is_some() { "https" } else { "http" };
-            tracing::info!("HTTP (OpenAI completions, health, metrics) on {scheme}://{}", listener.local_addr()?);
+            http_at = Some(format!("{scheme}://{}", listener.local_addr()?));
             let service = batchgen::server::GenerationService::new(server.clone(), &options);
             let front = batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install());
             let mut closed = closed.clone();
@@ -149,15 +140,49 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     };
-    tracing::info!("listening on {} ({scheme}; NOT_SERVING while the model loads)", listener.local_addr()?);
+    let grpc_at = listener.local_addr()?;
+    let http_text = http_at.as_deref().map_or("off".to_string(), |a| format!("{a} (OpenAI API, health, metrics)"));
+    batchgen::log_fact!(
+        "listening",
+        text = format!(
+            "listening: gRPC on {grpc_at} ({scheme}), HTTP on {http_text}, metrics on http://{metrics_at}/metrics; \
+             NOT_SERVING while the model loads"
+        ),
+        grpc = %grpc_at,
+        tls = scheme,
+        http = http_at.as_deref().unwrap_or("off"),
+        metrics = %metrics_at
+    );
+    let model = args.model.model.clone();
     let serving = tokio::spawn({
         let server = server.clone();
         async move { batchgen::server::serve(listener, server, &options, shutdown).await }
     });
     match tokio::task::spawn_blocking(move || batchgen::app::load(&args)).await? {
         Ok(loaded) => {
+            let batchgen::app::Summary { graph, workers, prefix_cache_mib } = loaded.summary;
+            let weights = loaded.state.weights.clone();
+            let kv = if loaded.state.kv_dtype.contains("16") { "fp16" } else { "fp32" };
             server.ready(loaded.state).await;
-            tracing::info!("serving (ready {:.2?} after start)", started.elapsed());
+            let seconds = started.elapsed().as_secs_f64();
+            let cache = prefix_cache_mib.map_or("off".to_string(), |m| format!("{m} MiB"));
+            let ort = batchgen::runtime::ORT_VERSION;
+            batchgen::log_fact!(
+                "ready",
+                text = format!(
+                    "ready in {seconds:.2} s: serving {model} on {grpc_at} with the {graph} graph, {weights} weights, \
+                     {kv} KV cache, {workers} worker(s), prefix cache {cache}, ONNX Runtime {ort}"
+                ),
+                seconds,
+                model = %model,
+                grpc = %grpc_at,
+                graph,
+                weights = %weights,
+                kv_dtype = kv,
+                workers,
+                prefix_cache_mib,
+                onnxruntime = ort
+            );
         }
         Err(e) => {
             let _ = stop.send(());

@@ -57,6 +57,18 @@ pub enum Source {
     Downloaded,
 }
 
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Flag => "given by --onnxruntime or ORT_DYLIB_PATH",
+            Source::NextToExecutable => "next to the executable",
+            Source::Cache => "the user cache",
+            Source::PythonPackage => "the Python onnxruntime package",
+            Source::Downloaded => "downloaded with pip just now",
+        })
+    }
+}
+
 /// The user cache directory batchgen keeps the library in.
 pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")

@@ -37,7 +37,7 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains("serving (ready") {
+            if log.contains("ready in ") || log.contains(r#""message":"ready""#) {
                 break;
             }
             assert!(Instant::now() < deadline, "not ready within 120 s:\n{log}");
@@ -82,6 +82,23 @@ fn text_logs_name_each_phase_with_its_duration_and_hold_no_control_sequences() {
     if common::built() {
         assert!(log.contains("start-up phase weights: ") && log.contains("start-up phase graph: "), "{log}");
     }
+    // Each fact once: sentences, no `field=value` repeating them.
+    for line in log.lines().filter(|l| l.contains(" INFO batchgen")) {
+        let fields = line.split_whitespace().filter(|w| w.split_once('=').is_some_and(|(k, _)| !k.is_empty()));
+        assert_eq!(fields.count(), 0, "a start-up line repeats its facts as fields: {line}");
+    }
+    // One readiness line with what an operator checks first.
+    let ready = log.lines().find(|l| l.contains("ready in ")).unwrap();
+    for fact in [
+        format!("serving {}", common::fixture_dir().display()),
+        "127.0.0.1:".into(),
+        "fp32 weights".into(),
+        "1 worker(s)".into(),
+        format!("ONNX Runtime {}", batchgen::runtime::ORT_VERSION),
+    ] {
+        assert!(ready.contains(&fact), "no {fact:?} in the readiness line: {ready}");
+    }
+    assert_eq!(log.matches("ready in ").count(), 1, "{log}");
 }
 
 #[test]
@@ -96,6 +113,17 @@ fn json_logs_carry_each_phase_as_an_event() {
             Some((f["phase"].as_str()?.to_string(), f["seconds"].as_f64()?))
         })
         .collect();
+    let events: Vec<serde_json::Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // The facts are fields; the message is the event's fixed name.
+    for e in events.iter().filter(|e| e["fields"]["phase"].is_string()) {
+        assert_eq!(e["fields"]["message"], "start-up phase", "{e}");
+    }
+    let ready: Vec<&serde_json::Value> = events.iter().filter(|e| e["fields"]["message"] == "ready").collect();
+    assert_eq!(ready.len(), 1, "{log}");
+    let f = &ready[0]["fields"];
+    assert!(f["seconds"].as_f64().is_some_and(|s| s > 0.0) && f["workers"] == 1, "{f}");
+    assert_eq!(f["onnxruntime"], batchgen::runtime::ORT_VERSION, "{f}");
+    assert!(f["grpc"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")) && f["weights"] == "fp32", "{f}");
     let names: Vec<&str> = phases.iter().map(|p| p.0.as_str()).collect();
     for phase in ["onnxruntime", "model files", "session"] {
         assert!(names.contains(&phase), "no {phase} event in {names:?}:\n{log}");
@@ -113,9 +141,9 @@ fn int8_weights_log_their_measured_quality_before_serving() {
     assert!(log.contains("start-up phase quantize: "), "{log}");
     let line = log.lines().find(|l| l.contains("quality: int8 perplexity")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains(" vs fp32 ") && line.contains("top-1 agreement with fp32 ") && line.contains("(299 tokens)"));
-    assert!(log.contains("precision=int8"), "{log}");
+    assert!(log.contains("built graph: one session shared by 1 worker(s): int8 weights"), "{log}");
     let quality = log.find("quality: int8").unwrap();
-    assert!(quality < log.find("serving (ready").unwrap(), "{log}");
+    assert!(quality < log.find("ready in ").unwrap(), "{log}");
 }
 
 #[test]
