@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The continuous-batching benchmark of BENCHMARKS.md: `batchgen bench` against
+# The continuous-batching benchmark of docs/performance.md: `batchgen bench` against
 # a release server, with the plain ORT loop (examples/ort_loop.rs) run before
 # and after it on the same machine, and the server's own breakdown of where
 # step time goes (its "busy period" log lines).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prefix cache benchmark of BENCHMARKS.md ("Prefix cache"): the same
+# The prefix cache benchmark of docs/performance.md ("Prefix cache"): the same
 # loads against a release server with --prefix-cache off, then on, in one
 # pass, with each server's peak resident memory.
 #   scripts/bench_prefix.sh MODEL_DIR [THREADS] [REQUESTS]

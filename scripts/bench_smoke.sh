@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark script of BENCHMARKS.md's "Reproduce", run as a smoke test on
+# Every benchmark script of docs/performance.md's "Reproduce", run as a smoke test on
 # the tiny fixture with few tokens and this tree's debug binaries (built by
 # `cargo test`), so that none of them can rot: each must finish within its
 # bound and print what its readers look for. Numbers from here mean nothing.

@@ -7,6 +7,7 @@
 # the official openai client, the playground in headless Chromium). Needs
 # Rust, python3 with pip and venv, Node.js with npm, openssl (and chromium for
 # the playground test, else SKIPPED); dependencies come from the registries.
+# Last, the commands of README.md and docs/ (scripts/doc_test.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # fault-injection: tests/faults.rs makes the engine fail on purpose through a
@@ -20,7 +21,7 @@ BATCHGEN_TEST_GRAPH=exported cargo test --features fault-injection --test genera
 # calls from 32 clients, then a burst of 10 × --max-queue; prints its figures.
 cargo test --features fault-injection --test soak -- --ignored --nocapture
 # Every benchmark script, as a smoke test on the tiny fixture (debug binaries,
-# few tokens), so that the commands of BENCHMARKS.md cannot rot.
+# few tokens), so that the commands of docs/performance.md cannot rot.
 scripts/bench_smoke.sh
 # Three replicas in network namespaces behind nginx: drain, kill, restart
 # (root, iproute2 and nginx; prints SKIPPED without them).
@@ -32,3 +33,6 @@ venv=target/python-client-venv
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/clients/python/requirements.txt
 (cd tests/clients/python && "../../../$venv/bin/python" -m pytest -q -p no:cacheprovider)
 (cd tests/clients/node && npm ci --no-audit --no-fund --loglevel=error && node --test)
+# The documentation's commands (README.md, docs/): every block marked `test`
+# runs against the server started as the docs say (scripts/doc_test.py).
+DOC_PYTHON="$PWD/$venv/bin/python" DOC_PATH="$PWD/$venv/bin" python3 scripts/doc_test.py

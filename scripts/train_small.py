@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a small GPT-2 that has learned some English, so that quantization quality
 figures (perplexity, top-1 agreement) mean something. Real weights cannot be
-downloaded here; this model is what `BENCHMARKS.md`'s quality table is measured on.
+downloaded here; this model is what `docs/performance.md`'s quality table is measured on.
 
 Corpus: the text documentation Debian installs (`/usr/share/common-licenses`,
 `/usr/share/doc/**`: copyright files, READMEs, changelogs, gzipped ones included),

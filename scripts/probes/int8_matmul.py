@@ -1,4 +1,4 @@
-# Run: python3 scripts/probes/int8_matmul.py (numpy, onnx, onnxruntime 1.32). Results: BENCHMARKS.md, "Weight precision".
+# Run: python3 scripts/probes/int8_matmul.py (numpy, onnx, onnxruntime 1.32). Results: docs/performance.md, "Weight precision".
 # Cost of GPT-2 124M's matmuls in fp32, DynamicQuantizeMatMul (int8 per channel) and MatMulNBits (8 bits, blocks)
 import numpy as np, onnxruntime as ort, time, sys
 from onnx import helper, TensorProto as T, numpy_helper as nh

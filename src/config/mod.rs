@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod client;
+mod reference;
 pub use client::{BenchArgs, ConnectArgs, GenerateArgs, HealthArgs, KeygenArgs, PlotArgs};
+pub use reference::flag_reference;
 
 #[derive(Debug, Parser)]
 #[command(name = "batchgen", version, about = "GPT-2 text generation over gRPC, on ONNX Runtime")]
@@ -109,6 +111,7 @@ pub enum Switch {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Prefix cache")]
 pub struct CacheArgs {
     /// Prefix cache: a prompt that begins like an earlier one (a system
     /// prompt, few-shot examples, a conversation's history) copies that
@@ -134,6 +137,7 @@ pub struct CacheArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Model and precision")]
 pub struct ModelArgs {
     /// A GPT-2 model directory: a transformers checkpoint (`config.json` +
     /// `model.safetensors`) or an export by `optimum-cli export onnx --task
@@ -182,6 +186,7 @@ pub enum GraphChoice {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Runtime and workers")]
 pub struct RuntimeArgs {
     /// Path to libonnxruntime.so (1.32). Default: next to the executable, the
     /// user cache, the Python onnxruntime package, else downloaded with pip.
@@ -200,6 +205,7 @@ pub struct RuntimeArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Network")]
 pub struct ServerArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "BATCHGEN_LISTEN", default_value = "0.0.0.0:50051")]
@@ -224,38 +230,38 @@ pub struct ServerArgs {
     #[arg(long, env = "BATCHGEN_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`).
-    #[arg(long, env = "BATCHGEN_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    #[arg(long, help_heading = "Logs and metrics", env = "BATCHGEN_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: SocketAddr,
     /// Log format: "text" for people, "json" for machines.
-    #[arg(long, env = "BATCHGEN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, help_heading = "Logs and metrics", env = "BATCHGEN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
     /// TLS on the gRPC port: the server's certificate chain (PEM). Re-read,
     /// with the key, on SIGHUP and when the file changes; open connections
     /// keep the certificate they were accepted with.
-    #[arg(long, env = "BATCHGEN_TLS_CERT", requires = "tls_key")]
+    #[arg(long, help_heading = "Security", env = "BATCHGEN_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
-    #[arg(long, env = "BATCHGEN_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, help_heading = "Security", env = "BATCHGEN_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Mutual TLS: clients must present a certificate signed by one of the
     /// CAs in this PEM file (and valid today). Needs --tls-cert.
-    #[arg(long, env = "BATCHGEN_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, help_heading = "Security", env = "BATCHGEN_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// Certificate revocation lists (PEM) for --tls-client-ca: client
     /// certificates they revoke are refused. Re-read with the certificates.
-    #[arg(long, env = "BATCHGEN_TLS_CLIENT_CRL", requires = "tls_client_ca")]
+    #[arg(long, help_heading = "Security", env = "BATCHGEN_TLS_CLIENT_CRL", requires = "tls_client_ca")]
     pub tls_client_crl: Option<PathBuf>,
     /// API keys the Generation service requires (one per line: name,
     /// sha256:<hash of the key>, optional concurrency=N and
     /// tokens_per_minute=N; make lines with `batchgen keygen`). Calls send
     /// `authorization: Bearer <key>`. Health and reflection stay open.
     /// Re-read on SIGHUP.
-    #[arg(long, env = "BATCHGEN_API_KEYS")]
+    #[arg(long, help_heading = "Security", env = "BATCHGEN_API_KEYS")]
     pub api_keys: Option<PathBuf>,
     /// Log every accepted request's prompt, stop sequences and generated text
     /// at INFO (for debugging; off by default: then no request content
     /// reaches the logs at INFO or below).
-    #[arg(long, env = "BATCHGEN_LOG_PROMPTS")]
+    #[arg(long, help_heading = "Logs and metrics", env = "BATCHGEN_LOG_PROMPTS")]
     pub log_prompts: bool,
     /// Seconds a GenerateStream client may go without reading while its
     /// messages wait; then the call ends with RESOURCE_EXHAUSTED and its
@@ -270,6 +276,7 @@ pub struct ServerArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Limits and scheduling")]
 pub struct LimitArgs {
     /// Requests allowed to wait for a worker; beyond it, RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "BATCHGEN_MAX_QUEUE", default_value_t = 128)]

@@ -18,10 +18,10 @@
 //! head_dim]` range per row and cannot follow a block table. A copy costs
 //! `token_bytes` per token (72 KiB for the 124M shape at fp32: 37.7 MB for a
 //! 512-token prefix, measured at 16.5 ms per hit on the Intel Xeon of
-//! BENCHMARKS.md, 2.3 GB/s: the slot's pages were given back when its last
+//! docs/performance.md, 2.3 GB/s: the slot's pages were given back when its last
 //! row left, so the copy also takes their page faults; storing runs at
 //! 1.7 GB/s) against ≈ 0.25 GFLOP per token to prefill it (≈ 130 GFLOP, 481 ms
-//! to first token there); the rest of the figures are in BENCHMARKS.md
+//! to first token there); the rest of the figures are in docs/performance.md
 //! ("Prefix cache"). The samples and beams of one request keep
 //! sharing their prompt the same way: one slot is prefilled (or filled from
 //! here) and `fork` copies it to the others.
@@ -36,7 +36,7 @@
 //! after an eviction; when nothing but pinned blocks is left, new blocks are
 //! not stored. (Without pins, 16 distinct 544-token prompts, chunked, churned
 //! a 128 MiB cache and cost 4–7 % of the throughput of cache off; pinned
-//! while prefilling, 4 %; BENCHMARKS.md, "Prefix cache".) A decoding row
+//! while prefilling, 4 %; docs/performance.md, "Prefix cache".) A decoding row
 //! uses no block (it copied or computed them all), so it pins none. Copies hold the block's data (`Arc`), so nothing is
 //! freed under a reader. The rows' own KV is counted by admission as before;
 //! this budget is separate.

@@ -2,7 +2,7 @@
 //! cache, registered with ONNX Runtime as a custom operator. It exists for
 //! the float16 KV cache (`--kv-dtype fp16`): ONNX Runtime's CPU
 //! GroupQueryAttention reads a float16 cache more slowly than a float32 one
-//! (README, "A float16 KV cache"), while a decode step is bound by reading
+//! (docs/serving.md, "KV cache precision: float16"), while a decode step is bound by reading
 //! the cache, so halving its bytes should halve that part of the step.
 //!
 //! Inputs: `qkv [B, S, 3E]` float32 (GPT-2's packed projection: queries,

@@ -9,7 +9,7 @@
 //! multiplies in integers (VNNI where the CPU has it). Measured on this
 //! machine against `MatMulNBits` (8 bits, blocks of 32 or 128, accuracy
 //! level 4): DynamicQuantizeMatMul is faster at every batch (see
-//! `BENCHMARKS.md`), so it is the one used.
+//! `docs/performance.md`), so it is the one used.
 //!
 //! The LM head is tied to the token embedding `wte [V, E]`; its int8 form is
 //! a transposed copy `[E, V]` with one scale per vocabulary entry, beside the
