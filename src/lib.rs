@@ -5,6 +5,7 @@
 //! stopping) → `tokenizer::Detokenizer` → the request's stream.
 pub mod app;
 pub mod bench;
+pub mod chat;
 pub mod client;
 pub mod config;
 pub mod decoding;
