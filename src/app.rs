@@ -1,7 +1,9 @@
 //! Start-up: ONNX Runtime, model, tokenizer, engine thread.
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::chat::Chat;
 use crate::config::{GraphChoice, ServeArgs, Switch};
 use crate::engine::prefix::PrefixCache;
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
@@ -37,6 +39,8 @@ pub enum StartupError {
     PrefixCacheBudget { mib: usize, block: usize, block_bytes: usize, min_mib: usize },
     #[error("--default-max-new-tokens ({default}) must be between 1 and --max-new-tokens ({max})")]
     Limits { default: u32, max: u32 },
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatTemplateError),
 }
 
 /// A loaded server, ready to serve.
@@ -89,6 +93,21 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let config = ModelConfig::load(&files)?;
     let tokenizer = Tokenizer::from_file(&files.tokenizer)
         .map_err(|e| ModelError::Tokenizer { path: files.tokenizer.clone(), reason: e.0 })?;
+    let model_dir = files.tokenizer.parent().map(Path::to_path_buf).unwrap_or_default();
+    let chat = Chat::load(args.model.chat_template.as_deref(), &model_dir, &tokenizer.token_text(config.eos_token_id))?;
+    match &chat {
+        Chat::Ready(t) => crate::log_fact!(
+            "chat template",
+            text = format!("chat template from {}", t.origin),
+            chat_template = %t.origin
+        ),
+        Chat::Unavailable(why) => crate::log_fact!(
+            "chat template",
+            text = format!("no chat template: /v1/chat/completions answers 400 ({why})"),
+            chat_template = "none",
+            reason = %why
+        ),
+    }
     phase("model files", t);
     let options = SessionOptions { intra_op_threads: args.runtime.intra_op_threads };
     let workers = args.runtime.workers.max(1);
@@ -234,8 +253,16 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     )
     .set(1.0);
     let (engine, worker_threads) = engine::spawn(backends, &engine_config, &tokenizer);
+    let mut model_names = args.model.served_model_name.clone();
+    model_names.retain(|n| !n.trim().is_empty());
+    if model_names.is_empty() {
+        model_names.push(files.name.clone());
+    }
     let state = AppState {
-        model_name: files.name,
+        model_name: model_names[0].clone(),
+        model_names,
+        model_path: files.name.clone(),
+        chat,
         kv_dtype,
         weights,
         tokenizer,

@@ -112,7 +112,7 @@ async fn serve(args: batchgen::config::ServeArgs) -> anyhow::Result<()> {
             let scheme = if options.tls.is_some() { "https" } else { "http" };
             http_at = Some(format!("{scheme}://{}", listener.local_addr()?));
             let service = batchgen::server::GenerationService::new(server.clone(), &options);
-            let front = batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install());
+            let front = batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install(), &options);
             let mut closed = closed.clone();
             Some(tokio::spawn(batchgen::http::serve(listener, front, options.tls.clone(), async move {
                 let _ = closed.wait_for(|c| *c).await;

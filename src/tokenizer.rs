@@ -60,9 +60,31 @@ impl Tokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
+    /// The token's raw bytes: a byte-level BPE token's string mapped back
+    /// through GPT-2's byte-to-character table (so a token that holds part
+    /// of a character gives its bytes, not U+FFFD), an added token's text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(token) = self.inner.id_to_token(id) else { return Vec::new() };
+        if self.inner.get_added_vocabulary().is_special_token(&token) {
+            return token.into_bytes();
+        }
+        token.chars().map(byte_of_char).collect::<Option<Vec<u8>>>().unwrap_or_else(|| token.into_bytes())
+    }
+
     pub fn is_special(&self, id: u32) -> bool {
         self.inner.get_added_vocabulary().is_special_token(&self.inner.id_to_token(id).unwrap_or_default())
     }
+}
+
+/// The byte GPT-2's `bytes_to_unicode` maps to `c`: printable Latin-1
+/// bytes stand for themselves, the other 68 for U+0100 onwards in order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let c = c as u32;
+    if c < 0x100 {
+        return printable(c).then_some(c as u8);
+    }
+    (0u32..256).filter(|b| !printable(*b)).nth((c - 0x100) as usize).map(|b| b as u8)
 }
 
 /// Incremental decoding of one sequence. `push` returns the new text that is
@@ -167,6 +189,16 @@ mod tests {
         assert!(tok.is_special(50256));
         assert!(!tok.is_special(ids[0]));
         assert_eq!(tok.token_text(50256), "<|endoftext|>");
+    }
+
+    #[test]
+    fn token_bytes_are_the_raw_bytes_even_of_part_of_a_character() {
+        let tok = test_tokenizer();
+        let ids = tok.encode("a 👋 b").unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
+        assert_eq!(bytes, "a 👋 b".as_bytes());
+        assert!(ids.iter().any(|&id| std::str::from_utf8(&tok.token_bytes(id)).is_err()), "no split character");
+        assert_eq!(tok.token_bytes(50256), b"<|endoftext|>");
     }
 
     #[test]

@@ -265,6 +265,21 @@ async fn errors_come_in_openais_shape_with_the_matching_status() {
     assert_eq!(a.json()["error"]["code"], "deadline_exceeded");
     assert_eq!(send(http, "GET", "/v1/models", None, &[]).await.status, 401);
     assert_eq!(send(http, "GET", "/v1/models", None, &auth).await.status, 200);
+    // Every route that reaches the model needs the key, as on gRPC (this
+    // server has no chat template: without a key the answer is still 401).
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    for (path, body) in [
+        ("/v1/chat/completions", chat.clone()),
+        ("/tokenize", json!({"prompt": "Hi"})),
+        ("/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]})),
+        ("/detokenize", json!({"tokens": [1]})),
+    ] {
+        assert_eq!(send(http, "POST", path, Some(body.clone()), &[]).await.status, 401, "{path} {body}");
+    }
+    assert_eq!(send(http, "POST", "/tokenize", Some(json!({"prompt": "Hi"})), &auth).await.status, 200);
+    assert_eq!(send(http, "POST", "/detokenize", Some(json!({"tokens": [1]})), &auth).await.status, 200);
+    assert_eq!(send(http, "POST", "/v1/chat/completions", Some(chat), &auth).await.status, 400);
+    assert_eq!(send(http, "GET", "/version", None, &[]).await.status, 200);
     // Health stays open; metrics on this port need the key.
     let h = send(http, "GET", "/health", None, &[]).await;
     assert_eq!((h.status, h.json()["status"].clone()), (200, json!("ready")));
@@ -393,4 +408,210 @@ fn a_malformed_cors_origin_is_refused_at_start() {
     let mut args = serve_args();
     args.server.cors_allow_origin = vec!["*".into(), "https://a.example:8443".into()];
     assert!(args.server.serve_options().is_ok());
+}
+
+/// A server with the HTTP front and a chat template (DialoGPT's: each turn's
+/// text then `<|endoftext|>`), under a served name.
+async fn chat_server(template: Option<&str>) -> common::TestServer {
+    let mut args = serve_args();
+    args.server.http_listen = batchgen::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    args.model.chat_template = template.map(|t| format!("{}/deploy/chat-templates/{t}", env!("CARGO_MANIFEST_DIR")));
+    args.model.served_model_name = vec!["tiny".into(), "tiny-chat".into()];
+    start_with(args).await
+}
+
+/// Chat completions are the completion of the rendered conversation: the
+/// same tokens, text, logprobs (with each token's raw bytes) and usage as
+/// the gRPC call on the prompt transformers' template gives, unary and
+/// streamed (role first, then deltas, then the finish reason).
+#[tokio::test]
+async fn chat_completions_equal_the_grpc_answer_on_the_rendered_conversation() {
+    let server = chat_server(Some("dialogpt.jinja")).await;
+    let http = server.http_addr.unwrap();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/tests/fixtures/chat-expected.json", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+    )
+    .unwrap();
+    let case = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "deploy/chat-templates/dialogpt.jinja" && c["conversation"] == "unicode")
+        .unwrap();
+    let body = json!({
+        "model": "tiny-chat", "messages": case["messages"], "max_completion_tokens": 12, "temperature": 0,
+        "logprobs": true, "top_logprobs": 2,
+    });
+    let a = send(http, "POST", "/v1/chat/completions", Some(body.clone()), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let c = a.json();
+    assert_eq!((c["object"].as_str(), c["model"].as_str()), (Some("chat.completion"), Some("tiny")));
+    let grpc = server
+        .client
+        .clone()
+        .generate(pb::GenerateRequest {
+            prompt_token_ids: ids(&case["ids"]),
+            stopping: Some(pb::Stopping { max_new_tokens: 12, ..Default::default() }),
+            top_logprobs: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seq = &grpc.sequences[0];
+    let choice = &c["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], seq.text.as_str());
+    assert_eq!(c["usage"]["prompt_tokens"], case["ids"].as_array().unwrap().len());
+    assert_eq!(c["usage"]["completion_tokens"], seq.tokens.len());
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), seq.tokens.len());
+    let mut bytes = Vec::new();
+    for (l, t) in content.iter().zip(&seq.tokens) {
+        assert!((l["logprob"].as_f64().unwrap() - f64::from(t.logprob)).abs() < 1e-6);
+        assert_eq!(l["top_logprobs"].as_array().unwrap().len(), 2);
+        bytes.extend(l["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+    }
+    // The tokens' raw bytes are the text, also where a token holds part of
+    // a character (the random model makes invalid sequences: U+FFFD in both).
+    assert!(seq.tokens.iter().all(|t| !t.special), "no EOS within 12 tokens here");
+    assert_eq!(String::from_utf8_lossy(&bytes), seq.text);
+
+    let mut body = body;
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let s = send(http, "POST", "/v1/chat/completions", Some(body), &[]).await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    let events = s.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).filter_map(|ch| ch["delta"]["content"].as_str()).collect();
+    assert_eq!(text, seq.text);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!((finish["delta"].clone(), finish["finish_reason"].as_str()), (json!({}), Some("length")));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], seq.tokens.len());
+    let streamed: usize =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["logprobs"]["content"].as_array().map(Vec::len)).sum();
+    assert_eq!(streamed, seq.tokens.len());
+
+    // n samples, seeded: each equals the gRPC sample of the same seed.
+    let n = send(
+        http,
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({"messages": case["messages"], "max_tokens": 8, "n": 2, "seed": 7, "temperature": 1.0})),
+        &[],
+    )
+    .await
+    .json();
+    let grpc = server
+        .client
+        .clone()
+        .generate(pb::GenerateRequest {
+            prompt_token_ids: ids(&case["ids"]),
+            decoding: Some(pb::Decoding {
+                method: Some(pb::decoding::Method::Sampling(pb::Sampling {
+                    temperature: 1.0,
+                    seed: Some(7),
+                    num_samples: 2,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            stopping: Some(pb::Stopping { max_new_tokens: 8, ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (i, seq) in grpc.sequences.iter().enumerate() {
+        assert_eq!(n["choices"][i]["index"], i);
+        assert_eq!(n["choices"][i]["message"]["content"], seq.text.as_str());
+    }
+}
+
+/// A missing template, a template that refuses the conversation, an unknown
+/// role, a non-text part and a conversation too long for the context each
+/// get a 400 that names the problem, and the server goes on serving.
+#[tokio::test]
+async fn chat_errors_name_the_problem_and_the_server_goes_on() {
+    let none = chat_server(None).await;
+    let http = none.http_addr.unwrap();
+    let hello = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4});
+    let a = send(http, "POST", "/v1/chat/completions", Some(hello.clone()), &[]).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    let m = a.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(m.contains("no chat template") && m.contains("--chat-template"), "{m}");
+    // Completions still work on this server.
+    let ok = send(http, "POST", "/v1/completions", Some(json!({"prompt": "Hello", "max_tokens": 2})), &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    let server = chat_server(Some("llama-2.jinja")).await;
+    let http = server.http_addr.unwrap();
+    let long = "word ".repeat(400);
+    for (body, param, says) in [
+        (
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+            "messages",
+            "Conversation roles must alternate",
+        ),
+        (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages[0].role", "\"tool\" is not supported"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            "messages[0].content[0]",
+            "only text parts",
+        ),
+        (json!({"messages": [{"role": "user", "content": long}]}), "messages", "context"),
+        (json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), "model", "does not exist"),
+    ] {
+        let a = send(http, "POST", "/v1/chat/completions", Some(body.clone()), &[]).await;
+        let e = a.json();
+        assert!(matches!(a.status, 400 | 404), "{body}: {}", a.body);
+        assert_eq!(e["error"]["param"], param, "{body}: {}", a.body);
+        assert!(e["error"]["message"].as_str().unwrap().contains(says), "{body}: {}", a.body);
+    }
+    let a = send(http, "POST", "/v1/chat/completions", Some(hello), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+/// vLLM's routes: tokenize a prompt or a rendered conversation (what the
+/// template gives, token for token), detokenize, the version; the model
+/// list names the served names with the context length.
+#[tokio::test]
+async fn tokenize_detokenize_version_and_the_served_names() {
+    let server = chat_server(Some("chatml.jinja")).await;
+    let http = server.http_addr.unwrap();
+    let models = send(http, "GET", "/v1/models", None, &[]).await.json();
+    let names: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(names, ["tiny", "tiny-chat"]);
+    assert_eq!(models["data"][0]["max_model_len"], 256);
+    let t = send(http, "POST", "/tokenize", Some(json!({"model": "tiny", "prompt": "Hello world"})), &[]).await.json();
+    assert_eq!(t["tokens"], json!([15496, 995]));
+    assert_eq!((t["count"].as_u64(), t["max_model_len"].as_u64()), (Some(2), Some(256)));
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/tests/fixtures/chat-expected.json", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+    )
+    .unwrap();
+    let case = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["template"] == "deploy/chat-templates/chatml.jinja"
+                && c["conversation"] == "with_system"
+                && c["add_generation_prompt"] == true
+        })
+        .unwrap();
+    let t = send(http, "POST", "/tokenize", Some(json!({"messages": case["messages"]})), &[]).await.json();
+    assert_eq!(t["tokens"], case["ids"]);
+    let d = send(http, "POST", "/detokenize", Some(json!({"tokens": [15496, 995, 50256]})), &[]).await.json();
+    assert_eq!(d["prompt"], "Hello world<|endoftext|>");
+    let v = send(http, "GET", "/version", None, &[]).await.json();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    // The path given to --model is accepted too.
+    let by_path = json!({"model": common::fixture_dir().to_string_lossy(), "prompt": "Hi", "max_tokens": 1});
+    assert_eq!(send(http, "POST", "/v1/completions", Some(by_path), &[]).await.status, 200);
 }

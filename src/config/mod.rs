@@ -175,6 +175,20 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long, env = "BATCHGEN_REVISION")]
     pub revision: Option<String>,
+    /// Names clients may call the model by in the OpenAI API's `model`
+    /// field, comma-separated; the first is the id `/v1/models` and ModelInfo
+    /// report. The `--model` value is always accepted too. Default: the
+    /// `--model` value alone.
+    #[arg(long, env = "BATCHGEN_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+    /// The chat template `/v1/chat/completions` renders conversations with
+    /// (Jinja, as transformers' `apply_chat_template`): a file, or the
+    /// template itself. Default: the model folder's `chat_template.jinja` or
+    /// its `tokenizer_config.json`'s `chat_template`; with neither, chat
+    /// requests are refused with a message saying so. Stock templates:
+    /// `deploy/chat-templates/`.
+    #[arg(long, env = "BATCHGEN_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
 }
 
 /// `--graph`.

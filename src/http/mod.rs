@@ -1,10 +1,12 @@
-//! The HTTP front (axum) beside gRPC: OpenAI's `POST /v1/completions` and
-//! `GET /v1/models`, `GET /health` for plain HTTP balancers,
-//! `GET /metrics`, and the playground page at `/`. A completion runs through the gRPC service's own handlers
+//! The HTTP front (axum) beside gRPC: OpenAI's `POST /v1/completions`,
+//! `POST /v1/chat/completions` and `GET /v1/models`, vLLM's `POST /tokenize`,
+//! `POST /detokenize` and `GET /version`, `GET /health` for plain HTTP
+//! balancers, `GET /metrics`, and the playground page at `/`. A completion runs through the gRPC service's own handlers
 //! in process, so it is validated, limited, keyed, counted and cancelled as
 //! a gRPC call is: the `Authorization` header is passed on, the
 //! `x-request-timeout` header (seconds) becomes the call's deadline, and a
 //! client that disconnects drops the call (its rows are evicted).
+pub mod chat;
 pub mod openai;
 
 use std::sync::Arc;
@@ -23,7 +25,8 @@ use tonic::metadata::MetadataMap;
 
 use crate::pb::{self, generation_server::Generation};
 use crate::server::{GenerationService, Server};
-use openai::{ApiError, Choice, Completion, CompletionRequest, Logprobs, Plan, Usage};
+use chat::{ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChatRequest, ChunkChoice, Delta};
+use openai::{ApiError, Choice, Completion, CompletionRequest, Logprobs, Plan, Prompt, Usage};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -33,6 +36,8 @@ pub struct Http {
     metrics: &'static PrometheusHandle,
     /// When the server started (`created` of the model).
     started: u64,
+    /// Origins whose pages may call the API (`--cors-allow-origin`).
+    cors_origins: Vec<String>,
 }
 
 /// The header whose value (seconds) is a completion's deadline.
@@ -43,27 +48,45 @@ fn unix_now() -> u64 {
 }
 
 impl Http {
-    pub fn new(service: GenerationService, server: Arc<Server>, metrics: &'static PrometheusHandle) -> Self {
-        Http { service, server, metrics, started: unix_now() }
+    pub fn new(
+        service: GenerationService,
+        server: Arc<Server>,
+        metrics: &'static PrometheusHandle,
+        options: &crate::server::ServeOptions,
+    ) -> Self {
+        Http { service, server, metrics, started: unix_now(), cors_origins: options.cors_origins.clone() }
     }
 
-    fn model(&self) -> Result<String, ApiError> {
-        match self.server.state() {
-            Some(s) => Ok(s.model_name.clone()),
-            None => Err(ApiError::from_status(&crate::error::Error::Loading.into())),
-        }
+    fn state(&self) -> Result<Arc<crate::server::AppState>, ApiError> {
+        self.server.state().cloned().ok_or_else(|| ApiError::from_status(&crate::error::Error::Loading.into()))
     }
+}
+
+/// The names a request's `model` may give: the served names (the first is
+/// the id answers carry) and `--model`.
+fn model_names(state: &crate::server::AppState) -> Vec<String> {
+    let mut names = state.model_names.clone();
+    if !names.contains(&state.model_path) {
+        names.push(state.model_path.clone());
+    }
+    names
 }
 
 /// The routes of the HTTP port.
 pub fn router(http: Http) -> Router {
+    let cors = crate::server::cors(&http.cors_origins);
     Router::new()
         .route("/", get(playground))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/version", get(version))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(http)
+        .layer(cors)
 }
 
 /// Serves `router` on `listener` until `shutdown` completes (then lets
@@ -159,18 +182,130 @@ async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
         Err(e) => return e.into_response(),
     };
     match http.service.model_info(request(&metadata, pb::ModelInfoRequest {})).await {
-        Ok(info) => Json(serde_json::json!({
-            "object": "list",
-            "data": [{
-                "id": info.into_inner().model,
-                "object": "model",
-                "created": http.started,
-                "owned_by": "batchgen",
-            }],
-        }))
-        .into_response(),
+        Ok(info) => {
+            let info = info.into_inner();
+            let Some(state) = http.server.state() else {
+                return ApiError::from_status(&crate::error::Error::Loading.into()).into_response();
+            };
+            let data: Vec<serde_json::Value> = state
+                .model_names
+                .iter()
+                .map(|name| {
+                    serde_json::json!({
+                        "id": name,
+                        "object": "model",
+                        "created": http.started,
+                        "owned_by": "batchgen",
+                        "root": state.model_path,
+                        "max_model_len": info.context_length,
+                    })
+                })
+                .collect();
+            Json(serde_json::json!({"object": "list", "data": data})).into_response()
+        }
         Err(s) => ApiError::from_status(&s).into_response(),
     }
+}
+
+/// `GET /version` (vLLM's): the server's version; no key needed.
+async fn version() -> Response {
+    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
+}
+
+/// `POST /tokenize` (vLLM's): a prompt, or a conversation rendered with the
+/// chat template, to token ids; through the Tokenize RPC (keys apply).
+async fn tokenize(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        model: Option<String>,
+        prompt: Option<String>,
+        messages: Option<Vec<chat::ChatMessage>>,
+        add_generation_prompt: Option<bool>,
+        chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+        /// Accepted for vLLM's clients; GPT-2 adds no special tokens either way.
+        #[allow(dead_code)]
+        add_special_tokens: Option<bool>,
+    }
+    let run = async {
+        let metadata = metadata(&headers)?;
+        let b: Body = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        let state = http.state()?;
+        check_model(b.model.as_deref(), &state)?;
+        let text = match (b.prompt, b.messages) {
+            (Some(p), None) => p,
+            (None, Some(messages)) => {
+                let messages = chat::conversation(messages)?;
+                http.service.authorize(&metadata).map_err(|s| ApiError::from_status(&s))?;
+                let add = b.add_generation_prompt.unwrap_or(true);
+                render(&state, &messages, add, &b.chat_template_kwargs.unwrap_or_default())?
+            }
+            _ => return Err(ApiError::invalid("prompt", "give exactly one of prompt and messages")),
+        };
+        let answer = http
+            .service
+            .tokenize(request(&metadata, pb::TokenizeRequest { text }))
+            .await
+            .map_err(|s| ApiError::from_status(&s))?
+            .into_inner();
+        Ok::<_, ApiError>(Json(serde_json::json!({
+            "count": answer.token_ids.len(),
+            "max_model_len": state.limits.context_length,
+            "tokens": answer.token_ids,
+        })))
+    };
+    match run.await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /detokenize` (vLLM's): token ids to text, special tokens written out.
+async fn detokenize(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        model: Option<String>,
+        tokens: Vec<u32>,
+    }
+    let run = async {
+        let metadata = metadata(&headers)?;
+        let b: Body = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        let state = http.state()?;
+        check_model(b.model.as_deref(), &state)?;
+        let answer = http
+            .service
+            .detokenize(request(&metadata, pb::DetokenizeRequest { token_ids: b.tokens, skip_special_tokens: false }))
+            .await
+            .map_err(|s| ApiError::from_status(&s))?
+            .into_inner();
+        Ok::<_, ApiError>(Json(serde_json::json!({"prompt": answer.text})))
+    };
+    match run.await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Refuses a `model` this server does not serve (404, as OpenAI).
+fn check_model(model: Option<&str>, state: &crate::server::AppState) -> Result<(), ApiError> {
+    openai::check_model(model, &model_names(state))
+}
+
+/// The prompt of a chat plan, rendered with the server's template.
+fn render(
+    state: &crate::server::AppState,
+    messages: &[crate::chat::Message],
+    add_generation_prompt: bool,
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String, ApiError> {
+    state.chat.render(messages, add_generation_prompt, kwargs).map_err(|e| {
+        let param = match e {
+            crate::chat::ChatError::Render { .. } => Some("messages".to_string()),
+            _ => None,
+        };
+        ApiError { param, code: "chat_template".into(), ..ApiError::invalid("messages", e.to_string()) }
+    })
 }
 
 async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
@@ -183,11 +318,11 @@ async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) 
 async fn complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let metadata = metadata(&headers)?;
     let req: CompletionRequest = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-    let model = http.model()?;
-    let plan = Plan::new(req, &model)?;
+    let state = http.state()?;
+    let model = state.model_name.clone();
+    let plan = Plan::new(req, &model_names(&state))?;
     // The text an echo puts first: the prompt as given, or its ids decoded.
     let echoes: Vec<String> = if plan.echo {
-        let state = http.server.state().expect("loaded (model() answered)");
         plan.calls
             .iter()
             .map(|c| {
@@ -202,7 +337,14 @@ async fn complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Respons
         vec![String::new(); plan.calls.len()]
     };
     if plan.stream {
-        return stream(http, metadata, plan, echoes, model).await;
+        let shape = CompletionShape {
+            echoes,
+            logprobs: plan.logprobs,
+            offsets: Default::default(),
+            model,
+            created: unix_now(),
+        };
+        return stream(http, metadata, &plan, shape).await;
     }
     let calls = plan.calls.iter().map(|c| http.service.generate(request(&metadata, c.clone())));
     let answers = futures_util::future::try_join_all(calls).await.map_err(|s| ApiError::from_status(&s))?;
@@ -238,16 +380,191 @@ async fn complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Respons
     Ok(Json(completion).into_response())
 }
 
-/// A streamed completion: one event per message of every prompt's stream
-/// (merged as they come), the usage event if asked, then `[DONE]`. An error
-/// after the first event is sent as an event with OpenAI's error body.
-async fn stream(
-    http: Http,
-    metadata: MetadataMap,
-    plan: Plan,
+async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    match chat_complete(http, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let metadata = metadata(&headers)?;
+    let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let state = http.state()?;
+    let mut chat = req.plan()?;
+    check_model(chat.completion.model.as_deref(), &state)?;
+    // The key first: rendering is work a caller without one must not get.
+    http.service.authorize(&metadata).map_err(|s| ApiError::from_status(&s))?;
+    chat.completion.prompt = Prompt::Text(render(&state, &chat.messages, chat.add_generation_prompt, &chat.kwargs)?);
+    let plan = Plan::new(chat.completion, &model_names(&state))?;
+    let model = state.model_name.clone();
+    if plan.stream {
+        let shape = ChatShape {
+            logprobs: chat.logprobs,
+            started: Default::default(),
+            model,
+            created: unix_now(),
+            tokenizer: state.tokenizer.clone(),
+        };
+        return stream(http, metadata, &plan, shape).await.map_err(of_messages);
+    }
+    let calls = plan.calls.iter().map(|c| http.service.generate(request(&metadata, c.clone())));
+    let answers =
+        futures_util::future::try_join_all(calls).await.map_err(|s| of_messages(ApiError::from_status(&s)))?;
+    let mut usage = Usage::default();
+    let mut choices = Vec::new();
+    let mut id = String::new();
+    for answer in answers {
+        let answer = answer.into_inner();
+        if id.is_empty() {
+            id = format!("chatcmpl-{}", answer.request_id);
+        }
+        if let Some(u) = &answer.usage {
+            usage.add(u);
+        }
+        for seq in answer.sequences {
+            choices.push(ChatChoice {
+                index: seq.index,
+                message: chat::AssistantMessage { role: "assistant", content: seq.text },
+                logprobs: chat.logprobs.map(|_| ChatLogprobs::of(&seq.tokens, &state.tokenizer)),
+                finish_reason: openai::finish_reason(seq.finish_reason),
+            });
+        }
+    }
+    choices.sort_by_key(|c| c.index);
+    let completion = ChatCompletion { id, object: "chat.completion", created: unix_now(), model, choices, usage };
+    Ok(Json(completion).into_response())
+}
+
+/// A prompt error of a chat request is a fault of its `messages` (a
+/// conversation too long for the context, say).
+fn of_messages(mut e: ApiError) -> ApiError {
+    if e.param.as_deref() == Some("prompt") {
+        e.param = Some("messages".into());
+    }
+    e
+}
+
+/// How a stream's messages become server-sent events: the completions
+/// shape or the chat shape.
+trait Shape: Send + 'static {
+    /// `cmpl-` or `chatcmpl-`: the id is this and the first request's id.
+    const ID_PREFIX: &'static str;
+    /// The events of one message of prompt `p`'s stream, for choice `index`.
+    fn message(&mut self, id: &str, p: usize, index: u32, m: &pb::GenerateStreamResponse) -> Vec<String>;
+    /// The usage event (`stream_options.include_usage`).
+    fn usage(&self, id: &str, usage: Usage) -> String;
+}
+
+/// `/v1/completions` chunks: `text_completion` objects, the echo first.
+struct CompletionShape {
     echoes: Vec<String>,
+    logprobs: Option<u32>,
+    /// Characters sent so far per choice (text offsets).
+    offsets: std::collections::HashMap<u32, usize>,
     model: String,
-) -> Result<Response, ApiError> {
+    created: u64,
+}
+
+impl CompletionShape {
+    fn chunk(&self, id: &str, choices: Vec<Choice>, usage: Option<Usage>) -> String {
+        let c = Completion {
+            id: id.to_string(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
+        serde_json::to_string(&c).expect("serializable")
+    }
+}
+
+impl Shape for CompletionShape {
+    const ID_PREFIX: &'static str = "cmpl-";
+
+    fn message(&mut self, id: &str, p: usize, index: u32, m: &pb::GenerateStreamResponse) -> Vec<String> {
+        let mut text = String::new();
+        let echo = &self.echoes[p];
+        let offset = self.offsets.entry(index).or_insert_with(|| {
+            text.push_str(echo);
+            echo.chars().count()
+        });
+        text.push_str(&m.text);
+        let lp = self.logprobs.map(|_| {
+            let mut l = Logprobs::default();
+            *offset = l.extend(&m.tokens, *offset);
+            l
+        });
+        let choice = Choice { text, index, logprobs: lp, finish_reason: openai::finish_reason(m.finish_reason) };
+        vec![self.chunk(id, vec![choice], None)]
+    }
+
+    fn usage(&self, id: &str, usage: Usage) -> String {
+        self.chunk(id, vec![], Some(usage))
+    }
+}
+
+/// `/v1/chat/completions` chunks: the role first, then text deltas, then
+/// an empty delta with the finish reason.
+struct ChatShape {
+    logprobs: Option<u32>,
+    /// Choices whose role chunk went out.
+    started: std::collections::HashSet<u32>,
+    model: String,
+    created: u64,
+    tokenizer: crate::tokenizer::Tokenizer,
+}
+
+impl ChatShape {
+    fn chunk(&self, id: &str, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> String {
+        let c = ChatChunk {
+            id: id.to_string(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
+        serde_json::to_string(&c).expect("serializable")
+    }
+}
+
+impl Shape for ChatShape {
+    const ID_PREFIX: &'static str = "chatcmpl-";
+
+    fn message(&mut self, id: &str, _p: usize, index: u32, m: &pb::GenerateStreamResponse) -> Vec<String> {
+        let mut out = Vec::new();
+        let choice = |delta: Delta, logprobs: Option<ChatLogprobs>, finish_reason: Option<&'static str>| ChunkChoice {
+            index,
+            delta,
+            logprobs,
+            finish_reason,
+        };
+        if self.started.insert(index) {
+            let role = Delta { role: Some("assistant"), content: Some(String::new()) };
+            out.push(self.chunk(id, vec![choice(role, None, None)], None));
+        }
+        if !m.text.is_empty() || (self.logprobs.is_some() && !m.tokens.is_empty()) {
+            let lp = self.logprobs.map(|_| ChatLogprobs::of(&m.tokens, &self.tokenizer));
+            let delta = Delta { role: None, content: Some(m.text.clone()) };
+            out.push(self.chunk(id, vec![choice(delta, lp, None)], None));
+        }
+        if let Some(reason) = openai::finish_reason(m.finish_reason) {
+            out.push(self.chunk(id, vec![choice(Delta::default(), None, Some(reason))], None));
+        }
+        out
+    }
+
+    fn usage(&self, id: &str, usage: Usage) -> String {
+        self.chunk(id, vec![], Some(usage))
+    }
+}
+
+/// A streamed answer: the events of every prompt's stream (merged as they
+/// come), the usage event if asked, then `[DONE]`. An error after the first
+/// event is sent as an event with OpenAI's error body.
+async fn stream<S: Shape>(http: Http, metadata: MetadataMap, plan: &Plan, mut shape: S) -> Result<Response, ApiError> {
     let mut streams = Vec::new();
     for (p, call) in plan.calls.iter().enumerate() {
         let s = http
@@ -257,25 +574,11 @@ async fn stream(
             .map_err(|e| ApiError::from_status(&e))?;
         streams.push(s.into_inner().map(move |m| (p, m)));
     }
-    let created = unix_now();
-    let (n, logprobs, include_usage) = (plan.n, plan.logprobs, plan.include_usage);
+    let (n, include_usage) = (plan.n, plan.include_usage);
     let mut merged = futures_util::stream::select_all(streams);
     let events = async_stream(move |tx| async move {
         let mut id = String::new();
         let mut usage = Usage::default();
-        // Characters sent so far per choice (text offsets), and whether its echo went out.
-        let mut offsets: std::collections::HashMap<u32, usize> = Default::default();
-        let chunk = |id: &str, choices: Vec<Choice>, usage: Option<Usage>| {
-            let c = Completion {
-                id: id.to_string(),
-                object: "text_completion",
-                created,
-                model: model.clone(),
-                choices,
-                usage,
-            };
-            Event::default().data(serde_json::to_string(&c).expect("serializable"))
-        };
         loop {
             let next = tokio::select! {
                 next = merged.next() => next,
@@ -292,30 +595,19 @@ async fn stream(
                 }
             };
             if id.is_empty() {
-                id = format!("cmpl-{}", m.request_id);
+                id = format!("{}{}", S::ID_PREFIX, m.request_id);
             }
             if let Some(u) = &m.usage {
                 usage.add(u);
             }
-            let index = p as u32 * n + m.index;
-            let mut text = String::new();
-            let offset = offsets.entry(index).or_insert_with(|| {
-                text.push_str(&echoes[p]);
-                echoes[p].chars().count()
-            });
-            text.push_str(&m.text);
-            let lp = logprobs.map(|_| {
-                let mut l = Logprobs::default();
-                *offset = l.extend(&m.tokens, *offset);
-                l
-            });
-            let choice = Choice { text, index, logprobs: lp, finish_reason: openai::finish_reason(m.finish_reason) };
-            if tx.send(chunk(&id, vec![choice], None)).await.is_err() {
-                return;
+            for data in shape.message(&id, p, p as u32 * n + m.index, &m) {
+                if tx.send(Event::default().data(data)).await.is_err() {
+                    return;
+                }
             }
         }
         if include_usage {
-            let _ = tx.send(chunk(&id, vec![], Some(usage))).await;
+            let _ = tx.send(Event::default().data(shape.usage(&id, usage))).await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });

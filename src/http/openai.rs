@@ -172,17 +172,9 @@ pub const MAX_CHOICES: u32 = 64;
 impl Plan {
     /// Checks what only the OpenAI shape can get wrong and builds the calls;
     /// the rest is validated by the gRPC service, as for any call.
-    pub fn new(r: CompletionRequest, model: &str) -> Result<Plan, ApiError> {
-        if let Some(m) = r.model.as_deref().filter(|m| *m != model) {
-            return Err(ApiError {
-                status: 404,
-                message: format!("the model {m:?} does not exist; this server serves {model:?} (GET /v1/models)"),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: "model_not_found".into(),
-                retry_after: None,
-            });
-        }
+    /// `models`: the names `model` may give (the first is the served id).
+    pub fn new(r: CompletionRequest, models: &[String]) -> Result<Plan, ApiError> {
+        check_model(r.model.as_deref(), models)?;
         if r.suffix.is_some() {
             return Err(ApiError::invalid(
                 "suffix",
@@ -303,6 +295,25 @@ impl Plan {
     }
 }
 
+/// Refuses a `model` that is none of `models` (404, as OpenAI answers).
+pub fn check_model(model: Option<&str>, models: &[String]) -> Result<(), ApiError> {
+    match model {
+        Some(m) if !models.iter().any(|n| n == m) => Err(ApiError {
+            status: 404,
+            message: format!(
+                "the model {m:?} does not exist; this server serves {:?}{} (GET /v1/models)",
+                models[0],
+                if models.len() > 1 { format!(", also called {:?}", &models[1..]) } else { String::new() }
+            ),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: "model_not_found".into(),
+            retry_after: None,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// OpenAI's `finish_reason` for ours.
 pub fn finish_reason(r: i32) -> Option<&'static str> {
     match pb::FinishReason::try_from(r).unwrap_or(pb::FinishReason::Unspecified) {
@@ -387,7 +398,7 @@ mod tests {
     use super::*;
 
     fn plan(json: serde_json::Value) -> Result<Plan, ApiError> {
-        Plan::new(serde_json::from_value(json).unwrap(), "gpt2")
+        Plan::new(serde_json::from_value(json).unwrap(), &["gpt2".to_string(), "/models/gpt2".to_string()])
     }
 
     #[test]

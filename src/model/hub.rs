@@ -28,6 +28,9 @@ pub fn download(id: &str, revision: Option<&str>, want_onnx: bool) -> Result<Mod
     let config = repo.get("config.json").map_err(|e| err(format!("config.json: {e}")))?;
     let tokenizer = repo.get("tokenizer.json").map_err(|e| err(format!("tokenizer.json: {e}")))?;
     let generation_config = repo.get("generation_config.json").ok();
+    // Chat templates, where the repository has them (they land beside tokenizer.json).
+    let _ = repo.get("tokenizer_config.json");
+    let _ = repo.get("chat_template.jinja");
     let mut tried = Vec::new();
     if !want_onnx {
         match repo.get("model.safetensors") {

@@ -28,7 +28,14 @@ use tonic_health::server::HealthReporter;
 
 /// What every handler shares. Read-only after start-up.
 pub struct AppState {
+    /// The model's id: the first `--served-model-name`, else `--model`.
     pub model_name: String,
+    /// The names `/v1/models` lists: `--served-model-name`, else `--model`.
+    pub model_names: Vec<String>,
+    /// `--model` as given, which the OpenAI API's `model` may also name.
+    pub model_path: String,
+    /// The chat template, or why chat requests are refused.
+    pub chat: crate::chat::Chat,
     pub kv_dtype: String,
     /// `ModelInfo.weights`.
     pub weights: String,
@@ -256,9 +263,9 @@ pub async fn serve(
     }
 }
 
-/// The CORS policy of the gRPC port: `origins` may send gRPC-Web calls
+/// The CORS policy of the gRPC port and the HTTP API: `origins` may send gRPC-Web calls and API requests
 /// (with the headers gRPC-Web and our keys use) and read the gRPC status.
-fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+pub(crate) fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
@@ -268,7 +275,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     let header = |h: &'static str| axum::http::HeaderName::from_static(h);
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([axum::http::Method::POST, axum::http::Method::OPTIONS])
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST, axum::http::Method::OPTIONS])
         .allow_headers(
             ["content-type", "x-grpc-web", "x-user-agent", "grpc-timeout", "authorization", "x-batchgen-fault"]
                 .map(header),

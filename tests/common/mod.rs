@@ -41,6 +41,8 @@ pub fn serve_args() -> ServeArgs {
             kv_dtype: batchgen::graph::KvDtype::Fp32,
             eval_text: None,
             eval_tokens: 2048,
+            served_model_name: vec![],
+            chat_template: None,
         },
         runtime: RuntimeArgs {
             onnxruntime: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
@@ -141,7 +143,8 @@ pub async fn start_with(args: ServeArgs) -> TestServer {
             let listener = tokio::net::TcpListener::bind(at).await.unwrap();
             let addr = listener.local_addr().unwrap();
             let service = batchgen::server::GenerationService::new(server.clone(), &args_options);
-            let http = batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install());
+            let http =
+                batchgen::http::Http::new(service, server.clone(), batchgen::telemetry::install(), &args_options);
             tokio::spawn(batchgen::http::serve(listener, http, args_options.tls.clone(), std::future::pending()));
             Some(addr)
         }
