@@ -1,7 +1,10 @@
 """The playground page in a real headless Chromium (Debian's `chromium`, driven by Playwright):
 type a prompt, press Generate, and the streamed text equals the gRPC answer; the tokens carry their
-log-probabilities and alternatives; seeded sampling through the page equals the same sample over gRPC.
-Screenshots go to target/playground.png and target/playground-sampling.png."""
+log-probabilities and alternatives; seeded sampling through the page equals the same sample over gRPC;
+in chat mode two turns of a conversation equal the gRPC answers on the rendered conversation.
+Screenshots go to target/playground.png, target/playground-sampling.png and target/playground-chat.png."""
+import json
+import urllib.request
 import os
 import shutil
 
@@ -18,7 +21,9 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="SKIPPED: no chromium (
 def page_server():
     http = free_port()
     # The page's origin may call the gRPC port with gRPC-Web (another port: cross-origin, so CORS).
-    proc, port = serve("--http-listen", f"127.0.0.1:{http}", "--cors-allow-origin", f"http://127.0.0.1:{http}")
+    template = os.path.join(client.ROOT, "deploy", "chat-templates", "dialogpt.jinja")
+    proc, port = serve("--http-listen", f"127.0.0.1:{http}", "--cors-allow-origin", f"http://127.0.0.1:{http}",
+                       "--chat-template", template)
     yield client.connect(f"127.0.0.1:{port}"), f"http://127.0.0.1:{http}/", f"http://127.0.0.1:{port}"
     stop(proc)
 
@@ -77,6 +82,48 @@ def test_the_playground_streams_the_grpc_answer_into_a_real_browser(page_server,
     assert page.text_content("#generated") == stub.Generate(request, timeout=30).sequences[0].text
     page.query_selector_all("#generated .tok")[5].hover()
     page.screenshot(path=os.path.join(client.ROOT, "target", "playground-sampling.png"))
+    assert errors == [], errors
+
+
+def rendered_ids(url, messages):
+    req = urllib.request.Request(url + "tokenize", json.dumps({"messages": messages}).encode(),
+                                 {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)["tokens"]
+
+
+def greedy_on(stub, ids, max_new_tokens):
+    request = client.pb2.GenerateRequest(prompt_token_ids=ids,
+                                         stopping=client.pb2.Stopping(max_new_tokens=max_new_tokens))
+    return stub.Generate(request, timeout=30).sequences[0].text
+
+
+def test_chat_mode_holds_a_conversation_equal_to_the_grpc_answers(page_server, browser):
+    stub, url, _ = page_server
+    page = browser.new_page(viewport={"width": 1200, "height": 720})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('model: ')")
+    page.select_option("#mode", "chat")
+    assert page.is_visible("#system") and page.is_visible("#clear")
+    page.select_option("#method", "greedy")
+    page.fill("#max_tokens", "16")
+    conversation = []
+    for message in ["Hello there", "Tell me more"]:
+        page.fill("#prompt", message)
+        page.click("#generate")
+        page.wait_for_selector("#usage[data-done='1']", timeout=30000)
+        assert page.text_content("#error") == ""
+        conversation.append({"role": "user", "content": message})
+        want = greedy_on(stub, rendered_ids(url, conversation), 16)
+        assert page.text_content("#generated") == want
+        assert page.text_content("#output").endswith("assistant: " + want)
+        assert len(page.query_selector_all("#generated .tok")) > 0
+        conversation.append({"role": "assistant", "content": want})
+        page.evaluate("document.getElementById('usage').dataset.done = ''")
+    assert page.input_value("#prompt") == ""
+    page.screenshot(path=os.path.join(client.ROOT, "target", "playground-chat.png"))
     assert errors == [], errors
 
 
