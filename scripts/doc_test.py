@@ -5,8 +5,7 @@ Every fenced block whose info string carries the word `test` is run, in order, f
 ```sh test``` with bash (-euo pipefail), ```python test``` with $DOC_PYTHON, ```js test``` with
 node as an ES module; each from the repository root, within 120 s, and must exit 0. A block
 marked ```sh serve``` is the file's server command, started in the background before its test
-blocks (and stopped after them); a file with test blocks and no serve block gets the README's
-server command. The server must log its readiness line within 120 s.
+blocks (and stopped after them); a file with test blocks and no serve block gets README.md's. The server must log its readiness line within 120 s.
 
 What is replaced, and nothing else: `cargo run --release --` becomes the binary cargo test built
 ($BATCHGEN_BIN, default target/debug/batchgen; the command is the same, the build is not repeated),
@@ -27,7 +26,6 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BIN = os.environ.get("BATCHGEN_BIN", os.path.join(ROOT, "target", "debug", "batchgen"))
 PYTHON = os.environ.get("DOC_PYTHON", sys.executable)
-DEFAULT_SERVE = "cargo run --release -- serve --model tests/fixtures/tiny-gpt2 --listen 127.0.0.1:50051"
 FENCE = re.compile(r"^```(\w+)((?:[ \t]+\w+)*)[ \t]*$")
 
 
@@ -120,7 +118,14 @@ def main():
         serve = [b for b in found if "serve" in b[2]]
         if len(serve) > 1:
             sys.exit(f"{name}: more than one ```sh serve block")
-        server = Server(serve[0][3] if serve else DEFAULT_SERVE, f"{name}:{serve[0][0] if serve else '-'}")
+        if not serve:
+            serve = [b for b in blocks(os.path.join(ROOT, "README.md")) if "serve" in b[2]]
+            name_of_serve = "README.md"
+        else:
+            name_of_serve = name
+        if len(serve) != 1:
+            sys.exit("README.md: no ```sh serve block (the server the docs' examples call)")
+        server = Server(serve[0][3], f"{name_of_serve}:{serve[0][0]}")
         try:
             for line, language, _, text in tests:
                 ran += 1
