@@ -615,3 +615,27 @@ async fn tokenize_detokenize_version_and_the_served_names() {
     let by_path = json!({"model": common::fixture_dir().to_string_lossy(), "prompt": "Hi", "max_tokens": 1});
     assert_eq!(send(http, "POST", "/v1/completions", Some(by_path), &[]).await.status, 200);
 }
+
+/// `--cors-allow-origin` admits browser pages of those origins on the HTTP
+/// API too (preflight and the answer's header), and no others.
+#[tokio::test]
+async fn the_http_api_answers_cors_for_the_allowed_origins_only() {
+    let mut args = serve_args();
+    args.server.http_listen = batchgen::config::Listen(Some("127.0.0.1:0".parse().unwrap()));
+    args.server.cors_allow_origin = vec!["http://app.example".into()];
+    let server = start_with(args).await;
+    let http = server.http_addr.unwrap();
+    let preflight = |origin: &'static str| {
+        let headers = [
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type,authorization"),
+        ];
+        async move { send(http, "OPTIONS", "/v1/chat/completions", None, &headers).await }
+    };
+    let ok = preflight("http://app.example").await;
+    assert_eq!(ok.headers["access-control-allow-origin"], "http://app.example", "{}", ok.body);
+    assert!(preflight("http://evil.example").await.headers.get("access-control-allow-origin").is_none());
+    let a = send(http, "GET", "/v1/models", None, &[("origin", "http://app.example")]).await;
+    assert_eq!((a.status, a.headers["access-control-allow-origin"].to_str().unwrap()), (200, "http://app.example"));
+}
