@@ -51,6 +51,8 @@ fn run() -> anyhow::Result<()> {
             let limits = batchgen::server::auth::Limits {
                 concurrency: args.concurrency,
                 tokens_per_minute: args.tokens_per_minute,
+                weight: args.weight,
+                min_priority: args.min_priority,
             };
             let (key, line) = batchgen::server::auth::keygen(&args.name, limits).map_err(|e| anyhow::anyhow!(e))?;
             println!("{key}\n{line}");

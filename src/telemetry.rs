@@ -40,6 +40,9 @@ pub const WORKER_BUSY: &str = "batchgen_worker_busy";
 pub const WORKER_RESTARTS: &str = "batchgen_worker_restarts_total";
 pub const BUILD_INFO: &str = "batchgen_build_info";
 pub const KEY_IN_FLIGHT: &str = "batchgen_api_key_requests_in_flight";
+pub const KEY_QUEUE_WAITING: &str = "batchgen_api_key_queue_waiting_requests";
+pub const KEY_QUEUE_DURATION: &str = "batchgen_api_key_queue_duration_seconds";
+pub const KEY_GENERATED_TOKENS: &str = "batchgen_api_key_generated_tokens_total";
 pub const TLS_RELOADS: &str = "batchgen_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "batchgen_tls_handshake_failures_total";
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "batchgen_prefix_cache_hit_tokens_total";
@@ -133,6 +136,13 @@ fn describe_all() {
         Unit::Bytes,
         "The prefix cache's budget (whole blocks of --prefix-cache-mib)."
     );
+    describe_gauge!(KEY_QUEUE_WAITING, "Requests of a key waiting for admission (by key, with --api-keys).");
+    describe_histogram!(
+        KEY_QUEUE_DURATION,
+        Unit::Seconds,
+        "Time from arrival to admission into a batch, by key (with --api-keys); keys share the queue by weight."
+    );
+    describe_counter!(KEY_GENERATED_TOKENS, Unit::Count, "Tokens generated for a key's finished requests (by key).");
     describe_counter!(PREFIX_CACHE_EVICTIONS, "Prefix cache blocks evicted to make room (least recently used first).");
 }
 

@@ -141,8 +141,15 @@ impl Detokenizer {
 /// The tiny fixture's tokenizer (the real GPT-2 vocabulary), for unit tests.
 #[cfg(test)]
 pub(crate) fn test_tokenizer() -> Tokenizer {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
-    Tokenizer::from_file(&p).unwrap()
+    // Loaded once per test binary (clones share it): a debug build takes
+    // a good part of a second to read the 50,257-token vocabulary.
+    static LOADED: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gpt2/tokenizer.json");
+            Tokenizer::from_file(&p).unwrap()
+        })
+        .clone()
 }
 
 #[cfg(test)]

@@ -206,7 +206,7 @@ async fn a_keys_concurrency_limit_and_cancel_belong_to_the_key() {
     use batchgen::server::auth::{Limits, keygen};
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let (alice, alice_line) = keygen("alice", Limits { concurrency: Some(1), tokens_per_minute: None }).unwrap();
+    let (alice, alice_line) = keygen("alice", Limits { concurrency: Some(1), ..Default::default() }).unwrap();
     let (bob, bob_line) = keygen("bob", Limits::default()).unwrap();
     let path = dir.path().join("keys");
     std::fs::write(&path, format!("{alice_line}\n{bob_line}\n")).unwrap();

@@ -332,7 +332,7 @@ async fn a_keys_tokens_per_minute_refuse_with_retry_info_and_the_file_reloads() 
     use tonic::Code;
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let limited = Limits { concurrency: None, tokens_per_minute: Some(100) };
+    let limited = Limits { tokens_per_minute: Some(100), ..Default::default() };
     let (path, keys) = keys_file(dir.path(), &[("carol", limited), ("dave", Limits::default())]);
     let mut args = serve_args();
     args.server.api_keys = Some(path.clone());

@@ -15,6 +15,15 @@ pub struct KeygenArgs {
     /// when accepted; what a finished request did not use is given back).
     #[arg(long)]
     pub tokens_per_minute: Option<u64>,
+    /// Share of the engine against other keys while they all wait (1 to
+    /// 1000, default 1): a key of weight 2 gets twice the tokens of a key of
+    /// weight 1.
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// The lowest (most urgent) `priority` the key may ask for, -100 to 100
+    /// (default 0: the key may only send its own requests back).
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,6 +3,7 @@
 //! a session; they submit a `Job` and read its `Event`s.
 pub mod admission;
 pub mod backend;
+pub mod fair;
 pub mod layout;
 pub mod model;
 pub mod padded;
@@ -106,6 +107,8 @@ pub struct Job {
     /// Budget reserved on the worker (token slots), released when the job
     /// is dropped: after its last row leaves, or if it never reaches one.
     reservation: Option<Reservation>,
+    /// Whose request it is, for the fair share of the queue.
+    pub tenant: fair::Tenant,
 }
 
 /// Token slots a job holds on a worker's routing load; gives them back on drop.
@@ -146,6 +149,7 @@ impl Job {
             cancel: Arc::new(AtomicBool::new(false)),
             stalled: Arc::new(AtomicBool::new(false)),
             reservation: None,
+            tenant: fair::Tenant::default(),
         }
     }
 

@@ -17,6 +17,7 @@ use prefill::Prefilling;
 
 use super::admission::{self, Candidate};
 use super::backend::{Backend, Copies};
+use super::fair::FairQueue;
 use super::rows::{self, Row, choose};
 use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
@@ -29,7 +30,8 @@ pub(super) struct Worker {
     limits: admission::Limits,
     shared: Arc<WorkerShared>,
     rx: mpsc::UnboundedReceiver<Job>,
-    queue: VecDeque<Arc<Job>>,
+    /// Waiting requests, shared fairly between keys (`fair`).
+    queue: FairQueue,
     prefilling: VecDeque<Prefilling>,
     rows: Vec<Row>,
     /// Turns chosen tokens into text (stop sequences are matched here).
@@ -48,7 +50,7 @@ impl Worker {
         rx: mpsc::UnboundedReceiver<Job>,
         tokenizer: Tokenizer,
     ) -> Self {
-        let (queue, prefilling, rows) = (VecDeque::new(), VecDeque::new(), Vec::new());
+        let (queue, prefilling, rows) = (FairQueue::default(), VecDeque::new(), Vec::new());
         Worker { backend, limits, shared, rx, queue, prefilling, rows, tokenizer }
     }
 
@@ -63,7 +65,7 @@ impl Worker {
                     since = now;
                 }
                 match self.rx.blocking_recv() {
-                    Some(job) => self.queue.push_back(Arc::new(job)),
+                    Some(job) => self.enqueue(job),
                     None => return,
                 }
                 self.gather();
@@ -113,9 +115,24 @@ impl Worker {
     fn receive(&mut self) -> usize {
         let before = self.queue.len();
         while let Ok(job) = self.rx.try_recv() {
-            self.queue.push_back(Arc::new(job));
+            self.enqueue(job);
         }
         self.queue.len() - before
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        if let Some(key) = &job.tenant.name {
+            metrics::gauge!(telemetry::KEY_QUEUE_WAITING, "key" => key.to_string()).increment(1.0);
+        }
+        self.queue.push(Arc::new(job));
+    }
+
+    /// A request leaves the queue (admitted, or ended while waiting).
+    fn dequeued(&self, job: &Job) {
+        self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        if let Some(key) = &job.tenant.name {
+            metrics::gauge!(telemetry::KEY_QUEUE_WAITING, "key" => key.to_string()).decrement(1.0);
+        }
     }
 
     fn iteration(&mut self) {
@@ -178,18 +195,12 @@ impl Worker {
     /// deadline passed never reach a prefill.
     fn drop_abandoned(&mut self) {
         let t = now();
-        let queue = std::mem::take(&mut self.queue);
-        let mut kept = VecDeque::with_capacity(queue.len());
-        for job in queue {
-            match job.ended_reason(t) {
-                None => kept.push_back(job),
-                Some(reason) => {
-                    job.tell_ended(reason);
-                    self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-                }
+        for job in self.queue.take_ended(|job| job.ended_reason(t).is_some()) {
+            if let Some(reason) = job.ended_reason(t) {
+                job.tell_ended(reason);
             }
+            self.dequeued(&job);
         }
-        self.queue = kept;
     }
 
     /// What the running and prefilling requests hold and may still add.
@@ -207,11 +218,17 @@ impl Worker {
 
     fn admit(&mut self) {
         let running = self.running();
-        let n = self.backend.admit(&self.limits, &running, &mut self.queue.iter().map(|j| j.candidate()));
-        for _ in 0..n {
-            let rows = self.queue[0].request.decoding.rows() as usize;
+        let order = self.queue.order();
+        let n = self.backend.admit(&self.limits, &running, &mut order.iter().map(|(_, j)| j.candidate()));
+        for (lane, next) in order.into_iter().take(n) {
+            let rows = next.request.decoding.rows() as usize;
             let Some(slots) = self.backend.alloc(rows) else { break };
-            let job = self.queue.pop_front().expect("admitted from the queue");
+            let job = self.queue.take(lane);
+            debug_assert!(Arc::ptr_eq(&job, &next), "taken in the order given");
+            if let Some(key) = &job.tenant.name {
+                let waited = now().duration_since(job.request.arrival).as_secs_f64();
+                metrics::histogram!(telemetry::KEY_QUEUE_DURATION, "key" => key.to_string()).record(waited);
+            }
             if !self.rows.is_empty() || !self.prefilling.is_empty() {
                 // Joining a running batch (what it costs in copies, if
                 // anything, the backend reports).
@@ -219,10 +236,11 @@ impl Worker {
                 metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
             }
             tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.dequeued(&job);
             let _ = job.send(Event::Started { at: now() });
             self.prefilling.push_back(Prefilling { job, slots, done: 0, cached: 0 });
         }
+        self.queue.prune();
     }
 
     /// Applies a beam group's reordering to the cache.

@@ -65,6 +65,8 @@ pub struct ChatRequest {
     pub min_tokens: Option<u32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's: lower runs first among the caller's waiting requests.
+    pub priority: Option<i32>,
     /// Whether the rendered prompt ends with the assistant's turn opening
     /// (default true, as vLLM).
     pub add_generation_prompt: Option<bool>,
@@ -145,6 +147,7 @@ impl ChatRequest {
             num_beams: self.num_beams,
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
+            priority: self.priority,
         };
         Ok(ChatPlan {
             messages,

@@ -70,6 +70,8 @@ pub struct CompletionRequest {
     pub min_tokens: Option<u32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM's: lower runs first among the caller's waiting requests.
+    pub priority: Option<i32>,
 }
 
 /// An error in OpenAI's shape, with the HTTP status it goes with.
@@ -282,6 +284,7 @@ impl Plan {
                 stopping: Some(stopping.clone()),
                 top_logprobs: logprobs.unwrap_or(0),
                 request_id: String::new(),
+                priority: r.priority.unwrap_or(0),
             })
             .collect();
         Ok(Plan {

@@ -42,6 +42,10 @@ pub use crate::error::AuthError;
 pub struct Limits {
     pub concurrency: Option<u32>,
     pub tokens_per_minute: Option<u64>,
+    /// Share of the engine against other keys when they all wait (default 1).
+    pub weight: Option<u32>,
+    /// The lowest (most urgent) `priority` the key may ask for (default 0).
+    pub min_priority: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +79,18 @@ pub struct ApiKeys {
 pub struct Caller {
     pub name: Arc<str>,
     limits: Limits,
+}
+
+impl Caller {
+    /// The key's share against other keys (`weight=`, default 1).
+    pub fn weight(&self) -> u32 {
+        self.limits.weight.unwrap_or(1)
+    }
+
+    /// The lowest `priority` the key may ask for (`min_priority=`, default 0).
+    pub fn min_priority(&self) -> i32 {
+        self.limits.min_priority.unwrap_or(0)
+    }
 }
 
 /// A request admitted under a key's limits: holds its concurrency slot and
@@ -136,6 +152,12 @@ pub fn keygen(name: &str, limits: Limits) -> Result<(String, String), String> {
     if let Some(t) = limits.tokens_per_minute {
         line.push_str(&format!(" tokens_per_minute={t}"));
     }
+    if let Some(w) = limits.weight {
+        line.push_str(&format!(" weight={w}"));
+    }
+    if let Some(p) = limits.min_priority {
+        line.push_str(&format!(" min_priority={p}"));
+    }
     Ok((key, line))
 }
 
@@ -184,7 +206,20 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, KeysError> {
             match k {
                 "concurrency" => limits.concurrency = Some(number(u64::from(u32::MAX))? as u32),
                 "tokens_per_minute" => limits.tokens_per_minute = Some(number(1 << 40)?),
-                _ => return Err(err(format!("unknown limit {k:?} (concurrency, tokens_per_minute)"))),
+                "weight" => limits.weight = Some(number(1000)? as u32),
+                "min_priority" => {
+                    let (lo, hi) = (crate::validation::MIN_PRIORITY, crate::validation::MAX_PRIORITY);
+                    let p = v.parse::<i32>().ok().filter(|p| (lo..=hi).contains(p));
+                    limits.min_priority =
+                        Some(p.ok_or_else(|| {
+                            err(format!("min_priority={v:?} must be a whole number from {lo} to {hi}"))
+                        })?);
+                }
+                _ => {
+                    return Err(err(format!(
+                        "unknown limit {k:?} (concurrency, tokens_per_minute, weight, min_priority)"
+                    )));
+                }
             }
         }
         if entries.iter().any(|e| *e.name == *name) {
@@ -340,7 +375,7 @@ mod tests {
     #[test]
     fn keys_authenticate_by_hash_and_nothing_else_does() {
         let (key, line) = keygen("alice", Limits::default()).unwrap();
-        let (other, other_line) = keygen("bob", Limits { concurrency: Some(2), tokens_per_minute: None }).unwrap();
+        let (other, other_line) = keygen("bob", Limits { concurrency: Some(2), ..Default::default() }).unwrap();
         assert!(!line.contains(&key), "the line holds the hash, not the key");
         let keys = keys(&format!("# comment\n{line}\n\n{other_line}  # trailing\n")).unwrap();
         assert_eq!(keys.len(), 2);
@@ -377,7 +412,9 @@ mod tests {
 
     #[test]
     fn limits_refuse_and_refund() {
-        let (key, line) = keygen("alice", Limits { concurrency: Some(2), tokens_per_minute: Some(600) }).unwrap();
+        let (key, line) =
+            keygen("alice", Limits { concurrency: Some(2), tokens_per_minute: Some(600), ..Default::default() })
+                .unwrap();
         let keys = keys(&line).unwrap();
         let caller = keys.authenticate(&bearer(&key)).unwrap();
         let mut a = keys.admit(&caller, "a", 300).unwrap();

@@ -136,6 +136,8 @@ struct Started {
     log_text: bool,
     /// Set when the engine ended the request because its client did not read.
     stalled: Arc<AtomicBool>,
+    /// The API key's name, when keys are required.
+    key: Option<Arc<str>>,
 }
 
 impl GenerationService {
@@ -181,6 +183,21 @@ impl GenerationService {
         .await
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
         let valid = ValidRequest { fault, ..valid };
+        // Only keys given a min_priority may put requests ahead of their own queue.
+        if let Some(c) = &caller
+            && valid.priority < c.min_priority()
+        {
+            return Err(crate::validation::ValidationError::Invalid {
+                field: "priority",
+                message: format!(
+                    "{} is below the lowest priority key {:?} may ask for, {} (its min_priority; lower runs first)",
+                    valid.priority,
+                    c.name,
+                    c.min_priority()
+                ),
+            }
+            .into());
+        }
         let (tx, rx) = Job::channel(valid.decoding.rows());
         let method = match (&valid.decoding.sampling, &valid.decoding.beam) {
             (Some(_), _) => "sampling",
@@ -208,21 +225,26 @@ impl GenerationService {
         if let Some(prompt) = &prompt {
             tracing::info!(parent: &span, prompt, stop_sequences = ?valid.stop_sequences, "request prompt (--log-prompts)");
         }
-        let job = Job::new(valid.clone(), tx, span.clone());
+        let mut job = Job::new(valid.clone(), tx, span.clone());
+        if let Some(c) = &caller {
+            job.tenant = crate::engine::fair::Tenant { name: Some(c.name.clone()), weight: c.weight() };
+        }
+        let key = caller.as_ref().map(|c| c.name.clone());
         let stalled = job.stalled.clone();
         engine.submit(job)?;
         let guard = InFlightGuard::new(engine, valid.request_id.clone(), permit);
         metrics::counter!(telemetry::PROMPT_TOKENS).increment(valid.prompt_ids.len() as u64);
         metrics::histogram!(telemetry::REQUEST_PROMPT_TOKENS).record(valid.prompt_ids.len() as f64);
-        Ok(Started { valid, events: rx, guard, span, log_text: prompt.is_some(), stalled })
+        Ok(Started { valid, events: rx, guard, span, log_text: prompt.is_some(), stalled, key })
     }
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let Started { valid, mut events, mut guard, span, log_text, stalled } = self.start(req).await?;
+        let Started { valid, mut events, mut guard, span, log_text, stalled, key } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
+        responder.set_key(key);
         if log_text {
             responder.log_text();
         }
@@ -269,8 +291,9 @@ impl Generation for GenerationService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let Started { valid, mut events, mut guard, span, log_text, stalled } = self.start(req).await?;
+        let Started { valid, mut events, mut guard, span, log_text, stalled, key } = self.start(req).await?;
         let mut responder = Responder::new(self.state()?.tokenizer.clone(), &valid, span);
+        responder.set_key(key);
         if log_text {
             responder.log_text();
         }

@@ -41,6 +41,8 @@ pub struct Responder {
     span: tracing::Span,
     /// Each sequence's text so far, kept only to be logged (`--log-prompts`).
     texts: Option<Vec<String>>,
+    /// The API key's name (its tokens are counted under it).
+    key: Option<std::sync::Arc<str>>,
 }
 
 /// What one event turns into.
@@ -81,7 +83,13 @@ impl Responder {
                 .collect(),
             span,
             texts: None,
+            key: None,
         }
+    }
+
+    /// Counts the request's tokens under its API key's name.
+    pub fn set_key(&mut self, key: Option<std::sync::Arc<str>>) {
+        self.key = key;
     }
 
     /// Keeps the generated text to log it, with the request's end (`--log-prompts`).
@@ -137,6 +145,10 @@ impl Responder {
             let usage = self.usage(Instant::now());
             metrics::histogram!(telemetry::REQUEST_DURATION).record(usage.total_seconds);
             metrics::histogram!(telemetry::REQUEST_GENERATED_TOKENS).record(f64::from(usage.generated_tokens));
+            if let Some(key) = &self.key {
+                metrics::counter!(telemetry::KEY_GENERATED_TOKENS, "key" => key.to_string())
+                    .increment(u64::from(usage.generated_tokens));
+            }
             tracing::info!(
                 parent: &self.span,
                 prompt_tokens = usage.prompt_tokens,

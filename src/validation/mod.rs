@@ -15,6 +15,10 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Most stop token ids per request.
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// The range of `priority` (lower runs first).
+pub const MIN_PRIORITY: i32 = -100;
+pub const MAX_PRIORITY: i32 = 100;
+
 /// Longest accepted `request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
@@ -71,6 +75,8 @@ pub struct ValidRequest {
     pub stop_sequences: Vec<String>,
     pub include_stop_sequence: bool,
     pub top_logprobs: u32,
+    /// Lower runs first among the caller's own waiting requests.
+    pub priority: i32,
     /// When the request arrived (for queue time and time to first token).
     pub arrival: Instant,
     /// The client's `grpc-timeout`, as an instant.
@@ -104,6 +110,12 @@ pub fn validate(
         return Err(invalid(
             "request_id",
             format!("must be at most {MAX_REQUEST_ID_BYTES} bytes, got {}", req.request_id.len()),
+        ));
+    }
+    if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&req.priority) {
+        return Err(invalid(
+            "priority",
+            format!("must be from {MIN_PRIORITY} to {MAX_PRIORITY} (lower runs first), got {}", req.priority),
         ));
     }
     let decoding = check_decoding(req.decoding.unwrap_or_default(), limits.vocab_size, limits.max_beams)?;
@@ -244,6 +256,7 @@ pub fn validate(
         stop_sequences,
         include_stop_sequence,
         top_logprobs: req.top_logprobs,
+        priority: req.priority,
         arrival,
         deadline,
         fault: Default::default(),
@@ -266,6 +279,20 @@ pub(crate) fn test_setup() -> (Tokenizer, Limits) {
         max_batch_size: 32,
     };
     (crate::tokenizer::test_tokenizer(), limits)
+}
+
+#[cfg(test)]
+impl ValidRequest {
+    /// A greedy request of `prompt` token ids that may generate `max_new` tokens.
+    pub(crate) fn for_tests(prompt: usize, max_new: u32) -> ValidRequest {
+        let (tok, limits) = test_setup();
+        let req = pb::GenerateRequest {
+            prompt_token_ids: vec![1; prompt.min(limits.max_prompt_tokens as usize)],
+            stopping: Some(pb::Stopping { max_new_tokens: max_new, ..Default::default() }),
+            ..Default::default()
+        };
+        validate(req, &tok, &limits, Instant::now(), None).expect("a valid request")
+    }
 }
 
 #[cfg(test)]
