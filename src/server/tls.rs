@@ -4,7 +4,7 @@
 //! with; new connections get the new one).
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -256,8 +256,92 @@ pub fn incoming(
 }
 
 fn handshake_failed(peer: std::net::SocketAddr, why: &str) {
-    metrics::counter!(telemetry::TLS_HANDSHAKE_FAILURES).increment(1);
-    tracing::debug!(%peer, "TLS handshake failed: {why}");
+    let reason = refusal_reason(why);
+    metrics::counter!(telemetry::TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+    match REFUSALS.lock().unwrap_or_else(|e| e.into_inner()).note(reason, peer.ip(), Instant::now()) {
+        Note::Warn { suppressed } => {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} more refused handshakes were not logged in the last minute)")
+            } else {
+                String::new()
+            };
+            tracing::warn!(%peer, reason, "TLS handshake refused: {why}{more}");
+        }
+        Note::Quiet => tracing::debug!(%peer, reason, "TLS handshake refused: {why}"),
+    }
+}
+
+/// The `reason` label of a refused handshake, from rustls' error text.
+pub fn refusal_reason(why: &str) -> &'static str {
+    let w = why.to_ascii_lowercase();
+    if w.contains("timed out") {
+        "timeout"
+    } else if w.contains("no certificates") || w.contains("nocertificatespresented") {
+        "no_client_certificate"
+    } else if w.contains("certificate") {
+        "bad_certificate"
+    } else if w.contains("corrupt message") || w.contains("invalidcontenttype") || w.contains("invalid content type") {
+        "not_tls"
+    } else if w.contains("incompatible") || w.contains("protocol version") || w.contains("cipher") {
+        "incompatible"
+    } else if w.contains("eof") || w.contains("reset") || w.contains("closed") || w.contains("broken pipe") {
+        "connection_closed"
+    } else {
+        "other"
+    }
+}
+
+/// Refused handshakes logged at WARN: once per reason and peer address per
+/// minute, and at most `REFUSALS_PER_MINUTE` lines a minute in all, so a
+/// scan cannot flood the log (the metric counts every one).
+static REFUSALS: std::sync::Mutex<Refusals> = std::sync::Mutex::new(Refusals::new());
+
+const REFUSALS_PER_MINUTE: usize = 30;
+const MINUTE: Duration = Duration::from_secs(60);
+
+pub struct Refusals {
+    /// When each (reason, peer) was last logged.
+    last: Vec<(&'static str, std::net::IpAddr, Instant)>,
+    window: Option<Instant>,
+    logged: usize,
+    suppressed: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Note {
+    /// Log it at WARN (with how many were not logged since the last line).
+    Warn {
+        suppressed: usize,
+    },
+    Quiet,
+}
+
+impl Refusals {
+    pub const fn new() -> Self {
+        Refusals { last: Vec::new(), window: None, logged: 0, suppressed: 0 }
+    }
+
+    pub fn note(&mut self, reason: &'static str, peer: std::net::IpAddr, now: Instant) -> Note {
+        if self.window.is_none_or(|w| now.duration_since(w) >= MINUTE) {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        self.last.retain(|&(_, _, at)| now.duration_since(at) < MINUTE);
+        let seen = self.last.iter().any(|&(r, p, _)| r == reason && p == peer);
+        if seen || self.logged >= REFUSALS_PER_MINUTE {
+            self.suppressed += 1;
+            return Note::Quiet;
+        }
+        self.last.push((reason, peer, now));
+        self.logged += 1;
+        Note::Warn { suppressed: std::mem::take(&mut self.suppressed) }
+    }
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The TLS connections of a port as an axum listener (the HTTP front).
@@ -295,5 +379,35 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_warn_once_per_reason_and_peer_a_minute_and_at_most_thirty_in_all() {
+        let mut r = Refusals::new();
+        let t = Instant::now();
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(r.note("not_tls", a, t), Note::Warn { suppressed: 0 });
+        assert_eq!(r.note("not_tls", a, t + Duration::from_secs(5)), Note::Quiet);
+        assert_eq!(r.note("bad_certificate", a, t + Duration::from_secs(6)), Note::Warn { suppressed: 1 });
+        assert_eq!(r.note("not_tls", a, t + Duration::from_secs(61)), Note::Warn { suppressed: 0 });
+        // A scan from many addresses: thirty lines a minute, then quiet.
+        let t = t + Duration::from_secs(200);
+        let warned =
+            (0..100u8).filter(|i| r.note("not_tls", std::net::IpAddr::from([10, 1, 0, *i]), t) != Note::Quiet).count();
+        assert_eq!(warned, REFUSALS_PER_MINUTE);
+        assert_eq!(r.note("timeout", a, t + MINUTE), Note::Warn { suppressed: 70 });
+    }
+
+    #[test]
+    fn reasons_come_from_rustls_messages() {
+        assert_eq!(refusal_reason("peer sent no certificates"), "no_client_certificate");
+        assert_eq!(refusal_reason("invalid peer certificate: UnknownIssuer"), "bad_certificate");
+        assert_eq!(refusal_reason("received corrupt message of type InvalidContentType"), "not_tls");
+        assert_eq!(refusal_reason("timed out"), "timeout");
     }
 }
