@@ -52,4 +52,10 @@ expect prefix "prefix cache on: shared-c16"
 expect prefix "turn 6  TTFT"
 expect prefix "prefix cache off: distinct"
 expect prefix "VmHWM"
+run fairness 300 env A_PROMPT=100 A_NEW=16 A_CLIENTS=8 B_REQUESTS=6 B_DELAY=1 FLOOD_REQUESTS=8 \
+  scripts/bench_fairness.sh "$model" 1 16
+expect fairness "b-under-a c2: .* tok/s"
+expect fairness "a-with-b c8: .* tok/s"
+expect fairness 'batchgen_api_key_generated_tokens_total{key="tenant-b"}'
+grep -q "failed [1-9]" "$out/fairness" && { cat "$out/fairness"; echo "bench smoke: requests failed" >&2; exit 1; }
 echo "bench smoke: every benchmark script ran"

@@ -20,7 +20,7 @@ serve_ready() {
   pid=$!
   local deadline=$((SECONDS + ${READY_TIMEOUT:-120}))
   # "ready in N s: serving ..." (older binaries compared with: "serving (ready").
-  until grep -qE "^.*(ready in [0-9.]+ s: serving|serving \(ready)" "$log"; do
+  until grep -qE "^.*(ready in [0-9.]+ s: serving|serving \(ready)" "$log" 2>/dev/null; do
     if ! kill -0 "$pid" 2>/dev/null; then
       cat "$log"; echo "$binary exited before it was ready" >&2; exit 1
     fi

@@ -304,7 +304,8 @@ async fn open_loop(client: &crate::client::Client, args: &BenchArgs, rate: f64, 
 pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Error>> {
     let client = crate::client::connect(&args.connect).await?;
     let mut levels: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
-    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1 || args.no_sequential));
+    // 0: no closed-loop level (with --no-sequential, only the rates run).
+    levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1 || (args.no_sequential && c > 0)));
     // Warm-up: the first request pays for lazy initialisation in ORT. Its
     // prompt is new on every run and shares nothing with the run's (no
     // shared prefix), so it leaves a prefix cache nothing the run could hit.

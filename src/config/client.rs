@@ -31,7 +31,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Closed-loop concurrency levels (clients each sending one request after
-    /// another). 1 (the sequential baseline) is run first unless --no-sequential.
+    /// another). 1 (the sequential baseline) is run first unless --no-sequential;
+    /// 0 runs none (with --no-sequential and --rate: the open loop alone).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub concurrency: Vec<usize>,
     /// Open-loop Poisson arrival rates, in requests per second (none by default).

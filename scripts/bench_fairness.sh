@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The fair-scheduling benchmark of docs/performance.md ("Fair scheduling
+# between keys"): one release server with two API keys.
+#   scripts/bench_fairness.sh MODEL_DIR [THREADS] [A_REQUESTS]
+# Passes, each printing `batchgen bench` lines:
+#   b-idle   key B alone: Poisson arrivals at 2/s of 32-token prompts, 32 new tokens
+#   a-alone  key A alone: 64 clients of 500-token prompts, 128 new tokens
+#   a+b      both at once: B starts once A's flood has filled the batch (B_DELAY s)
+#   both-flood  A and B each 32 clients of the same requests: their shares of tokens
+# Environment: A_PROMPT (500), A_NEW (128), A_CLIENTS (64), B_REQUESTS (40),
+# B_DELAY (20), FLOOD_REQUESTS (64).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+model=$1; threads=${2:-2}; a_requests=${3:-128}
+a_prompt=${A_PROMPT:-500}; a_new=${A_NEW:-128}; a_clients=${A_CLIENTS:-64}
+b_requests=${B_REQUESTS:-40}; b_delay=${B_DELAY:-20}; flood=${FLOOD_REQUESTS:-64}
+port=50093
+work=$(mktemp -d)
+log=$work/server.log
+pid=""
+trap '[ -n "$pid" ] && kill $pid 2>/dev/null; rm -rf "$work"' EXIT
+grep -m1 "model name" /proc/cpuinfo || true
+echo "cpu flags: $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+key_a=$("$bin/batchgen" keygen tenant-a | tee "$work/a" | head -1)
+key_b=$("$bin/batchgen" keygen tenant-b | tee "$work/b" | head -1)
+tail -n1 "$work/a" > "$work/keys"; tail -n1 "$work/b" >> "$work/keys"
+serve_ready "$bin/batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
+  --intra-op-threads "$threads" --api-keys "$work/keys" --max-queue 512
+require_built "$log"
+bench=("$bin/batchgen" bench --target http://127.0.0.1:$port --no-sequential --json)
+a_load=(--api-key "$key_a" --concurrency "$a_clients" --requests "$a_requests" --prompt-tokens "$a_prompt" --new-tokens "$a_new")
+b_load=(--api-key "$key_b" --concurrency 0 --rate 2 --requests "$b_requests" --prompt-tokens 32 --new-tokens 32)
+echo "== b-idle"
+"${bench[@]}" "${b_load[@]}" 2>/dev/null | bench_summary b-idle
+echo "== a-alone"
+"${bench[@]}" "${a_load[@]}" --seed 2 2>/dev/null | bench_summary a-alone
+echo "== a+b (B from ${b_delay} s into A's flood)"
+"${bench[@]}" "${a_load[@]}" --seed 3 2>/dev/null > "$work/a.json" &
+a=$!
+sleep "$b_delay"
+"${bench[@]}" "${b_load[@]}" --seed 4 2>/dev/null | bench_summary b-under-a
+wait "$a"
+bench_summary a-with-b < "$work/a.json"
+echo "== both-flood (equal weights): tokens per key over the pass"
+"${bench[@]}" --api-key "$key_a" --concurrency 32 --requests "$flood" --prompt-tokens 64 --new-tokens 64 --seed 5 2>/dev/null > "$work/fa.json" &
+fa=$!
+"${bench[@]}" --api-key "$key_b" --concurrency 32 --requests "$flood" --prompt-tokens 64 --new-tokens 64 --seed 6 2>/dev/null > "$work/fb.json" &
+fb=$!
+# Sample each key's generated tokens once a second while both are running.
+metrics=$(grep -o 'metrics on http://[0-9.:]*/metrics' "$log" | head -1 | sed 's/metrics on //')
+while kill -0 "$fa" 2>/dev/null && kill -0 "$fb" 2>/dev/null; do
+  curl -sf "$metrics" | grep '^batchgen_api_key_generated_tokens_total' > "$work/last" || true
+  sleep 1
+done
+wait "$fa" "$fb"
+echo "  while both ran (last sample before either finished):"
+sed 's/^/  /' "$work/last"
+bench_summary flood-a < "$work/fa.json"
+bench_summary flood-b < "$work/fb.json"
+kill "$pid"; wait "$pid" 2>/dev/null || true
+trap - EXIT
+rm -rf "$work"
