@@ -11,27 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use batchgen::pb;
 use batchgen::server::auth::Limits;
-use common::{expected, ids, request, serve_args, start_with};
+use common::{expected, ids, keyed, keys_file, request, serve_args, start_with};
 use tonic::Code;
-
-fn keys_file(dir: &Path, keys: &[(&str, Limits)]) -> (std::path::PathBuf, Vec<String>) {
-    let mut text = String::new();
-    let mut secrets = Vec::new();
-    for (name, limits) in keys {
-        let (key, line) = batchgen::server::auth::keygen(name, *limits).unwrap();
-        text.push_str(&format!("{line}\n"));
-        secrets.push(key);
-    }
-    let path = dir.join("keys.txt");
-    std::fs::write(&path, text).unwrap();
-    (path, secrets)
-}
-
-fn keyed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
-    req
-}
 
 fn long(max_new_tokens: u32, priority: i32) -> pb::GenerateRequest {
     let mut r = request(ids(&expected()["greedy"]["short"]["prompt_ids"]), max_new_tokens);

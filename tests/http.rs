@@ -420,6 +420,25 @@ async fn chat_server(template: Option<&str>) -> common::TestServer {
     start_with(args).await
 }
 
+/// A case of transformers' rendering of a stock template
+/// (`tests/fixtures/chat-expected.json`): messages, text and ids.
+fn chat_case(template: &str, conversation: &str, add_generation_prompt: bool) -> Value {
+    let path = format!("{}/tests/fixtures/chat-expected.json", env!("CARGO_MANIFEST_DIR"));
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let template = format!("deploy/chat-templates/{template}.jinja");
+    expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["template"] == template.as_str()
+                && c["conversation"] == conversation
+                && c["add_generation_prompt"] == add_generation_prompt
+        })
+        .unwrap_or_else(|| panic!("no case {template} {conversation} {add_generation_prompt}"))
+        .clone()
+}
+
 /// Chat completions are the completion of the rendered conversation: the
 /// same tokens, text, logprobs (with each token's raw bytes) and usage as
 /// the gRPC call on the prompt transformers' template gives, unary and
@@ -428,16 +447,7 @@ async fn chat_server(template: Option<&str>) -> common::TestServer {
 async fn chat_completions_equal_the_grpc_answer_on_the_rendered_conversation() {
     let server = chat_server(Some("dialogpt.jinja")).await;
     let http = server.http_addr.unwrap();
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{}/tests/fixtures/chat-expected.json", env!("CARGO_MANIFEST_DIR"))).unwrap(),
-    )
-    .unwrap();
-    let case = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["template"] == "deploy/chat-templates/dialogpt.jinja" && c["conversation"] == "unicode")
-        .unwrap();
+    let case = chat_case("dialogpt", "unicode", false);
     let body = json!({
         "model": "tiny-chat", "messages": case["messages"], "max_completion_tokens": 12, "temperature": 0,
         "logprobs": true, "top_logprobs": 2,
@@ -591,20 +601,7 @@ async fn tokenize_detokenize_version_and_the_served_names() {
     let t = send(http, "POST", "/tokenize", Some(json!({"model": "tiny", "prompt": "Hello world"})), &[]).await.json();
     assert_eq!(t["tokens"], json!([15496, 995]));
     assert_eq!((t["count"].as_u64(), t["max_model_len"].as_u64()), (Some(2), Some(256)));
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{}/tests/fixtures/chat-expected.json", env!("CARGO_MANIFEST_DIR"))).unwrap(),
-    )
-    .unwrap();
-    let case = expected["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| {
-            c["template"] == "deploy/chat-templates/chatml.jinja"
-                && c["conversation"] == "with_system"
-                && c["add_generation_prompt"] == true
-        })
-        .unwrap();
+    let case = chat_case("chatml", "with_system", true);
     let t = send(http, "POST", "/tokenize", Some(json!({"messages": case["messages"]})), &[]).await.json();
     assert_eq!(t["tokens"], case["ids"]);
     let d = send(http, "POST", "/detokenize", Some(json!({"tokens": [15496, 995, 50256]})), &[]).await.json();

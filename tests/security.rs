@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use batchgen::pb::generation_client::GenerationClient;
-use common::{expected, ids, request, serve_args, start_with};
+use common::{expected, ids, keyed, keys_file, request, serve_args, start_with};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -233,27 +233,6 @@ async fn broken_tls_files_are_refused_at_start_with_the_file_named() {
     args.server.tls_key = Some(other_key);
     let err = args.server.serve_options().unwrap_err().to_string();
     assert!(err.contains("--tls-key"), "{err}");
-}
-
-/// Writes a keys file with a key per `(name, limits)` and returns it with the keys.
-fn keys_file(dir: &Path, keys: &[(&str, batchgen::server::auth::Limits)]) -> (PathBuf, Vec<String>) {
-    let mut text = String::from("# name hash limits\n");
-    let mut secrets = Vec::new();
-    for (name, limits) in keys {
-        let (key, line) = batchgen::server::auth::keygen(name, *limits).unwrap();
-        text.push_str(&line);
-        text.push('\n');
-        secrets.push(key);
-    }
-    let path = dir.join("keys.txt");
-    std::fs::write(&path, text).unwrap();
-    (path, secrets)
-}
-
-fn keyed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
-    req
 }
 
 fn short_request(max_new_tokens: u32) -> batchgen::pb::GenerateRequest {

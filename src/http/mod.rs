@@ -214,7 +214,11 @@ async fn version() -> Response {
 
 /// `POST /tokenize` (vLLM's): a prompt, or a conversation rendered with the
 /// chat template, to token ids; through the Tokenize RPC (keys apply).
-async fn tokenize(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+async fn tokenize(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -227,64 +231,61 @@ async fn tokenize(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> 
         #[allow(dead_code)]
         add_special_tokens: Option<bool>,
     }
-    let run = async {
-        let metadata = metadata(&headers)?;
-        let b: Body = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-        let state = http.state()?;
-        check_model(b.model.as_deref(), &state)?;
-        let text = match (b.prompt, b.messages) {
-            (Some(p), None) => p,
-            (None, Some(messages)) => {
-                let messages = chat::conversation(messages)?;
-                http.service.authorize(&metadata).map_err(|s| ApiError::from_status(&s))?;
-                let add = b.add_generation_prompt.unwrap_or(true);
-                render(&state, &messages, add, &b.chat_template_kwargs.unwrap_or_default())?
-            }
-            _ => return Err(ApiError::invalid("prompt", "give exactly one of prompt and messages")),
-        };
-        let answer = http
-            .service
-            .tokenize(request(&metadata, pb::TokenizeRequest { text }))
-            .await
-            .map_err(|s| ApiError::from_status(&s))?
-            .into_inner();
-        Ok::<_, ApiError>(Json(serde_json::json!({
-            "count": answer.token_ids.len(),
-            "max_model_len": state.limits.context_length,
-            "tokens": answer.token_ids,
-        })))
+    let metadata = metadata(&headers)?;
+    let b: Body = parse(&body)?;
+    let state = http.state()?;
+    check_model(b.model.as_deref(), &state)?;
+    let text = match (b.prompt, b.messages) {
+        (Some(p), None) => p,
+        (None, Some(messages)) => {
+            let messages = chat::conversation(messages)?;
+            http.service.authorize(&metadata).map_err(|s| ApiError::from_status(&s))?;
+            let add = b.add_generation_prompt.unwrap_or(true);
+            render(&state, &messages, add, &b.chat_template_kwargs.unwrap_or_default())?
+        }
+        _ => return Err(ApiError::invalid("prompt", "give exactly one of prompt and messages")),
     };
-    match run.await {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+    let answer = http
+        .service
+        .tokenize(request(&metadata, pb::TokenizeRequest { text }))
+        .await
+        .map_err(|s| ApiError::from_status(&s))?
+        .into_inner();
+    Ok(Json(serde_json::json!({
+        "count": answer.token_ids.len(),
+        "max_model_len": state.limits.context_length,
+        "tokens": answer.token_ids,
+    })))
 }
 
 /// `POST /detokenize` (vLLM's): token ids to text, special tokens written out.
-async fn detokenize(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+async fn detokenize(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
         model: Option<String>,
         tokens: Vec<u32>,
     }
-    let run = async {
-        let metadata = metadata(&headers)?;
-        let b: Body = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-        let state = http.state()?;
-        check_model(b.model.as_deref(), &state)?;
-        let answer = http
-            .service
-            .detokenize(request(&metadata, pb::DetokenizeRequest { token_ids: b.tokens, skip_special_tokens: false }))
-            .await
-            .map_err(|s| ApiError::from_status(&s))?
-            .into_inner();
-        Ok::<_, ApiError>(Json(serde_json::json!({"prompt": answer.text})))
-    };
-    match run.await {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+    let metadata = metadata(&headers)?;
+    let b: Body = parse(&body)?;
+    let state = http.state()?;
+    check_model(b.model.as_deref(), &state)?;
+    let answer = http
+        .service
+        .detokenize(request(&metadata, pb::DetokenizeRequest { token_ids: b.tokens, skip_special_tokens: false }))
+        .await
+        .map_err(|s| ApiError::from_status(&s))?
+        .into_inner();
+    Ok(Json(serde_json::json!({"prompt": answer.text})))
+}
+
+/// A JSON request body (an error names `body` and what serde found).
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", e.to_string()))
 }
 
 /// Refuses a `model` this server does not serve (404, as OpenAI).
@@ -308,16 +309,9 @@ fn render(
     })
 }
 
-async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
-    match complete(http, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let metadata = metadata(&headers)?;
-    let req: CompletionRequest = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let req: CompletionRequest = parse(&body)?;
     let state = http.state()?;
     let model = state.model_name.clone();
     let plan = Plan::new(req, &model_names(&state))?;
@@ -380,16 +374,9 @@ async fn complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Respons
     Ok(Json(completion).into_response())
 }
 
-async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
-    match chat_complete(http, headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_complete(http: Http, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let metadata = metadata(&headers)?;
-    let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    let req: ChatRequest = parse(&body)?;
     let state = http.state()?;
     let mut chat = req.plan()?;
     check_model(chat.completion.model.as_deref(), &state)?;

@@ -277,3 +277,25 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .map(|(_, v)| v.parse().unwrap())
         .unwrap_or_else(|| panic!("no series {name} {labels:?} in:\n{text}"))
 }
+
+/// Writes a keys file with a key per `(name, limits)` and returns it with the keys.
+pub fn keys_file(dir: &std::path::Path, keys: &[(&str, batchgen::server::auth::Limits)]) -> (PathBuf, Vec<String>) {
+    let mut text = String::from("# name hash limits\n");
+    let mut secrets = Vec::new();
+    for (name, limits) in keys {
+        let (key, line) = batchgen::server::auth::keygen(name, *limits).unwrap();
+        text.push_str(&line);
+        text.push('\n');
+        secrets.push(key);
+    }
+    let path = dir.join("keys.txt");
+    std::fs::write(&path, text).unwrap();
+    (path, secrets)
+}
+
+/// `msg` with `authorization: Bearer <key>`.
+pub fn keyed<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+    req
+}
