@@ -252,6 +252,15 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
         "onnxruntime" => runtime::ORT_VERSION
     )
     .set(1.0);
+    let started = Instant::now();
+    let grammars = crate::constraint::Grammars::new(
+        &tokenizer,
+        config.vocab_size,
+        config.eos_token_id,
+        l.constraint_cache_entries,
+    )
+    .map_err(|e| ModelError::Tokenizer { path: files.tokenizer.clone(), reason: e.0 })?;
+    phase("constraint token trie", started);
     let (engine, worker_threads) = engine::spawn(backends, &engine_config, &tokenizer);
     let mut model_names = args.model.served_model_name.clone();
     model_names.retain(|n| !n.trim().is_empty());
@@ -278,6 +287,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             max_batch_size: l.max_batch_size.max(1) as u32,
         },
         draining: Default::default(),
+        grammars,
         engine,
     };
     let graph = if backends_chunk { "built" } else { "exported" };

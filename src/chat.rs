@@ -285,8 +285,9 @@ mod tests {
         let out = t.render(&msgs(&[("user", "q\"\n")]), false, &kw).unwrap();
         assert_eq!(
             out,
-            // Messages keep their field order; objects from the request's JSON come sorted by key.
-            "{\"role\": \"user\", \"content\": \"q\\\"\\n\"}|{\"a\": null, \"b\": [1, 2.5, \"é<&>'\"], \"t\": true}|{\n  \"a\": null,\n  \"b\": [\n    1,\n    2.5,\n    \"é<&>'\"\n  ],\n  \"t\": true\n}"
+            // Objects keep their keys' order, as Python's dicts do (serde_json's
+            // preserve_order, which llguidance turns on for the whole build).
+            "{\"role\": \"user\", \"content\": \"q\\\"\\n\"}|{\"b\": [1, 2.5, \"é<&>'\"], \"a\": null, \"t\": true}|{\n  \"b\": [\n    1,\n    2.5,\n    \"é<&>'\"\n  ],\n  \"a\": null,\n  \"t\": true\n}"
         );
     }
 

@@ -37,6 +37,7 @@ impl Error {
             Error::Queue(QueueError::Full { .. }) => "overloaded",
             Error::Queue(QueueError::DuplicateId(_)) => "validation",
             Error::Queue(QueueError::Stopped) | Error::ShuttingDown | Error::Loading => "unavailable",
+            Error::Engine(EngineError::Constraint(_)) => "validation",
             Error::Engine(_) => "internal",
             Error::Deadline => "deadline",
             Error::Auth(AuthError::Unauthenticated) => "unauthenticated",
@@ -51,6 +52,7 @@ impl Error {
             Error::Queue(QueueError::Full { .. }) => Code::ResourceExhausted,
             Error::Queue(QueueError::DuplicateId(_)) => Code::AlreadyExists,
             Error::Queue(QueueError::Stopped) | Error::ShuttingDown | Error::Loading => Code::Unavailable,
+            Error::Engine(EngineError::Constraint(_)) => Code::InvalidArgument,
             Error::Engine(_) => Code::Internal,
             Error::Deadline => Code::DeadlineExceeded,
             Error::Auth(AuthError::Unauthenticated) => Code::Unauthenticated,
@@ -70,6 +72,9 @@ impl From<Error> for Status {
             }
             Error::Validation(ValidationError::Tokenizer(reason)) => {
                 ErrorDetails::with_bad_request_violation("prompt", reason.clone())
+            }
+            Error::Engine(EngineError::Constraint(reason)) => {
+                ErrorDetails::with_bad_request_violation("decoding.constraint", reason.clone())
             }
             Error::Queue(QueueError::DuplicateId(id)) => {
                 ErrorDetails::with_bad_request_violation("request_id", format!("{id:?} is already in flight"))

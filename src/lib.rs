@@ -8,6 +8,7 @@ pub mod bench;
 pub mod chat;
 pub mod client;
 pub mod config;
+pub mod constraint;
 pub mod decoding;
 pub mod engine;
 pub mod error;

@@ -45,6 +45,10 @@ pub const KEY_QUEUE_DURATION: &str = "batchgen_api_key_queue_duration_seconds";
 pub const KEY_GENERATED_TOKENS: &str = "batchgen_api_key_generated_tokens_total";
 pub const TLS_RELOADS: &str = "batchgen_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "batchgen_tls_handshake_failures_total";
+pub const CONSTRAINT_MASK_SECONDS: &str = "batchgen_constraint_mask_seconds";
+pub const CONSTRAINT_COMPILE_SECONDS: &str = "batchgen_constraint_compile_seconds";
+pub const CONSTRAINT_CACHE: &str = "batchgen_constraint_cache_lookups_total";
+pub const CONSTRAINED_REQUESTS: &str = "batchgen_constrained_requests_total";
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "batchgen_prefix_cache_hit_tokens_total";
 pub const PREFIX_CACHE_MISS_TOKENS: &str = "batchgen_prefix_cache_miss_tokens_total";
 pub const PREFIX_CACHE_BLOCKS: &str = "batchgen_prefix_cache_blocks";
@@ -55,6 +59,9 @@ pub const PREFIX_CACHE_EVICTIONS: &str = "batchgen_prefix_cache_evictions_total"
 /// Latency buckets: 1 ms to 60 s.
 const SECONDS: [f64; 18] =
     [0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0];
+/// Short-work buckets: 10 µs to 100 ms (a constraint's mask or compile).
+const FINE_SECONDS: [f64; 14] =
+    [0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0];
 /// Size buckets: powers of two.
 const SIZES: [f64; 16] =
     [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
@@ -143,6 +150,21 @@ fn describe_all() {
         "Time from arrival to admission into a batch, by key (with --api-keys); keys share the queue by weight."
     );
     describe_counter!(KEY_GENERATED_TOKENS, Unit::Count, "Tokens generated for a key's finished requests (by key).");
+    describe_histogram!(
+        CONSTRAINT_MASK_SECONDS,
+        Unit::Seconds,
+        "Time to compute one constrained row's token mask for a step (on the engine thread, inside the step)."
+    );
+    describe_histogram!(
+        CONSTRAINT_COMPILE_SECONDS,
+        Unit::Seconds,
+        "Time to find (result=hit) or compile (result=miss) a request's constraint, on its validation thread."
+    );
+    describe_counter!(CONSTRAINT_CACHE, "Lookups of compiled constraints, by result (hit, miss).");
+    describe_counter!(
+        CONSTRAINED_REQUESTS,
+        "Accepted requests with a constraint, by kind (json_schema, json_object, regex, choice, grammar)."
+    );
     describe_counter!(PREFIX_CACHE_EVICTIONS, "Prefix cache blocks evicted to make room (least recently used first).");
 }
 
@@ -178,6 +200,13 @@ fn register_all() {
     {
         metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(0);
     }
+    for kind in crate::constraint::KINDS {
+        metrics::counter!(CONSTRAINED_REQUESTS, "kind" => kind).increment(0);
+    }
+    for result in ["hit", "miss"] {
+        metrics::counter!(CONSTRAINT_CACHE, "result" => result).increment(0);
+        let _registered = metrics::histogram!(CONSTRAINT_COMPILE_SECONDS, "result" => result);
+    }
     for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {
         metrics::counter!(SEQUENCES_FINISHED, "finish_reason" => reason).increment(0);
     }
@@ -199,6 +228,7 @@ fn register_all() {
         STEP_OVERHEAD,
         STEP_BATCH_ROWS,
         PREFILL_TOKENS,
+        CONSTRAINT_MASK_SECONDS,
     ] {
         let _registered = metrics::histogram!(name);
     }
@@ -209,7 +239,9 @@ pub fn install() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+            .set_buckets_for_metric(Matcher::Full(CONSTRAINT_MASK_SECONDS.into()), &FINE_SECONDS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CONSTRAINT_COMPILE_SECONDS.into()), &FINE_SECONDS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), &SIZES))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), &SIZES))
             .expect("bucket lists are not empty");

@@ -345,6 +345,12 @@ pub struct LimitArgs {
     /// max_new_tokens for requests that leave it 0.
     #[arg(long, env = "BATCHGEN_DEFAULT_MAX_NEW_TOKENS", default_value_t = 64)]
     pub default_max_new_tokens: u32,
+    /// Compiled structured-output constraints (JSON Schemas, regexes,
+    /// choices, grammars) kept for reuse, least recently used dropped first;
+    /// each request with the same text then skips compiling. 0: compile
+    /// every time.
+    #[arg(long, env = "BATCHGEN_CONSTRAINT_CACHE_ENTRIES", default_value_t = 256)]
+    pub constraint_cache_entries: usize,
 }
 
 /// A file `serve` reads at start-up that cannot be used.

@@ -35,6 +35,10 @@ pub enum EngineError {
     Forward(String),
     #[error("the engine panicked while serving this request: {0}")]
     Panic(String),
+    /// The request's constraint could not go on (a step beyond the
+    /// per-step limits of its grammar): the request's fault, not the server's.
+    #[error("the structured-output constraint failed: {0}")]
+    Constraint(String),
 }
 
 impl From<ForwardError> for EngineError {

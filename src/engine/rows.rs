@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::model::Logits;
 use super::{Event, Job};
+use crate::constraint::{Mask, RowConstraint};
 use crate::decoding::beam::{BeamSearch, Hypothesis};
 use crate::decoding::logits::History;
 use crate::decoding::sampling;
@@ -38,6 +39,8 @@ pub(super) struct Row {
     pub text: SequenceText,
     /// Its request failed: its cache is not kept (`Backend::remember`).
     pub failed: bool,
+    /// Its parser state when the request has a structured-output constraint.
+    pub constraint: Option<RowConstraint>,
 }
 
 impl Row {
@@ -71,6 +74,7 @@ pub(super) fn choose(
 ) -> (Vec<(usize, Vec<usize>)>, usize) {
     let at = Instant::now();
     let mut scratch = Vec::new();
+    let mut constrained = Vec::new();
     let mut reorders = Vec::new();
     let mut panics = 0;
     let mut i = 0;
@@ -82,20 +86,31 @@ pub(super) fn choose(
         let beams = rows[i].job.request.decoding.beam.as_ref().map(|b| b.num_beams);
         let width = beams.unwrap_or(1);
         let chosen = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match beams {
-            Some(n) => {
-                if let Some(perm) = beam_step(&mut rows[i..i + n], logits, &from[i..i + n], tok, at) {
+            Some(n) => beam_step(&mut rows[i..i + n], logits, &from[i..i + n], tok, at).map(|perm| {
+                if let Some(perm) = perm {
                     reorders.push((i, perm));
                 }
-            }
-            None => choose_one(&mut rows[i], logits.row(from[i]), tok, at, &mut scratch),
+            }),
+            None => choose_one(&mut rows[i], logits.row(from[i]), tok, at, &mut scratch, &mut constrained),
         }));
-        if let Err(panic) = chosen {
-            panics += 1;
-            scratch = Vec::new();
+        let failed = match chosen {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => {
+                let job = &rows[i].job;
+                tracing::info!(parent: &job.span, "the request's constraint failed; ending it: {reason}");
+                Some(super::EngineError::Constraint(reason))
+            }
+            Err(panic) => {
+                panics += 1;
+                scratch = Vec::new();
+                let text = super::panic_text(&panic);
+                tracing::error!(parent: &rows[i].job.span, "choosing a token panicked; failing this request only: {text}");
+                Some(super::EngineError::Panic(text))
+            }
+        };
+        if let Some(e) = failed {
             let job = rows[i].job.clone();
-            let text = super::panic_text(&panic);
-            tracing::error!(parent: &job.span, "choosing a token panicked; failing this request only: {text}");
-            let _ = job.send(Event::Failed(super::EngineError::Panic(text)));
+            let _ = job.send(Event::Failed(e));
             for row in rows.iter_mut().filter(|r| Arc::ptr_eq(&r.job, &job)) {
                 row.done = true;
                 row.failed = true;
@@ -106,58 +121,169 @@ pub(super) fn choose(
     (reorders, panics)
 }
 
-/// Greedy search or sampling: one row's next token from its logits `raw`.
-fn choose_one(row: &mut Row, raw: &[f32], tok: &Tokenizer, at: Instant, scratch: &mut Vec<f32>) {
+/// Greedy search or sampling: one row's next token from its logits `raw`
+/// (restricted to what its constraint allows, in `constrained`). Errs when
+/// the constraint cannot go on.
+fn choose_one(
+    row: &mut Row,
+    raw: &[f32],
+    tok: &Tokenizer,
+    at: Instant,
+    scratch: &mut Vec<f32>,
+    constrained: &mut Vec<f32>,
+) -> Result<(), String> {
     let req = &row.job.request;
     req.fault.before_choosing(row.generated + 1);
-    let masked = req.stop.masked(row.generated);
     let top = req.top_logprobs as usize;
     let plan = &req.decoding;
-    let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
-    let choice = sampling::choose(raw, &plan.processors, sampling, &row.history, &masked, top, scratch);
+    let mask = row.constraint.as_mut().map(RowConstraint::mask).transpose()?;
+    let (choice, forced) = match &mask {
+        None => {
+            let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
+            let masked = req.stop.masked(row.generated);
+            (sampling::choose(raw, &plan.processors, sampling, &row.history, &masked, top, scratch), None)
+        }
+        Some(mask) => {
+            constrained.clear();
+            constrained.extend_from_slice(raw);
+            mask.apply(constrained);
+            let eos = row.constraint.as_ref().map_or(u32::MAX, RowConstraint::eos);
+            choose_constrained(row, mask, constrained, eos, top, scratch)?
+        }
+    };
     row.generated += 1;
     row.next = choice.id;
     row.history.push(choice.id);
-    let (text, finish) = row.text.push_and_end(tok, choice.id, req.stop.check(choice.id, row.generated));
+    if let Some(c) = row.constraint.as_mut() {
+        c.consume(choice.id)?;
+    }
+    let req = &row.job.request;
+    let finish = forced.or_else(|| req.stop.check(choice.id, row.generated));
+    let (text, finish) = row.text.push_and_end(tok, choice.id, finish);
     let held = if finish.is_none() { row.text.held(tok, FinishReason::Deadline) } else { None };
     let sent = row.job.send(Event::Token { index: row.index, choice, text, finish, held, at });
     row.done = finish.is_some() || !sent;
+    Ok(())
+}
+
+/// A constrained row's choice from `constrained` (its logits with what the
+/// constraint forbids at −∞), and the finish its constraint forces: EOS once
+/// the language has ended, whatever ignore_eos and min_new_tokens say. When
+/// the processors forbid every allowed token, the most likely allowed one.
+fn choose_constrained(
+    row: &mut Row,
+    mask: &Mask,
+    constrained: &[f32],
+    eos: u32,
+    top: usize,
+    scratch: &mut Vec<f32>,
+) -> Result<(sampling::Choice, Option<FinishReason>), String> {
+    let req = &row.job.request;
+    if mask.only(eos) {
+        return Ok((sampling::report(constrained, eos, top), Some(FinishReason::Eos)));
+    }
+    let plan = &req.decoding;
+    let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
+    let masked = req.stop.masked(row.generated);
+    let mut choice = sampling::choose(constrained, &plan.processors, sampling, &row.history, &masked, top, scratch);
+    if !mask.allows(choice.id) {
+        choice = sampling::greedy(constrained, &[], top);
+        if !mask.allows(choice.id) {
+            return Err(format!("it allows no token after {} generated tokens", row.generated));
+        }
+    }
+    let forced = (choice.id == eos).then_some(FinishReason::Eos);
+    Ok((choice, forced))
 }
 
 /// One beam search step for a request's rows (its beams, in order). Returns
-/// the KV reordering, or `None` when the search ended.
-fn beam_step(group: &mut [Row], logits: &Logits, from: &[usize], tok: &Tokenizer, at: Instant) -> Option<Vec<usize>> {
+/// the KV reordering, or `None` when the search ended; errs when a beam's
+/// constraint cannot go on. With a constraint each beam scores its own
+/// allowed tokens, and a beam that takes over another's place takes a copy
+/// of that beam's parser state.
+fn beam_step(
+    group: &mut [Row],
+    logits: &Logits,
+    from: &[usize],
+    tok: &Tokenizer,
+    at: Instant,
+) -> Result<Option<Vec<usize>>, String> {
     let job = group[0].job.clone();
     let req = &job.request;
     let top = req.top_logprobs as usize;
-    let log_probs: Vec<Vec<f32>> = group
+    let masks: Vec<Option<Mask>> = group
+        .iter_mut()
+        .map(|row| row.constraint.as_mut().map(RowConstraint::mask).transpose())
+        .collect::<Result<_, _>>()?;
+    let constrained: Vec<Option<Vec<f32>>> = masks
         .iter()
         .zip(from)
-        .map(|(row, &f)| {
-            let mut lp = sampling::log_softmax(logits.row(f));
-            req.decoding.processors.apply(&mut lp, &row.history, &req.stop.masked(row.generated));
+        .map(|(mask, &f)| {
+            mask.as_ref().map(|m| {
+                let mut row = logits.row(f).to_vec();
+                m.apply(&mut row);
+                row
+            })
+        })
+        .collect();
+    let base = |b: usize| constrained[b].as_deref().unwrap_or(logits.row(from[b]));
+    let eos = group[0].constraint.as_ref().map(RowConstraint::eos);
+    let log_probs: Vec<Vec<f32>> = group
+        .iter()
+        .enumerate()
+        .map(|(b, row)| {
+            let mask = masks[b].as_ref();
+            if mask.is_some_and(Mask::allows_nothing) {
+                return vec![f32::NEG_INFINITY; base(b).len()];
+            }
+            let mut lp = sampling::log_softmax(base(b));
+            // The language has ended: EOS, whatever min_new_tokens says.
+            if !mask.zip(eos).is_some_and(|(m, eos)| m.only(eos)) {
+                req.decoding.processors.apply(&mut lp, &row.history, &req.stop.masked(row.generated));
+            }
             lp
         })
         .collect();
-    let report = |beam: usize, token: u32| sampling::report(logits.row(from[beam]), token, top);
+    let report = |beam: usize, token: u32| sampling::report(base(beam), token, top);
     let search = group[0].beam.as_mut().expect("the first row of a beam group holds its search");
     let step = search.step(&log_probs, &report);
     if step.done {
-        let hypotheses = search.results().into_iter().map(|h| hypothesis_text(h, req, tok)).collect();
+        let mut results = search.results();
+        if eos.is_some() {
+            // A hypothesis through a token the constraint forbids (fewer
+            // allowed continuations than beams) is not a result.
+            results.retain(|h| h.score.is_finite());
+        }
+        let hypotheses = results.into_iter().map(|h| hypothesis_text(h, req, tok)).collect();
         let _ = job.send(Event::Beams { hypotheses, at });
         for row in group.iter_mut() {
             row.done = true;
         }
-        return None;
+        return Ok(None);
     }
     let histories: Vec<History> = step.parents.iter().map(|&p| group[p].history.clone()).collect();
-    for ((row, mut history), &token) in group.iter_mut().zip(histories).zip(&step.tokens) {
+    let constraints: Vec<Option<RowConstraint>> = step
+        .parents
+        .iter()
+        .zip(&step.tokens)
+        .map(|(&p, &token)| {
+            let allowed = masks[p].as_ref().is_none_or(|m| m.allows(token));
+            group[p].constraint.as_ref().map(|c| c.fork(!allowed))
+        })
+        .collect();
+    for (((row, mut history), mut constraint), &token) in
+        group.iter_mut().zip(histories).zip(constraints).zip(&step.tokens)
+    {
+        if let Some(c) = constraint.as_mut() {
+            c.consume(token)?;
+        }
         history.push(token);
         row.history = history;
+        row.constraint = constraint;
         row.next = token;
         row.generated += 1;
     }
-    Some(step.parents)
+    Ok(Some(step.parents))
 }
 
 /// A finished hypothesis's text, cut (with its tokens) where a stop sequence

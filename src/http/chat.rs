@@ -53,8 +53,13 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// Accepted and not used.
     pub user: Option<String>,
-    /// Only `{"type": "text"}`: structured outputs are not built yet.
+    // Structured output, as for completions (`super::structured`).
     pub response_format: Option<serde_json::Value>,
+    pub structured_outputs: Option<serde_json::Value>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
     // vLLM's extra fields.
     pub top_k: Option<u32>,
     pub min_p: Option<f32>,
@@ -92,16 +97,6 @@ impl ChatRequest {
     /// for a completion.
     pub fn plan(self) -> Result<ChatPlan, ApiError> {
         let messages = conversation(self.messages)?;
-        if let Some(f) = &self.response_format
-            && f.get("type").and_then(|t| t.as_str()) != Some("text")
-        {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!(
-                    "response_format {f} is not supported yet: only {{\"type\": \"text\"}} (no structured outputs)"
-                ),
-            ));
-        }
         let max_tokens = match (self.max_tokens, self.max_completion_tokens) {
             (Some(a), Some(b)) if a != b => {
                 return Err(ApiError::invalid(
@@ -148,6 +143,12 @@ impl ChatRequest {
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
             priority: self.priority,
+            response_format: self.response_format,
+            structured_outputs: self.structured_outputs,
+            guided_json: self.guided_json,
+            guided_regex: self.guided_regex,
+            guided_choice: self.guided_choice,
+            guided_grammar: self.guided_grammar,
         };
         Ok(ChatPlan {
             messages,
@@ -343,10 +344,6 @@ mod tests {
             (
                 serde_json::json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 3}),
                 "max_completion_tokens",
-            ),
-            (
-                serde_json::json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-                "response_format",
             ),
         ] {
             let Err(e) = plan(body.clone()) else { panic!("{body} accepted") };

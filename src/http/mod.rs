@@ -9,6 +9,7 @@
 pub mod chat;
 pub mod openai;
 mod sse;
+pub mod structured;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -72,6 +72,13 @@ pub struct CompletionRequest {
     pub ignore_eos: bool,
     /// vLLM's: lower runs first among the caller's waiting requests.
     pub priority: Option<i32>,
+    // Structured output (`super::structured`): OpenAI's, then vLLM's.
+    pub response_format: Option<serde_json::Value>,
+    pub structured_outputs: Option<serde_json::Value>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 /// An error in OpenAI's shape, with the HTTP status it goes with.
@@ -150,6 +157,10 @@ fn openai_param(field: &str) -> &str {
         "top_logprobs" => "logprobs",
         "decoding.sampling.num_samples" | "decoding.beam_search.num_return_sequences" => "n",
         "decoding.beam_search.num_beams" => "num_beams",
+        "decoding.json_schema" | "decoding.json_object" => "response_format",
+        "decoding.regex" => "guided_regex",
+        "decoding.choice" => "guided_choice",
+        "decoding.grammar" => "guided_grammar",
         other => other.rsplit('.').next().unwrap_or(other),
     }
 }
@@ -255,8 +266,18 @@ impl Plan {
                 .map_err(|_| ApiError::invalid("logit_bias", format!("key {k:?} is not a token id")))?;
             logit_bias.insert(id, v);
         }
+        let constraint = super::structured::Requested {
+            response_format: r.response_format,
+            structured_outputs: r.structured_outputs,
+            guided_json: r.guided_json,
+            guided_regex: r.guided_regex,
+            guided_choice: r.guided_choice,
+            guided_grammar: r.guided_grammar,
+        }
+        .constraint()?;
         let decoding = pb::Decoding {
             method,
+            constraint,
             repetition_penalty: r.repetition_penalty.unwrap_or(0.0),
             presence_penalty: r.presence_penalty.unwrap_or(0.0),
             frequency_penalty: r.frequency_penalty.unwrap_or(0.0),

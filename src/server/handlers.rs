@@ -178,7 +178,7 @@ impl GenerationService {
             .then(|| if body.prompt.is_empty() { format!("{:?}", body.prompt_token_ids) } else { body.prompt.clone() });
         let engine = state.engine.clone();
         let valid = tokio::task::spawn_blocking(move || {
-            validation::validate(body, &state.tokenizer, &state.limits, arrival, deadline)
+            validation::validate(body, &state.tokenizer, &state.limits, &state.grammars, arrival, deadline)
         })
         .await
         .map_err(|e| Error::Engine(crate::engine::EngineError::Panic(e.to_string())))??;
@@ -439,6 +439,8 @@ impl Generation for GenerationService {
             max_beams: s.limits.max_beams,
             max_stop_sequences: validation::MAX_STOP_SEQUENCES as u32,
             max_stop_sequence_bytes: validation::MAX_STOP_SEQUENCE_BYTES as u32,
+            max_constraint_bytes: crate::constraint::MAX_CONSTRAINT_BYTES as u32,
+            constraints: crate::constraint::KINDS.iter().map(|k| k.to_string()).collect(),
             max_samples: validation::MAX_SAMPLES,
             max_prompt_tokens: s.limits.max_prompt_tokens,
             max_batch_size: s.engine.max_batch_size() as u32,

@@ -41,6 +41,8 @@ pub struct AppState {
     pub weights: String,
     pub tokenizer: Tokenizer,
     pub limits: Limits,
+    /// Compiles (and caches) structured-output constraints.
+    pub grammars: crate::constraint::Grammars,
     pub engine: EngineHandle,
     /// Set on SIGTERM: new calls get UNAVAILABLE while running ones finish.
     pub draining: AtomicBool,

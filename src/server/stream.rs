@@ -352,7 +352,9 @@ mod tests {
             }),
             ..Default::default()
         };
-        let valid = crate::validation::validate(req, &tok, &limits, Instant::now(), None).unwrap();
+        let valid =
+            crate::validation::validate(req, &tok, &limits, crate::constraint::test_grammars(), Instant::now(), None)
+                .unwrap();
         Responder::new(tok, &valid, tracing::Span::none())
     }
 

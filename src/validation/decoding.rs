@@ -2,6 +2,7 @@
 //! the plan the engine runs (processors, sampling with its warpers and seed,
 //! or beam search).
 use super::{ValidationError, invalid};
+use crate::constraint::{MAX_CHOICE_BYTES, MAX_CHOICES, MAX_CONSTRAINT_BYTES, Spec};
 use crate::decoding::beam::BeamPlan;
 use crate::decoding::logits::{Processors, Warpers};
 use crate::pb;
@@ -45,6 +46,74 @@ impl DecodingPlan {
     pub fn sequences(&self) -> u32 {
         self.beam.as_ref().map_or_else(|| self.rows(), |b| b.num_return_sequences as u32)
     }
+}
+
+/// The request's constraint, each text within its size (compiled later, as
+/// the last check of `validate`).
+pub(super) fn check_constraint(c: Option<pb::decoding::Constraint>) -> Result<Option<Spec>, ValidationError> {
+    use pb::decoding::Constraint as C;
+    let too_long = |field: &'static str, len: usize| {
+        invalid(field, format!("must be at most {MAX_CONSTRAINT_BYTES} bytes, got {len}"))
+    };
+    let spec = match c {
+        None => return Ok(None),
+        Some(C::JsonSchema(text)) => {
+            if text.len() > MAX_CONSTRAINT_BYTES {
+                return Err(too_long("decoding.json_schema", text.len()));
+            }
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(v) if v.is_object() || v.is_boolean() => {}
+                Ok(_) => return Err(invalid("decoding.json_schema", "must be a JSON object (or true/false)".into())),
+                Err(e) => return Err(invalid("decoding.json_schema", format!("is not JSON: {e}"))),
+            }
+            Spec::JsonSchema(text)
+        }
+        Some(C::JsonObject(true)) => Spec::JsonObject,
+        Some(C::JsonObject(false)) => {
+            return Err(invalid(
+                "decoding.json_object",
+                "must be true when set (leave the constraint unset for none)".into(),
+            ));
+        }
+        Some(C::Regex(rx)) => {
+            if rx.is_empty() || rx.len() > MAX_CONSTRAINT_BYTES {
+                return Err(invalid(
+                    "decoding.regex",
+                    format!("must be 1 to {MAX_CONSTRAINT_BYTES} bytes, got {}", rx.len()),
+                ));
+            }
+            Spec::Regex(rx)
+        }
+        Some(C::Grammar(lark)) => {
+            if lark.trim().is_empty() || lark.len() > MAX_CONSTRAINT_BYTES {
+                return Err(invalid(
+                    "decoding.grammar",
+                    format!("must be 1 to {MAX_CONSTRAINT_BYTES} bytes (Lark syntax), got {}", lark.len()),
+                ));
+            }
+            Spec::Grammar(lark)
+        }
+        Some(C::Choice(pb::Choices { choices })) => {
+            if choices.is_empty() || choices.len() > MAX_CHOICES {
+                return Err(invalid(
+                    "decoding.choice",
+                    format!("must hold 1 to {MAX_CHOICES} strings, got {}", choices.len()),
+                ));
+            }
+            if let Some((i, c)) = choices.iter().enumerate().find(|(_, c)| c.is_empty() || c.len() > MAX_CHOICE_BYTES) {
+                return Err(invalid(
+                    "decoding.choice",
+                    format!("[{i}] must be 1 to {MAX_CHOICE_BYTES} bytes, got {}", c.len()),
+                ));
+            }
+            let total: usize = choices.iter().map(String::len).sum();
+            if total > MAX_CONSTRAINT_BYTES {
+                return Err(too_long("decoding.choice", total));
+            }
+            Spec::Choice(choices)
+        }
+    };
+    Ok(Some(spec))
 }
 
 fn finite_in(field: &'static str, v: f32, lo: f32, hi: f32, what: &str) -> Result<(), ValidationError> {

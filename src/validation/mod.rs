@@ -2,11 +2,13 @@
 //! field, the limit and the value. Nothing downstream re-checks these limits.
 mod decoding;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use decoding::check_decoding;
 pub use decoding::{DecodingPlan, MAX_LOGIT_BIAS, MAX_NO_REPEAT_NGRAM, MAX_SAMPLES, SamplingPlan};
 
+use crate::constraint::{Grammar, Grammars};
 use crate::decoding::stopping::StopCriteria;
 use crate::pb;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -83,6 +85,8 @@ pub struct ValidRequest {
     pub deadline: Option<Instant>,
     /// What the request asks to go wrong (tests with `fault-injection` only).
     pub fault: crate::fault::Fault,
+    /// Its structured-output constraint, compiled.
+    pub constraint: Option<Arc<Grammar>>,
 }
 
 impl ValidRequest {
@@ -97,12 +101,14 @@ pub const MAX_STOP_SEQUENCES: usize = 8;
 /// Longest stop sequence, in bytes.
 pub const MAX_STOP_SEQUENCE_BYTES: usize = 256;
 
-/// Validates `req`; `tokenizer` turns a text prompt into ids (this runs on a
-/// blocking thread, never on the engine).
+/// Validates `req`; `tokenizer` turns a text prompt into ids and `grammars`
+/// compiles its constraint (this runs on a blocking thread, never on the
+/// engine).
 pub fn validate(
-    req: pb::GenerateRequest,
+    mut req: pb::GenerateRequest,
     tokenizer: &Tokenizer,
     limits: &Limits,
+    grammars: &Grammars,
     arrival: Instant,
     deadline: Option<Instant>,
 ) -> Result<ValidRequest, ValidationError> {
@@ -118,6 +124,7 @@ pub fn validate(
             format!("must be from {MIN_PRIORITY} to {MAX_PRIORITY} (lower runs first), got {}", req.priority),
         ));
     }
+    let constraint = decoding::check_constraint(req.decoding.as_mut().and_then(|d| d.constraint.take()))?;
     let decoding = check_decoding(req.decoding.unwrap_or_default(), limits.vocab_size, limits.max_beams)?;
     let mut stopping = req.stopping.unwrap_or_default();
     if stopping.stop_sequences.len() > MAX_STOP_SEQUENCES {
@@ -241,6 +248,15 @@ pub fn validate(
             format!("[{i}] = {id} is not a token id: must be below the vocabulary size {}", limits.vocab_size),
         ));
     }
+    // Last: every cheaper check has passed before a grammar is compiled.
+    let constraint = match constraint {
+        Some(spec) => {
+            let grammar = grammars.compile(&spec).map_err(|e| invalid(spec.field(), e.0))?;
+            metrics::counter!(crate::telemetry::CONSTRAINED_REQUESTS, "kind" => spec.kind()).increment(1);
+            Some(grammar)
+        }
+        None => None,
+    };
     let request_id = if req.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.request_id };
     Ok(ValidRequest {
         request_id,
@@ -260,6 +276,7 @@ pub fn validate(
         arrival,
         deadline,
         fault: Default::default(),
+        constraint,
     })
 }
 
@@ -291,7 +308,7 @@ impl ValidRequest {
             stopping: Some(pb::Stopping { max_new_tokens: max_new, ..Default::default() }),
             ..Default::default()
         };
-        validate(req, &tok, &limits, Instant::now(), None).expect("a valid request")
+        validate(req, &tok, &limits, crate::constraint::test_grammars(), Instant::now(), None).expect("a valid request")
     }
 }
 
@@ -301,7 +318,7 @@ mod tests {
 
     fn check(req: pb::GenerateRequest) -> Result<ValidRequest, ValidationError> {
         let (tok, limits) = test_setup();
-        validate(req, &tok, &limits, Instant::now(), None)
+        validate(req, &tok, &limits, crate::constraint::test_grammars(), Instant::now(), None)
     }
 
     fn ids(n: usize) -> pb::GenerateRequest {
@@ -370,13 +387,17 @@ mod tests {
     fn prompt_and_budget_limits_of_the_server() {
         let (tok, limits) = test_setup();
         let small = Limits { max_prompt_tokens: 10, max_batch_tokens: 50, ..limits };
-        let e = validate(ids(11), &tok, &small, Instant::now(), None).unwrap_err().to_string();
+        let e = validate(ids(11), &tok, &small, crate::constraint::test_grammars(), Instant::now(), None)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "prompt: has 11 tokens; at most 10 are allowed (--max-prompt-tokens)");
         let req = pb::GenerateRequest {
             stopping: stopping(pb::Stopping { max_new_tokens: 45, ..Default::default() }),
             ..ids(10)
         };
-        let e = validate(req, &tok, &small, Instant::now(), None).unwrap_err().to_string();
+        let e = validate(req, &tok, &small, crate::constraint::test_grammars(), Instant::now(), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("= 55 exceeds the server's KV budget per worker of 50 tokens (--max-batch-tokens)"), "{e}");
     }
 
@@ -393,7 +414,9 @@ mod tests {
             ..Default::default()
         };
         let req = pb::GenerateRequest { decoding: Some(decoding), ..ids(3) };
-        let e = validate(req, &tok, &small, Instant::now(), None).unwrap_err().to_string();
+        let e = validate(req, &tok, &small, crate::constraint::test_grammars(), Instant::now(), None)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "decoding.sampling.num_samples: needs 5 rows but a batch holds at most 4 (--max-batch-size), so the \

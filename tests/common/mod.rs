@@ -81,6 +81,7 @@ pub fn serve_args() -> ServeArgs {
             max_beams: 8,
             max_new_tokens: 200,
             default_max_new_tokens: 16,
+            constraint_cache_entries: 64,
         },
         cache: CacheArgs { prefix_cache: prefix_cache(), prefix_cache_mib: 64, prefix_block_tokens: 4 },
     }

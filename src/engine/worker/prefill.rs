@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{Worker, now, record_copy};
+use crate::constraint::RowConstraint;
 use crate::decoding::beam::BeamSearch;
 use crate::decoding::logits::History;
 use crate::engine::admission;
@@ -179,6 +180,7 @@ impl Worker {
             .enumerate()
             .map(|(index, &slot)| {
                 let index = index as u32;
+                let constraint = job.request.constraint.as_deref().map(RowConstraint::new);
                 Row {
                     index,
                     slot,
@@ -189,11 +191,15 @@ impl Worker {
                     rng: sampling.map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(u64::from(index)))),
                     beam: job.request.decoding.beam.clone().filter(|_| index == 0).map(|plan| {
                         let stop = &job.request.stop;
-                        let ids = stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
+                        let mut ids: Vec<u32> =
+                            stop.eos_token_id.into_iter().chain(stop.stop_token_ids.iter().copied()).collect();
+                        // A constrained hypothesis ends at the language's EOS, even with ignore_eos.
+                        ids.extend(constraint.as_ref().map(|c| c.eos()).filter(|e| !ids.contains(e)));
                         Box::new(BeamSearch::new(plan, stop.max_new_tokens, ids))
                     }),
                     text: job.request.sequence_text(),
                     failed: false,
+                    constraint,
                     job: job.clone(),
                 }
             })
