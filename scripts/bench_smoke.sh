@@ -58,4 +58,10 @@ expect fairness "b-under-a c2: .* tok/s"
 expect fairness "a-with-b c8: .* tok/s"
 expect fairness "shares while both ran (.*): a .* tokens = .* %"
 grep -q "failed [1-9]" "$out/fairness" && { cat "$out/fairness"; echo "bench smoke: requests failed" >&2; exit 1; }
+run structured 300 env NEW=8 scripts/bench_structured.sh "$model" 1 8
+expect structured "constrained c16: .* tok/s"
+expect structured "masks: .* per decode step"
+expect structured "natural c16: .* tok/s"
+expect structured "compile (cache miss), per schema: p50"
+grep -q "failed [1-9]" "$out/structured" && { cat "$out/structured"; echo "bench smoke: requests failed" >&2; exit 1; }
 echo "bench smoke: every benchmark script ran"

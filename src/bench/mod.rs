@@ -171,8 +171,11 @@ async fn attempt(
             ..Default::default()
         })
     });
+    let schemas = &args.schema_texts;
+    let constraint =
+        (!schemas.is_empty()).then(|| pb::decoding::Constraint::JsonSchema(schemas[i % schemas.len()].clone()));
     let request = pb::GenerateRequest {
-        decoding: Some(pb::Decoding { method, ..Default::default() }),
+        decoding: Some(pb::Decoding { method, constraint, ..Default::default() }),
         prompt_token_ids: prompt,
         stopping: Some(pb::Stopping { max_new_tokens: args.new_tokens, ignore_eos: true, ..Default::default() }),
         ..Default::default()
@@ -302,6 +305,20 @@ async fn open_loop(client: &crate::client::Client, args: &BenchArgs, rate: f64, 
 }
 
 pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Error>> {
+    let mut args = args.clone();
+    if let Some(path) = &args.json_schemas {
+        let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let schemas: Vec<String> = match file {
+            serde_json::Value::Object(named) => named.values().map(|s| s.to_string()).collect(),
+            serde_json::Value::Array(list) => list.iter().map(|s| s.to_string()).collect(),
+            _ => return Err(format!("--json-schemas {}: not a JSON object or list of schemas", path.display()).into()),
+        };
+        if schemas.is_empty() {
+            return Err(format!("--json-schemas {}: no schema in it", path.display()).into());
+        }
+        args.schema_texts = schemas.into();
+    }
+    let args = &args;
     let client = crate::client::connect(&args.connect).await?;
     let mut levels: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
     // 0: no closed-loop level (with --no-sequential, only the rates run).

@@ -75,6 +75,13 @@ pub struct BenchArgs {
     /// Nucleus mass when sampling (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub top_p: f32,
+    /// Structured output: request i is held to the (i mod N)-th JSON Schema
+    /// of this file (a JSON object of named schemas, or a list of them).
+    #[arg(long)]
+    pub json_schemas: Option<PathBuf>,
+    /// The schemas of --json-schemas, as JSON text (read by `bench::run`).
+    #[arg(skip)]
+    pub schema_texts: std::sync::Arc<Vec<String>>,
     /// Send a request again, up to this many times, when it is lost with the
     /// replica serving it (UNAVAILABLE, or a stream a proxy reset mid-answer);
     /// `retried` in the results counts them.
