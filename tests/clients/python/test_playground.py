@@ -164,3 +164,39 @@ def test_a_browser_page_calls_generate_stream_with_grpc_web_across_origins(page_
             texts.append(client.pb2.GenerateStreamResponse.FromString(payload).text)
     assert b"grpc-status:0" in trailers, trailers
     assert len(texts) > 1 and "".join(texts) == want
+
+
+def test_a_schema_in_the_playground_holds_the_answer_to_it(page_server, browser):
+    stub, url, _ = page_server
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    prompt = "A record:"
+    request = client.pb2.GenerateRequest(
+        prompt=prompt, decoding=client.pb2.Decoding(json_schema=json.dumps(schema)),
+        stopping=client.pb2.Stopping(max_new_tokens=40))
+    want = stub.Generate(request, timeout=30).sequences[0]
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('model: ')")
+    page.fill("#prompt", prompt)
+    page.select_option("#method", "greedy")
+    page.fill("#max_tokens", "40")
+    page.select_option("#constraint", "json_schema")
+    page.fill("#schema", json.dumps(schema))
+    page.click("#generate")
+    page.wait_for_selector("#usage[data-done='1']", timeout=30000)
+    assert page.text_content("#error") == ""
+    text = page.text_content("#generated")
+    assert text == want.text
+    record = json.loads(text)
+    assert set(record) == {"n", "ok"} and 0 <= record["n"] <= 99 and isinstance(record["ok"], bool)
+    page.screenshot(path=os.path.join(client.ROOT, "target", "playground-schema.png"))
+    # A schema that is not JSON is refused in the page, before any request.
+    page.evaluate("document.getElementById('usage').dataset.done = ''")
+    page.fill("#schema", "{not json")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.includes('not JSON')")
+    assert errors == [], errors
