@@ -388,3 +388,56 @@ async fn constrained_and_free_rows_share_a_batch_without_changing_each_other() {
     assert!(common::metric(&metrics, "batchgen_constraint_cache_lookups_total", &[("result", "hit")]) >= 12.0);
     assert!(common::metric(&metrics, "batchgen_constraint_mask_seconds_count", &[]) > 0.0);
 }
+
+/// Sampling draws from the allowed tokens renormalised: the first token of
+/// 400 seeded samples under a choice of four one-byte strings, against the
+/// softmax (temperature 0.7) of a full recompute's logits over those four,
+/// by a chi-square test (3 degrees of freedom, upper 0.1 % point 16.27).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_follow_the_renormalised_allowed_distribution() {
+    let server = common::start().await;
+    let tok = server.state.tokenizer.clone();
+    let choices = ["a", "b", "c", "d"];
+    let ids: Vec<u32> = choices.iter().map(|c| tok.encode(c).unwrap()[0]).collect();
+    let prompt = "The letter is";
+    let temperature = 0.7f64;
+    let requests: Vec<pb::GenerateRequest> = (0..25)
+        .map(|r| {
+            let sampling = pb::Sampling {
+                temperature: temperature as f32,
+                seed: Some(1000 + 16 * r),
+                num_samples: 16,
+                ..Default::default()
+            };
+            let c = Constraint::Choice(pb::Choices { choices: choices.iter().map(|c| c.to_string()).collect() });
+            constrained(prompt, c, Some(pb::decoding::Method::Sampling(sampling)), 4)
+        })
+        .collect();
+    let mut observed = [0f64; 4];
+    for answer in run_all(&server, requests).await {
+        for s in &answer.sequences {
+            let at = ids.iter().position(|&id| id == s.tokens[0].id).expect("an allowed first token");
+            observed[at] += 1.0;
+            assert_eq!(s.text, choices[at]);
+        }
+    }
+    let mut session = common::fixture_session();
+    let prompt_ids: Vec<i64> = tok.encode(prompt).unwrap().iter().map(|&i| i64::from(i)).collect();
+    let logits = common::full_recompute_logits(&mut session, &prompt_ids);
+    let scaled: Vec<f64> = ids.iter().map(|&id| f64::from(logits[id as usize]) / temperature).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = scaled.iter().map(|x| (x - max).exp()).sum();
+    let total: f64 = observed.iter().sum();
+    assert_eq!(total, 400.0);
+    let chi2: f64 = scaled
+        .iter()
+        .zip(&observed)
+        .map(|(x, o)| {
+            let e = total * (x - max).exp() / z;
+            (o - e) * (o - e) / e
+        })
+        .sum();
+    let expected: Vec<f64> = scaled.iter().map(|x| (total * (x - max).exp() / z).round()).collect();
+    eprintln!("observed {observed:?}, expected {expected:?}, chi2 {chi2:.2}");
+    assert!(chi2 < 16.27, "chi2 {chi2:.1}: observed {observed:?}, expected {expected:?}");
+}

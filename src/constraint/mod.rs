@@ -268,6 +268,11 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_label_every_kind() {
+        assert_eq!(KINDS, crate::telemetry::CONSTRAINT_KINDS);
+    }
+
+    #[test]
     fn compiled_grammars_are_cached_by_their_text() {
         let g = grammars();
         let a = g.compile(&Spec::Regex("[0-9]+".into())).unwrap();

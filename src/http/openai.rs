@@ -274,7 +274,8 @@ impl Plan {
             guided_choice: r.guided_choice,
             guided_grammar: r.guided_grammar,
         }
-        .constraint()?;
+        .constraint()
+        .map_err(|r| ApiError::invalid(&r.param, r.message))?;
         let decoding = pb::Decoding {
             method,
             constraint,

@@ -6,8 +6,19 @@
 //! request.
 use serde::Deserialize;
 
-use super::openai::ApiError;
 use crate::pb::{self, decoding::Constraint};
+
+/// A field that cannot be taken: the OpenAI `param` it names and why (the
+/// caller answers 400 with both).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub param: String,
+    pub message: String,
+}
+
+fn refuse(param: &str, message: impl Into<String>) -> Refusal {
+    Refusal { param: param.into(), message: message.into() }
+}
 
 /// The request fields that may ask for a constraint.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -26,7 +37,7 @@ const STRUCTURED_KEYS: [&str; 6] = ["json", "regex", "choice", "grammar", "json_
 
 impl Requested {
     /// The one constraint asked for, if any.
-    pub fn constraint(self) -> Result<Option<Constraint>, ApiError> {
+    pub fn constraint(self) -> Result<Option<Constraint>, Refusal> {
         let mut found: Vec<(&'static str, Constraint)> = Vec::new();
         if let Some(f) = self.response_format
             && let Some(c) = response_format(&f)?
@@ -50,24 +61,21 @@ impl Requested {
         }
         if found.len() > 1 {
             let names: Vec<&str> = found.iter().map(|f| f.0).collect();
-            return Err(ApiError::invalid(
-                names[1],
-                format!("{} each ask for structured output: give one", names.join(" and ")),
-            ));
+            return Err(refuse(names[1], format!("{} each ask for structured output: give one", names.join(" and "))));
         }
         Ok(found.pop().map(|f| f.1))
     }
 }
 
 /// OpenAI's `response_format`.
-fn response_format(f: &serde_json::Value) -> Result<Option<Constraint>, ApiError> {
+fn response_format(f: &serde_json::Value) -> Result<Option<Constraint>, Refusal> {
     let param = "response_format";
     match f.get("type").and_then(|t| t.as_str()) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(Constraint::JsonObject(true))),
         Some("json_schema") => {
             let Some(js) = f.get("json_schema").filter(|j| j.is_object()) else {
-                return Err(ApiError::invalid(
+                return Err(refuse(
                     "response_format.json_schema",
                     "response_format of type json_schema needs a json_schema object ({\"name\": ..., \"schema\": {...}})",
                 ));
@@ -77,7 +85,7 @@ fn response_format(f: &serde_json::Value) -> Result<Option<Constraint>, ApiError
             let schema = js.get("schema").cloned().unwrap_or_else(|| serde_json::json!({}));
             Ok(Some(Constraint::JsonSchema(schema_text("response_format.json_schema.schema", &schema)?)))
         }
-        _ => Err(ApiError::invalid(
+        _ => Err(refuse(
             param,
             format!("response_format {f} is not supported: its type must be text, json_object or json_schema"),
         )),
@@ -86,22 +94,22 @@ fn response_format(f: &serde_json::Value) -> Result<Option<Constraint>, ApiError
 
 /// vLLM's `structured_outputs` object: one of json, regex, choice, grammar,
 /// json_object.
-fn structured_outputs(s: &serde_json::Value) -> Result<Option<Constraint>, ApiError> {
+fn structured_outputs(s: &serde_json::Value) -> Result<Option<Constraint>, Refusal> {
     let param = "structured_outputs";
     let Some(fields) = s.as_object() else {
-        return Err(ApiError::invalid(param, format!("structured_outputs must be an object, got {s}")));
+        return Err(refuse(param, format!("structured_outputs must be an object, got {s}")));
     };
     if let Some(k) = fields.keys().find(|k| !STRUCTURED_KEYS.contains(&k.as_str())) {
-        return Err(ApiError::invalid(
+        return Err(refuse(
             param,
             format!("structured_outputs.{k} is not supported: give one of json, regex, choice, grammar, json_object"),
         ));
     }
-    let text = |key: &str| -> Result<String, ApiError> {
+    let text = |key: &str| -> Result<String, Refusal> {
         fields[key]
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| ApiError::invalid(param, format!("structured_outputs.{key} must be a string")))
+            .ok_or_else(|| refuse(param, format!("structured_outputs.{key} must be a string")))
     };
     let mut found = Vec::new();
     for key in ["json", "regex", "choice", "grammar", "json_object"] {
@@ -112,28 +120,28 @@ fn structured_outputs(s: &serde_json::Value) -> Result<Option<Constraint>, ApiEr
             "grammar" => Constraint::Grammar(text(key)?),
             "choice" => {
                 let choices = serde_json::from_value::<Vec<String>>(v.clone())
-                    .map_err(|_| ApiError::invalid(param, "structured_outputs.choice must be a list of strings"))?;
+                    .map_err(|_| refuse(param, "structured_outputs.choice must be a list of strings"))?;
                 Constraint::Choice(pb::Choices { choices })
             }
             _ => match v.as_bool() {
                 Some(true) => Constraint::JsonObject(true),
                 Some(false) => continue,
-                None => return Err(ApiError::invalid(param, "structured_outputs.json_object must be true or false")),
+                None => return Err(refuse(param, "structured_outputs.json_object must be true or false")),
             },
         });
     }
     if found.len() > 1 {
-        return Err(ApiError::invalid(param, "structured_outputs gives more than one constraint: give one"));
+        return Err(refuse(param, "structured_outputs gives more than one constraint: give one"));
     }
     Ok(found.pop())
 }
 
 /// A schema given as a JSON object (or boolean), or as a string holding one.
-fn schema_text(param: &str, v: &serde_json::Value) -> Result<String, ApiError> {
+fn schema_text(param: &str, v: &serde_json::Value) -> Result<String, Refusal> {
     match v {
         serde_json::Value::String(s) => Ok(s.clone()),
         serde_json::Value::Object(_) | serde_json::Value::Bool(_) => Ok(v.to_string()),
-        other => Err(ApiError::invalid(param, format!("{param} must be a JSON Schema object, got {other}"))),
+        other => Err(refuse(param, format!("{param} must be a JSON Schema object, got {other}"))),
     }
 }
 
@@ -141,7 +149,7 @@ fn schema_text(param: &str, v: &serde_json::Value) -> Result<String, ApiError> {
 mod tests {
     use super::*;
 
-    fn from(body: serde_json::Value) -> Result<Option<Constraint>, ApiError> {
+    fn from(body: serde_json::Value) -> Result<Option<Constraint>, Refusal> {
         serde_json::from_value::<Requested>(body).unwrap().constraint()
     }
 
@@ -185,15 +193,15 @@ mod tests {
     #[test]
     fn two_ways_at_once_or_unknown_ones_are_refused_by_name() {
         let e = from(serde_json::json!({"guided_regex": "a", "guided_choice": ["b"]})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("guided_choice"));
+        assert_eq!(e.param, "guided_choice");
         assert!(e.message.contains("give one"), "{}", e.message);
         let e = from(serde_json::json!({"structured_outputs": {"structural_tag": "x"}})).unwrap_err();
         assert!(e.message.contains("structural_tag"), "{}", e.message);
         let e = from(serde_json::json!({"response_format": {"type": "xml"}})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("response_format"));
+        assert_eq!(e.param, "response_format");
         let e = from(serde_json::json!({"response_format": {"type": "json_schema"}})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("response_format.json_schema"));
+        assert_eq!(e.param, "response_format.json_schema");
         let e = from(serde_json::json!({"guided_json": 3})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("guided_json"));
+        assert_eq!(e.param, "guided_json");
     }
 }
