@@ -287,6 +287,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             max_batch_size: l.max_batch_size.max(1) as u32,
         },
         draining: Default::default(),
+        config: config.clone(),
         grammars,
         engine,
     };

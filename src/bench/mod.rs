@@ -8,6 +8,7 @@ use crate::config::BenchArgs;
 use crate::pb;
 
 pub mod plot;
+pub mod roofline;
 
 /// What one request saw.
 #[derive(Debug, Clone)]
@@ -68,6 +69,10 @@ pub struct Level {
     /// With --turns: TTFT of each turn (first turn first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ttft_by_turn: Vec<Percentiles>,
+    /// With --roofline, closed loop: the machine's bound on tokens/s at
+    /// this many rows (`roofline.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_tokens_per_second: Option<f64>,
 }
 
 /// Prompt `i`: distinct per request, reproducible from the seed.
@@ -240,6 +245,7 @@ fn summarize(mode: &'static str, value: f64, seconds: f64, results: Vec<Result<S
         itl_seconds: percentiles(ok.iter().flat_map(|s| s.itl.iter().copied()).collect()),
         e2e_seconds: percentiles(ok.iter().map(|s| s.e2e).collect()),
         ttft_by_turn,
+        bound_tokens_per_second: None,
     }
 }
 
@@ -320,6 +326,18 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Err
     }
     let args = &args;
     let client = crate::client::connect(&args.connect).await?;
+    let roofline = if args.roofline { Some(measure_roofline(&client, args).await?) } else { None };
+    if let Some(r) = &roofline {
+        // At the top of the report (stderr with --json, whose stdout is the levels).
+        if args.json {
+            eprint!("{}", r.table())
+        } else {
+            print!("{}", r.table())
+        }
+        if args.concurrency.iter().all(|&c| c == 0) && args.rate.is_empty() && args.no_sequential {
+            return Ok(Vec::new());
+        }
+    }
     let mut levels: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
     // 0: no closed-loop level (with --no-sequential, only the rates run).
     levels.extend(args.concurrency.iter().copied().filter(|&c| c > 1 || (args.no_sequential && c > 0)));
@@ -347,8 +365,49 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Level>, Box<dyn std::error::Err
     let base = if args.no_sequential { 0.0 } else { out.first().map_or(0.0, |l| l.tokens_per_second) };
     for l in &mut out {
         l.speedup_vs_sequential = if base > 0.0 { l.tokens_per_second / base } else { 0.0 };
+        if l.mode == "concurrency" {
+            l.bound_tokens_per_second =
+                roofline.as_ref().and_then(|r| r.at(l.value as usize)).map(|b| b.tokens_per_second);
+        }
     }
     Ok(out)
+}
+
+/// The server's model shape (ModelInfo), and the roofline measured here for
+/// the run's closed-loop levels at its mean context.
+async fn measure_roofline(
+    client: &crate::client::Client,
+    args: &BenchArgs,
+) -> Result<roofline::Roofline, Box<dyn std::error::Error>> {
+    let info = client.clone().model_info(pb::ModelInfoRequest {}).await?.into_inner();
+    if info.n_layer == 0 || info.n_embd == 0 {
+        return Err("--roofline: the server's ModelInfo gives no n_layer / n_embd (an older server?)".into());
+    }
+    let shape = roofline::ModelShape {
+        layers: info.n_layer as usize,
+        width: info.n_embd as usize,
+        inner: if info.n_inner > 0 { info.n_inner as usize } else { 4 * info.n_embd as usize },
+        vocab: info.vocab_size as usize,
+    };
+    let precision = roofline::Precision::from_name(&info.weights);
+    let kv_bytes = if info.kv_dtype == "float16" { 2 } else { 4 };
+    let mut rows: Vec<usize> = if args.no_sequential { vec![] } else { vec![1] };
+    for &c in &args.concurrency {
+        if c > 0 && !rows.contains(&c) {
+            rows.push(c);
+        }
+    }
+    let context = (args.shared_prefix + args.prompt_tokens + args.new_tokens / 2) as usize;
+    let threads = match args.roofline_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let runtime = crate::runtime::init(args.onnxruntime.as_deref())?;
+    let measured = tokio::task::spawn_blocking(move || {
+        roofline::measure(&runtime.env, threads, shape, precision, kv_bytes, &rows, context)
+    })
+    .await?;
+    measured.map_err(|e| format!("--roofline: {e}").into())
 }
 
 pub fn table(levels: &[Level]) -> String {
@@ -380,8 +439,11 @@ pub fn table(levels: &[Level]) -> String {
     );
     for l in levels {
         let name = format!("{} {}", l.mode, l.value);
+        let bound = l.bound_tokens_per_second.map_or(String::new(), |b| {
+            format!(" | {:.0} % of the bound {b:.0} tok/s", 100.0 * l.tokens_per_second / b)
+        });
         s += &format!(
-            "{:<16} {:>5} {:>7.2} {:>9.1} {:>7.2}x | {} | {} | {}\n",
+            "{:<16} {:>5} {:>7.2} {:>9.1} {:>7.2}x | {} | {} | {}{bound}\n",
             name,
             l.requests,
             l.requests_per_second,

@@ -90,6 +90,20 @@ pub struct BenchArgs {
     /// Skip the sequential baseline (concurrency 1 first); speedups are then 0.
     #[arg(long)]
     pub no_sequential: bool,
+    /// Measure this machine's roofline first (GEMM peaks with ONNX Runtime,
+    /// read bandwidth, the step's GEMMs at the server's model shape) and
+    /// give every closed-loop level its bound and "% of bound"; with
+    /// `--no-sequential --concurrency 0` and no --rate, only the roofline.
+    /// The client must run on the server's machine for the bound to be its.
+    #[arg(long)]
+    pub roofline: bool,
+    /// Threads the roofline's GEMMs and reads use (0: every CPU; give the
+    /// server's --intra-op-threads to bound what it can use).
+    #[arg(long, default_value_t = 0)]
+    pub roofline_threads: usize,
+    /// The ONNX Runtime library for --roofline (default: found as `serve` finds it).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub onnxruntime: Option<PathBuf>,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,

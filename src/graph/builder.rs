@@ -312,3 +312,49 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
     };
     model.encode_to_vec()
 }
+
+/// A one-node graph `y[m, n] = x[m, k] × W[k, n]` for measuring the GEMMs a
+/// step runs (`batchgen bench --roofline`): a float32 MatMul, or with
+/// `int8` the DynamicQuantizeMatMul the int8 graph uses (one scale per
+/// column). `m` is left dynamic; W is filled with a fixed pattern.
+pub fn matmul_probe(k: usize, n: usize, int8: bool) -> Vec<u8> {
+    use prost::Message;
+    let mut g = Graph { nodes: Vec::new(), initializers: Vec::new() };
+    let tensor = |name: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>| onnx::TensorProto {
+        name: Some(name.into()),
+        data_type: Some(dtype as i32),
+        dims,
+        raw_data: Some(raw.into()),
+        ..Default::default()
+    };
+    let pattern = |i: usize| ((i * 2_654_435_761) % 255) as i64 - 127;
+    if int8 {
+        let q: Vec<u8> = (0..k * n).map(|i| pattern(i) as i8 as u8).collect();
+        let scale: Vec<u8> = (0..n).flat_map(|_| (0.02f32 / 127.0).to_le_bytes()).collect();
+        g.initializers.push(tensor("w", DataType::Int8, vec![k as i64, n as i64], q));
+        g.initializers.push(tensor("w_scale", DataType::Float, vec![n as i64], scale));
+        g.node("DynamicQuantizeMatMul", "com.microsoft", &["x", "w", "w_scale"], &["y"], vec![]);
+    } else {
+        let w: Vec<u8> = (0..k * n).flat_map(|i| (pattern(i) as f32 * 1.6e-4).to_le_bytes()).collect();
+        g.initializers.push(tensor("w", DataType::Float, vec![k as i64, n as i64], w));
+        g.node("MatMul", "", &["x", "w"], &["y"], vec![]);
+    }
+    let model = onnx::ModelProto {
+        ir_version: Some(8),
+        producer_name: Some("batchgen".into()),
+        opset_import: vec![
+            onnx::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) },
+            onnx::OperatorSetIdProto { domain: Some("com.microsoft".into()), version: Some(1) },
+        ],
+        graph: Some(onnx::GraphProto {
+            name: Some("batchgen-matmul-probe".into()),
+            node: g.nodes,
+            initializer: g.initializers,
+            input: vec![value_info("x", DataType::Float, &[Err("m"), Ok(k as i64)])],
+            output: vec![value_info("y", DataType::Float, &[Err("m"), Ok(n as i64)])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}

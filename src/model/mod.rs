@@ -95,6 +95,10 @@ pub struct ModelConfig {
     /// Context length: prompt + generated tokens may not exceed it.
     pub n_positions: u32,
     pub n_layer: usize,
+    /// Hidden width, and the MLP's (`n_inner`, default 4 × `n_embd`); 0 when
+    /// config.json does not say (an export whose config omits them).
+    pub n_embd: usize,
+    pub n_inner: usize,
     pub eos_token_id: u32,
 }
 
@@ -104,6 +108,8 @@ struct RawConfig {
     n_positions: Option<u32>,
     n_ctx: Option<u32>,
     n_layer: Option<usize>,
+    n_embd: Option<usize>,
+    n_inner: Option<usize>,
     eos_token_id: Option<serde_json::Value>,
 }
 
@@ -134,6 +140,8 @@ impl ModelConfig {
             vocab_size: raw.vocab_size.ok_or_else(|| bad("no vocab_size"))?,
             n_positions: raw.n_positions.or(raw.n_ctx).ok_or_else(|| bad("no n_positions"))?,
             n_layer: raw.n_layer.ok_or_else(|| bad("no n_layer"))?,
+            n_embd: raw.n_embd.unwrap_or(0),
+            n_inner: raw.n_inner.or(raw.n_embd.map(|e| 4 * e)).unwrap_or(0),
             eos_token_id: eos,
         };
         if config.eos_token_id >= config.vocab_size || config.n_positions == 0 || config.n_layer == 0 {
@@ -153,7 +161,17 @@ mod tests {
         let files = ModelFiles::in_dir("tiny", &dir).unwrap();
         assert!(files.onnx.as_ref().unwrap().ends_with("model.onnx"));
         let c = ModelConfig::load(&files).unwrap();
-        assert_eq!(c, ModelConfig { vocab_size: 50257, n_positions: 256, n_layer: 2, eos_token_id: 50256 });
+        assert_eq!(
+            c,
+            ModelConfig {
+                vocab_size: 50257,
+                n_positions: 256,
+                n_layer: 2,
+                n_embd: 32,
+                n_inner: 128,
+                eos_token_id: 50256
+            }
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct AppState {
     pub weights: String,
     pub tokenizer: Tokenizer,
     pub limits: Limits,
+    /// The model's config.json, as read (its shape for ModelInfo).
+    pub config: crate::model::ModelConfig,
     /// Compiles (and caches) structured-output constraints.
     pub grammars: crate::constraint::Grammars,
     pub engine: EngineHandle,
