@@ -2,7 +2,8 @@
 # The continuous-batching benchmark of docs/performance.md: `batchgen bench` against
 # a release server, with the plain ORT loop (examples/ort_loop.rs) run before
 # and after it on the same machine, and the server's own breakdown of where
-# step time goes (its "busy period" log lines).
+# step time goes (its "busy period" log lines). The report starts with the
+# machine's roofline and gives each level its "% of the bound" (--roofline).
 #   scripts/bench.sh MODEL_DIR [THREADS] [CONCURRENCY]
 # Needs: cargo build --release --all-targets (or BATCHGEN_BIN_DIR, see scripts/lib.sh)
 set -euo pipefail
@@ -14,8 +15,8 @@ trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
 serve_ready "$bin/batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 --intra-op-threads "$threads"
 echo "== plain ORT loop, before (server idle)"
 "$bin/examples/ort_loop" "$model" "$threads" 128 3
-echo "== batchgen bench --concurrency $levels"
-"$bin/batchgen" bench --target http://127.0.0.1:$port --concurrency "$levels" 2>/dev/null
+echo "== batchgen bench --roofline --concurrency $levels"
+"$bin/batchgen" bench --target http://127.0.0.1:$port --concurrency "$levels" --roofline --roofline-threads "$threads" 2>/dev/null
 echo "== plain ORT loop, after (server idle)"
 "$bin/examples/ort_loop" "$model" "$threads" 128 3
 echo "== server: where the step time went, per busy period"

@@ -25,6 +25,8 @@ run() { # name, bound in seconds, command...
 }
 run bench 300 scripts/bench.sh "$model" 1 1,4
 expect bench "concurrency 4"
+expect bench "roofline, measured here"
+expect bench "% of the bound"
 expect bench "plain ORT loop, after"
 expect bench "VmHWM"
 run single 300 scripts/bench_single_stream.sh "$model" 1 1
