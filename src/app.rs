@@ -32,6 +32,8 @@ pub enum StartupError {
          cannot take cached keys and values; use --prefix-cache auto or off with --graph exported"
     )]
     PrefixCacheExported,
+    #[error("--spec-ngram-min {min} is longer than --spec-ngram-max {max}")]
+    SpecNgram { min: u32, max: u32 },
     #[error(
         "--prefix-cache-mib {mib} holds no block of --prefix-block-tokens {block} ({block_bytes} bytes for this \
          model); give at least {min_mib} MiB, or --prefix-cache off"
@@ -86,6 +88,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     }
     if args.cache.prefix_cache == Switch::On && choice == GraphChoice::Exported {
         return Err(StartupError::PrefixCacheExported);
+    }
+    if args.spec.spec_ngram_min > args.spec.spec_ngram_max {
+        return Err(StartupError::SpecNgram { min: args.spec.spec_ngram_min, max: args.spec.spec_ngram_max });
     }
     let t = Instant::now();
     let files =
@@ -240,6 +245,12 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             idle_gather_max: Duration::from_micros(l.idle_gather_max_us),
         },
         max_queue: l.max_queue,
+        spec: engine::spec::SpecConfig {
+            tokens: args.spec.spec_tokens as usize,
+            ngram_min: args.spec.spec_ngram_min as usize,
+            ngram_max: args.spec.spec_ngram_max as usize,
+            adaptive: args.spec.spec_adaptive,
+        },
     };
     crate::telemetry::install();
     for w in 0..backends.len() {

@@ -49,6 +49,10 @@ pub const CONSTRAINT_MASK_SECONDS: &str = "batchgen_constraint_mask_seconds";
 pub const CONSTRAINT_COMPILE_SECONDS: &str = "batchgen_constraint_compile_seconds";
 pub const CONSTRAINT_CACHE: &str = "batchgen_constraint_cache_lookups_total";
 pub const CONSTRAINED_REQUESTS: &str = "batchgen_constrained_requests_total";
+pub const SPEC_STEPS: &str = "batchgen_spec_steps_total";
+pub const SPEC_PROPOSED: &str = "batchgen_spec_proposed_tokens_total";
+pub const SPEC_ACCEPTED: &str = "batchgen_spec_accepted_tokens_total";
+pub const SPEC_ROW_TOKENS: &str = "batchgen_spec_row_step_tokens";
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "batchgen_prefix_cache_hit_tokens_total";
 pub const PREFIX_CACHE_MISS_TOKENS: &str = "batchgen_prefix_cache_miss_tokens_total";
 pub const PREFIX_CACHE_BLOCKS: &str = "batchgen_prefix_cache_blocks";
@@ -65,6 +69,8 @@ pub const CONSTRAINT_KINDS: [&str; 5] = ["json_schema", "json_object", "regex", 
 const FINE_SECONDS: [f64; 14] =
     [0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 1.0];
 /// Size buckets: powers of two.
+/// Tokens a speculating row keeps from a step: 1 to 17.
+const SPEC_TOKENS: [f64; 12] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 11.0, 13.0, 17.0];
 const SIZES: [f64; 16] =
     [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
 
@@ -168,6 +174,18 @@ fn describe_all() {
         "Accepted requests with a constraint, by kind (json_schema, json_object, regex, choice, grammar)."
     );
     describe_counter!(PREFIX_CACHE_EVICTIONS, "Prefix cache blocks evicted to make room (least recently used first).");
+    describe_counter!(SPEC_STEPS, "Decode steps that checked proposed tokens (speculative decoding).");
+    describe_counter!(SPEC_PROPOSED, Unit::Count, "Tokens proposed by prompt lookup and checked in a decode step.");
+    describe_counter!(
+        SPEC_ACCEPTED,
+        Unit::Count,
+        "Proposed tokens the model's own choice agreed with (accepted / proposed is the acceptance rate)."
+    );
+    describe_histogram!(
+        SPEC_ROW_TOKENS,
+        Unit::Count,
+        "Tokens one speculating row kept from one decode step (1 + its accepted proposals)."
+    );
 }
 
 /// Creates every unlabelled metric and each value of the closed label sets,
@@ -181,6 +199,9 @@ fn register_all() {
         PREFIX_CACHE_HIT_TOKENS,
         PREFIX_CACHE_MISS_TOKENS,
         PREFIX_CACHE_EVICTIONS,
+        SPEC_STEPS,
+        SPEC_PROPOSED,
+        SPEC_ACCEPTED,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -247,6 +268,7 @@ pub fn install() -> &'static PrometheusHandle {
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), &SIZES))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), &SIZES))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SPEC_ROW_TOKENS.into()), &SPEC_TOKENS))
             .expect("bucket lists are not empty");
         let handle = builder.install_recorder().expect("installing the metrics recorder");
         describe_all();

@@ -75,6 +75,17 @@ pub struct Level {
     pub bound_tokens_per_second: Option<f64>,
 }
 
+/// What `--speculation` asks of every request.
+fn speculation(args: &BenchArgs) -> Option<pb::Speculation> {
+    use crate::config::SpecChoice;
+    let mode = match args.speculation {
+        SpecChoice::Server => return None,
+        SpecChoice::On => pb::SpeculationMode::On,
+        SpecChoice::Off => pb::SpeculationMode::Off,
+    };
+    Some(pb::Speculation { mode: mode as i32, tokens: 0 })
+}
+
 /// Prompt `i`: distinct per request, reproducible from the seed.
 fn prompt(seed: u64, i: usize, len: u32) -> Vec<u32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
@@ -97,7 +108,11 @@ fn shared_prefix(args: &BenchArgs) -> Vec<u32> {
 /// Request `i`'s prompt: the shared prefix, if any, then its own part.
 fn request_prompt(args: &BenchArgs, i: usize) -> Vec<u32> {
     let mut p = shared_prefix(args);
-    p.extend(prompt(args.seed, i, args.prompt_tokens));
+    let own = prompt(args.seed, i, args.prompt_tokens);
+    if args.repeat_prompt {
+        p.extend_from_slice(&own);
+    }
+    p.extend(own);
     p
 }
 
@@ -180,7 +195,7 @@ async fn attempt(
     let constraint =
         (!schemas.is_empty()).then(|| pb::decoding::Constraint::JsonSchema(schemas[i % schemas.len()].clone()));
     let request = pb::GenerateRequest {
-        decoding: Some(pb::Decoding { method, constraint, ..Default::default() }),
+        decoding: Some(pb::Decoding { method, constraint, speculation: speculation(args), ..Default::default() }),
         prompt_token_ids: prompt,
         stopping: Some(pb::Stopping { max_new_tokens: args.new_tokens, ignore_eos: true, ..Default::default() }),
         ..Default::default()
@@ -397,7 +412,8 @@ async fn measure_roofline(
             rows.push(c);
         }
     }
-    let context = (args.shared_prefix + args.prompt_tokens + args.new_tokens / 2) as usize;
+    let own = args.prompt_tokens * if args.repeat_prompt { 2 } else { 1 };
+    let context = (args.shared_prefix + own + args.new_tokens / 2) as usize;
     let threads = match args.roofline_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

@@ -26,6 +26,14 @@ pub struct KeygenArgs {
     pub min_priority: Option<i32>,
 }
 
+/// `bench --speculation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpecChoice {
+    Server,
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -46,6 +54,10 @@ pub struct BenchArgs {
     /// turn's new user part).
     #[arg(long, default_value_t = 32)]
     pub prompt_tokens: u32,
+    /// Each prompt's own part twice in a row (a passage and its copy): prompt
+    /// lookup then proposes the passage again (speculative decoding's load).
+    #[arg(long)]
+    pub repeat_prompt: bool,
     /// Every prompt begins with the same this many tokens (a system prompt,
     /// few-shot examples), then its own --prompt-tokens: the prefix cache's load.
     #[arg(long, default_value_t = 0)]
@@ -75,6 +87,11 @@ pub struct BenchArgs {
     /// Nucleus mass when sampling (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub top_p: f32,
+    /// Speculative decoding of every request (Decoding.speculation): as the
+    /// server's --spec-tokens says, on (with the server's number of tokens,
+    /// or 8), or off; for measuring one against the other on one server.
+    #[arg(long, value_enum, default_value_t = SpecChoice::Server)]
+    pub speculation: SpecChoice,
     /// Structured output: request i is held to the (i mod N)-th JSON Schema
     /// of this file (a JSON object of named schemas, or a list of them).
     #[arg(long)]

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod client;
 mod reference;
-pub use client::{BenchArgs, ConnectArgs, GenerateArgs, HealthArgs, KeygenArgs, PlotArgs};
+pub use client::{BenchArgs, ConnectArgs, GenerateArgs, HealthArgs, KeygenArgs, PlotArgs, SpecChoice};
 pub use reference::flag_reference;
 
 #[derive(Debug, Parser)]
@@ -100,6 +100,36 @@ pub struct ServeArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Speculative decoding")]
+pub struct SpecArgs {
+    /// Most tokens a row proposes per decode step by prompt lookup (its own
+    /// prompt and output), all checked in that step; the output is the same
+    /// as without. 0 turns speculation off (a request may still turn it on:
+    /// Decoding.speculation). Beam search never speculates.
+    #[arg(long, env = "BATCHGEN_SPEC_TOKENS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub spec_tokens: u32,
+    /// Longest n-gram looked up (the last n tokens, found earlier in the
+    /// prompt or output, propose what followed them); the longest match wins.
+    #[arg(long, env = "BATCHGEN_SPEC_NGRAM_MAX", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub spec_ngram_max: u32,
+    /// Shortest n-gram looked up (at most --spec-ngram-max).
+    #[arg(long, env = "BATCHGEN_SPEC_NGRAM_MIN", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub spec_ngram_min: u32,
+    /// Decide each step whether proposals are worth their positions, from
+    /// each row's measured acceptance rate and the worker's measured step
+    /// cost (so a compute-bound batch does not speculate). false: every row
+    /// with a proposal speculates whenever the backend can (for tests and
+    /// measurements).
+    #[arg(long, env = "BATCHGEN_SPEC_ADAPTIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub spec_adaptive: bool,
 }
 
 /// Whether a feature is on: `auto` lets the server decide (see the flag).

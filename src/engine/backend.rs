@@ -40,6 +40,30 @@ pub trait Backend: Send {
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError>;
     /// One new token for each `(slot, token)`; the logits of each, in order.
     fn decode(&mut self, rows: &[(usize, u32)]) -> Result<Logits, ForwardError>;
+    /// Whether rows may speculate at all (`verify`).
+    fn speculates(&self) -> bool {
+        false
+    }
+    /// Tokens per row a verification step (`verify`) over `slots` may run:
+    /// the row's next token and its proposals. 1 (none proposed) where this
+    /// backend cannot run several tokens on a cached past beside other rows.
+    fn verify_room(&self, slots: &[usize]) -> usize {
+        let _ = slots;
+        1
+    }
+    /// Runs each row's `tokens` on top of its slot's cache in one step and
+    /// returns the logits of every one of its positions, row after row, in
+    /// order (`tokens.len()` logits rows per row). Only within `verify_room`.
+    fn verify(&mut self, rows: &[(usize, &[u32])]) -> Result<Logits, ForwardError> {
+        let _ = rows;
+        Err(ForwardError::Input("this backend runs one token per decoding row".into()))
+    }
+    /// Forgets the last `n` tokens of `slot`'s cache (proposals a
+    /// verification rejected): they stay where they are, beyond the slot's
+    /// length, never attended to and overwritten by the next step.
+    fn rollback(&mut self, slot: usize, n: usize) {
+        let _ = (slot, n);
+    }
     /// Whether a decoding slot may sit out a step (its client is not
     /// reading) and go on later. Without it such a request is ended.
     fn pauses(&self) -> bool {
@@ -274,6 +298,70 @@ impl Backend for SlotBackend {
             data[i * v..(i + 1) * v].copy_from_slice(logits.row(k));
         }
         Ok(Logits { vocab: v, data })
+    }
+
+    fn speculates(&self) -> bool {
+        true
+    }
+
+    fn verify_room(&self, slots: &[usize]) -> usize {
+        let (Some(&lo), Some(&hi)) = (slots.iter().min(), slots.iter().max()) else { return 1 };
+        // GroupQueryAttention runs several tokens on a past for one row only
+        // (and a decode run covers every slot from the lowest to the highest).
+        if lo != hi && !self.model.mixes_chunks() {
+            return 1;
+        }
+        let longest = (lo..=hi).map(|s| self.slots.lens[s]).max().unwrap_or(0);
+        self.model.cache.shape.max_len.saturating_sub(longest).max(1)
+    }
+
+    fn verify(&mut self, rows: &[(usize, &[u32])]) -> Result<Logits, ForwardError> {
+        let (Some(lo), Some(hi)) = (rows.iter().map(|r| r.0).min(), rows.iter().map(|r| r.0).max()) else {
+            return Err(ForwardError::Input("a verification step without rows".into()));
+        };
+        // As `decode`: slots between that are not in the step ride along
+        // with a dummy token at their own next position.
+        const DUMMY: [u32; 1] = [0];
+        let mut tokens: Vec<&[u32]> = vec![&DUMMY; hi + 1 - lo];
+        let mut wanted = vec![usize::MAX; hi + 1 - lo];
+        for (i, &(slot, t)) in rows.iter().enumerate() {
+            tokens[slot - lo] = t;
+            wanted[slot - lo] = i;
+        }
+        let inputs: Vec<RowInput<'_>> = (lo..=hi)
+            .map(|s| RowInput {
+                tokens: tokens[s - lo],
+                past: self.slots.lens[s],
+                logits: if wanted[s - lo] == usize::MAX { 0 } else { tokens[s - lo].len() },
+            })
+            .collect();
+        let logits = self.model.run(lo..hi + 1, &inputs)?;
+        for &(slot, t) in rows {
+            self.slots.lens[slot] += t.len();
+        }
+        // Logits come in slot order; hand each row's block back in the
+        // caller's order.
+        let order: Vec<usize> = wanted.into_iter().filter(|&i| i != usize::MAX).collect();
+        if order.windows(2).all(|w| w[0] < w[1]) {
+            return Ok(logits);
+        }
+        let v = logits.vocab;
+        let mut start = vec![0; rows.len()];
+        for i in 1..rows.len() {
+            start[i] = start[i - 1] + rows[i - 1].1.len();
+        }
+        let mut data = vec![0.0; logits.data.len()];
+        let mut k = 0;
+        for &i in &order {
+            let n = rows[i].1.len();
+            data[start[i] * v..(start[i] + n) * v].copy_from_slice(&logits.data[k * v..(k + n) * v]);
+            k += n;
+        }
+        Ok(Logits { vocab: v, data })
+    }
+
+    fn rollback(&mut self, slot: usize, n: usize) {
+        self.slots.lens[slot] -= n.min(self.slots.lens[slot]);
     }
 
     fn reorder(&mut self, slots: &[usize], parents: &[usize]) -> Result<usize, ForwardError> {

@@ -9,6 +9,7 @@ pub mod model;
 pub mod padded;
 pub mod prefix;
 mod rows;
+pub mod spec;
 pub mod stats;
 mod worker;
 
@@ -166,8 +167,14 @@ impl Job {
     /// Whether one more step's tokens fit and still leave room for the
     /// events that end every sequence (or the request's failure).
     pub(crate) fn has_room(&self) -> bool {
+        self.spare() > 0
+    }
+
+    /// Token events that fit beyond the room kept for the events that end
+    /// every sequence.
+    pub(crate) fn spare(&self) -> usize {
         let rows = self.request.decoding.rows() as usize;
-        self.events.capacity() > 2 * rows
+        self.events.capacity().saturating_sub(2 * rows)
     }
 }
 
@@ -199,6 +206,7 @@ impl WorkerShared {
 pub struct EngineConfig {
     pub limits: admission::Limits,
     pub max_queue: usize,
+    pub spec: spec::SpecConfig,
 }
 
 /// A request in flight, for `Cancel` and for observing the server.
@@ -220,6 +228,9 @@ pub struct EngineHandle {
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
     max_batch_size: usize,
+    /// The server's default of tokens proposed per step (0 where it is off
+    /// or the backend cannot speculate).
+    spec_tokens: usize,
     /// Requests submitted and not yet finished, by request id.
     pub in_flight: Arc<DashMap<String, InFlight>>,
 }
@@ -279,6 +290,11 @@ impl EngineHandle {
         self.max_batch_size
     }
 
+    /// Tokens a row proposes per step by default (0: off).
+    pub fn spec_tokens(&self) -> usize {
+        self.spec_tokens
+    }
+
     /// Each worker's shared state (rows, queue, statistics).
     pub fn workers(&self) -> Vec<Arc<WorkerShared>> {
         self.workers.iter().map(|w| w.shared.clone()).collect()
@@ -325,12 +341,13 @@ pub fn spawn(
 ) -> (EngineHandle, Vec<std::thread::JoinHandle<()>>) {
     keep_large_allocations_on_the_heap();
     let waiting = Arc::new(AtomicUsize::new(0));
+    let spec_tokens = if backends.first().is_some_and(|b| b.speculates()) { config.spec.tokens } else { 0 };
     let mut slots = Vec::new();
     let mut threads = Vec::new();
     for (id, backend) in backends.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(WorkerShared { id, waiting: waiting.clone(), ..Default::default() });
-        let w = worker::Worker::new(backend, config.limits, shared.clone(), rx, tokenizer.clone());
+        let w = worker::Worker::new(backend, config, shared.clone(), rx, tokenizer.clone());
         let thread = std::thread::Builder::new()
             .name(format!("batchgen-worker-{id}"))
             .spawn(move || w.run())
@@ -343,6 +360,7 @@ pub fn spawn(
         waiting,
         max_queue: config.max_queue.max(1),
         max_batch_size: config.limits.max_batch_size,
+        spec_tokens,
         in_flight: Arc::new(DashMap::new()),
     };
     (handle, threads)

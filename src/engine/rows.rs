@@ -6,6 +6,7 @@ use std::time::Instant;
 use rand_chacha::ChaCha8Rng;
 
 use super::model::Logits;
+use super::spec::RowSpec;
 use super::{Event, Job};
 use crate::constraint::{Mask, RowConstraint};
 use crate::decoding::beam::{BeamSearch, Hypothesis};
@@ -41,6 +42,11 @@ pub(super) struct Row {
     pub failed: bool,
     /// Its parser state when the request has a structured-output constraint.
     pub constraint: Option<RowConstraint>,
+    /// Its speculation, when it may speculate (`super::spec`).
+    pub spec: Option<RowSpec>,
+    /// Positions of the last step beyond what it kept (rejected proposals):
+    /// the worker takes them off the slot's length.
+    pub rejected: usize,
 }
 
 impl Row {
@@ -61,7 +67,9 @@ impl Row {
 pub(super) const SKIP: usize = usize::MAX;
 
 /// Picks each live row's next token and tells its client. Row `i` reads
-/// logits row `from[i]` (prefill: its request's prompt row; `SKIP`: none).
+/// logits row `from[i]` (prefill: its request's prompt row; `SKIP`: none);
+/// a row that proposed tokens (`Row::spec`) reads the rows after it too,
+/// one per proposed token, and may choose several tokens (`choose_run`).
 /// Returns the reorderings beam groups need (rows `start..start +
 /// perm.len()` of the cache must become `perm` of themselves), and how many
 /// requests failed because choosing their token panicked: such a request
@@ -91,7 +99,7 @@ pub(super) fn choose(
                     reorders.push((i, perm));
                 }
             }),
-            None => choose_one(&mut rows[i], logits.row(from[i]), tok, at, &mut scratch, &mut constrained),
+            None => choose_run(&mut rows[i], logits, from[i], tok, at, &mut scratch, &mut constrained),
         }));
         let failed = match chosen {
             Ok(Ok(())) => None,
@@ -119,6 +127,46 @@ pub(super) fn choose(
         i += width;
     }
     (reorders, panics)
+}
+
+/// A row's tokens of one step: one from logits row `first`, and when it
+/// proposed tokens, one more from each following row while the token chosen
+/// equals the one proposed (`super::spec`: each chosen exactly as a step of
+/// its own would choose it). Sets `row.rejected` to the positions run that
+/// were not kept.
+fn choose_run(
+    row: &mut Row,
+    logits: &Logits,
+    first: usize,
+    tok: &Tokenizer,
+    at: Instant,
+    scratch: &mut Vec<f32>,
+    constrained: &mut Vec<f32>,
+) -> Result<(), String> {
+    let proposal = row.spec.as_mut().map(|s| std::mem::take(&mut s.proposal)).unwrap_or_default();
+    let mut kept = 0;
+    let result = loop {
+        if let Err(e) = choose_one(row, logits.row(first + kept), tok, at, scratch, constrained) {
+            break Err(e);
+        }
+        kept += 1;
+        if row.done || kept > proposal.len() || row.next != proposal[kept - 1] {
+            break Ok(());
+        }
+    };
+    if !proposal.is_empty() && result.is_ok() {
+        // Positions run: the fed token and each proposal. Kept: the fed
+        // token and the proposals that were chosen and run on (the last
+        // token chosen is fed at the next step).
+        row.rejected = proposal.len() + 1 - kept;
+        let tokens = &row.history.tokens;
+        let chosen = &tokens[tokens.len() - kept..];
+        let accepted = chosen.iter().zip(&proposal).take_while(|(c, p)| c == p).count();
+        if let Some(spec) = row.spec.as_mut() {
+            spec.record(proposal.len(), accepted);
+        }
+    }
+    result
 }
 
 /// Greedy search or sampling: one row's next token from its logits `raw`

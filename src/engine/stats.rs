@@ -26,6 +26,11 @@ pub struct WorkerStats {
     /// Prompt tokens copied from the prefix cache, and prefilled while it was on.
     pub prefix_hit_tokens: AtomicU64,
     pub prefix_miss_tokens: AtomicU64,
+    /// Decode steps that checked proposals, and the tokens proposed and
+    /// accepted in them (`super::spec`).
+    pub spec_steps: AtomicU64,
+    pub spec_proposed: AtomicU64,
+    pub spec_accepted: AtomicU64,
 }
 
 /// Worker statistics at one moment, for the summary logged after each busy
@@ -47,6 +52,9 @@ pub struct Snapshot {
     evict_ns: u64,
     prefix_hit_tokens: u64,
     prefix_miss_tokens: u64,
+    spec_steps: u64,
+    spec_proposed: u64,
+    spec_accepted: u64,
 }
 
 impl Snapshot {
@@ -68,6 +76,9 @@ impl Snapshot {
             evict_ns: l(&s.evict_ns),
             prefix_hit_tokens: l(&s.prefix_hit_tokens),
             prefix_miss_tokens: l(&s.prefix_miss_tokens),
+            spec_steps: l(&s.spec_steps),
+            spec_proposed: l(&s.spec_proposed),
+            spec_accepted: l(&s.spec_accepted),
         }
     }
 
@@ -84,7 +95,7 @@ impl Snapshot {
             "{steps} decode steps, {:.2} rows/step, {:.2} ms/iteration; decode Session::run {:.1}%, prefill {:.1}% \
              ({} tokens), joins {:.1}%, evictions {:.1}%, other (sampling, streaming, scheduling) {:.1}%; \
              {joins} joins at {:.2} ms and {:.2} MiB each; {} rows evicted in {copies} copies at {:.2} ms and {:.2} MiB each; \
-             prompt tokens from the prefix cache {} of {}",
+             prompt tokens from the prefix cache {} of {}; {} steps speculated, {} of {} proposed tokens accepted",
             (self.step_rows - o.step_rows) as f64 / steps as f64,
             iteration / steps as f64 / 1e6,
             100.0 * run / iteration,
@@ -100,6 +111,9 @@ impl Snapshot {
             mib(self.evict_bytes - o.evict_bytes, copies),
             self.prefix_hit_tokens - o.prefix_hit_tokens,
             self.prefix_hit_tokens - o.prefix_hit_tokens + self.prefix_miss_tokens - o.prefix_miss_tokens,
+            self.spec_steps - o.spec_steps,
+            self.spec_accepted - o.spec_accepted,
+            self.spec_proposed - o.spec_proposed,
         )
     }
 }

@@ -19,11 +19,13 @@ use super::admission::{self, Candidate};
 use super::backend::{Backend, Copies};
 use super::fair::FairQueue;
 use super::rows::{self, Row, choose};
+use super::spec::{self, CostModel, NgramProposer, Proposer, SpecConfig};
 use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
 use crate::pb::FinishReason;
 use crate::telemetry;
 use crate::tokenizer::Tokenizer;
+use crate::validation::{Speculation, ValidRequest};
 
 pub(super) struct Worker {
     backend: Box<dyn Backend>,
@@ -36,6 +38,10 @@ pub(super) struct Worker {
     rows: Vec<Row>,
     /// Turns chosen tokens into text (stop sequences are matched here).
     tokenizer: Tokenizer,
+    spec: SpecConfig,
+    proposer: Box<dyn Proposer>,
+    /// This worker's decode step time by positions run (`spec::plan`).
+    cost: CostModel,
 }
 
 fn now() -> Instant {
@@ -45,13 +51,31 @@ fn now() -> Instant {
 impl Worker {
     pub fn new(
         backend: Box<dyn Backend>,
-        limits: admission::Limits,
+        config: &super::EngineConfig,
         shared: Arc<WorkerShared>,
         rx: mpsc::UnboundedReceiver<Job>,
         tokenizer: Tokenizer,
     ) -> Self {
         let (queue, prefilling, rows) = (FairQueue::default(), VecDeque::new(), Vec::new());
-        Worker { backend, limits, shared, rx, queue, prefilling, rows, tokenizer }
+        let spec = config.spec;
+        let proposer = Box::new(NgramProposer { min: spec.ngram_min, max: spec.ngram_max });
+        let limits = config.limits;
+        let cost = CostModel::default();
+        Worker { backend, limits, shared, rx, queue, prefilling, rows, tokenizer, spec, proposer, cost }
+    }
+
+    /// Most tokens a row of `req` proposes per step (0: it does not speculate).
+    fn spec_tokens(&self, req: &ValidRequest) -> usize {
+        if req.decoding.beam.is_some() || !self.backend.speculates() {
+            return 0;
+        }
+        match req.decoding.speculation {
+            Speculation::Server => self.spec.tokens,
+            Speculation::Off => 0,
+            Speculation::On { tokens: 0 } if self.spec.tokens > 0 => self.spec.tokens,
+            Speculation::On { tokens: 0 } => spec::DEFAULT_SPEC_TOKENS,
+            Speculation::On { tokens } => tokens as usize,
+        }
     }
 
     pub fn run(mut self) {
@@ -335,8 +359,33 @@ impl Worker {
         if let Some(delay) = self.rows.iter().filter_map(|r| r.job.request.fault.delay()).max() {
             std::thread::sleep(delay);
         }
+        let length = self.propose(&input, &from);
         let t = now();
-        let result = self.backend.decode(&input);
+        let result = if length > 1 {
+            let fed: Vec<Vec<u32>> = self
+                .rows
+                .iter()
+                .zip(&from)
+                .filter(|(_, f)| **f != rows::SKIP)
+                .zip(&input)
+                .map(|((r, _), &(_, token))| {
+                    let proposal = r.spec.as_ref().map_or(&[][..], |s| &s.proposal[..]);
+                    std::iter::once(token).chain(proposal.iter().copied()).collect()
+                })
+                .collect();
+            let verify: Vec<(usize, &[u32])> = input.iter().zip(&fed).map(|(i, f)| (i.0, &f[..])).collect();
+            // Each row's logits start after those of the rows before it.
+            let mut at = 0;
+            for f in from.iter_mut().filter(|f| **f != rows::SKIP) {
+                let n = fed[*f].len();
+                *f = at;
+                at += n;
+            }
+            self.backend.verify(&verify)
+        } else {
+            self.backend.decode(&input)
+        };
+        self.cost.observe(input.len() * length, t.elapsed().as_secs_f64());
         let stats = &self.shared.stats;
         stats.run_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -350,6 +399,9 @@ impl Worker {
                 let (reorders, panics) = choose(&mut rows, &logits, &from, &self.tokenizer);
                 self.count_panics(panics);
                 let ok = reorders.iter().all(|(start, perm)| self.reorder(&rows, *start, perm));
+                if length > 1 {
+                    self.verified(&mut rows);
+                }
                 self.rows = rows;
                 if !ok {
                     self.fail_running(EngineError::Forward("beam reorder failed".into()));
@@ -360,6 +412,76 @@ impl Worker {
                 self.fail_rows(&from, e.into());
             }
         }
+    }
+
+    /// Fills the proposals of the step's rows that speculate and returns the
+    /// positions per row the step runs (1: a plain decode step, and no row
+    /// keeps a proposal). `input` and `from` are the step's rows as
+    /// `decode` built them.
+    fn propose(&mut self, input: &[(usize, u32)], from: &[usize]) -> usize {
+        if !self.rows.iter().any(|r| r.spec.is_some()) {
+            return 1;
+        }
+        let slots: Vec<usize> = input.iter().map(|i| i.0).collect();
+        let room = self.backend.verify_room(&slots);
+        let cost = if self.spec.adaptive {
+            match self.cost.fit() {
+                Some(fit) => Some(fit),
+                // Nothing measured yet: this step measures a plain one.
+                None => return 1,
+            }
+        } else {
+            None
+        };
+        let mut candidates = Vec::new();
+        for (r, &f) in self.rows.iter_mut().zip(from) {
+            let Some(spec) = r.spec.as_mut() else { continue };
+            spec.proposal.clear();
+            if f == rows::SKIP || room <= 1 {
+                continue;
+            }
+            // Never past the request's last token, nor more tokens than its
+            // client's channel has room for (each of its rows may send a run).
+            let left = r.job.request.stop.max_new_tokens.saturating_sub(r.generated + 1) as usize;
+            let channel = r.job.spare() / r.job.request.decoding.rows().max(1) as usize;
+            let max = spec.tokens.min(room - 1).min(left).min(channel.saturating_sub(1));
+            self.proposer.propose(&r.history.tokens, max, &mut spec.proposal);
+            if !spec.proposal.is_empty() {
+                candidates.push(spec::Candidate { proposed: spec.proposal.len(), rate: spec.rate() });
+            }
+        }
+        let length = spec::plan(input.len(), &candidates, room, cost);
+        for spec in self.rows.iter_mut().filter_map(|r| r.spec.as_mut()) {
+            spec.proposal.truncate(length - 1);
+        }
+        length
+    }
+
+    /// After a step that checked proposals: each row's cache forgets the
+    /// positions it did not keep, and the counts go to the metrics.
+    fn verified(&mut self, rows: &mut [Row]) {
+        let (mut proposed, mut accepted) = (0, 0);
+        for r in rows.iter_mut() {
+            if r.rejected > 0 {
+                self.backend.rollback(r.slot, r.rejected);
+                r.rejected = 0;
+            }
+            if let Some(spec) = r.spec.as_mut() {
+                let (p, a) = std::mem::take(&mut spec.last);
+                if p > 0 {
+                    metrics::histogram!(telemetry::SPEC_ROW_TOKENS).record((a + 1) as f64);
+                }
+                proposed += p;
+                accepted += a;
+            }
+        }
+        let stats = &self.shared.stats;
+        stats.spec_steps.fetch_add(1, Ordering::Relaxed);
+        stats.spec_proposed.fetch_add(proposed as u64, Ordering::Relaxed);
+        stats.spec_accepted.fetch_add(accepted as u64, Ordering::Relaxed);
+        metrics::counter!(telemetry::SPEC_STEPS).increment(1);
+        metrics::counter!(telemetry::SPEC_PROPOSED).increment(proposed as u64);
+        metrics::counter!(telemetry::SPEC_ACCEPTED).increment(accepted as u64);
     }
 
     /// Counts panics caught in one request's token choice (that request

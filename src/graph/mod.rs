@@ -166,6 +166,12 @@ impl BuiltModel {
         Ok(BuiltModel { session: session.into(), cache, vocab: shape.vocab, kernel: kv.kernel })
     }
 
+    /// Whether a run may hold rows of several tokens on a cached past beside
+    /// other rows (our kernel; GroupQueryAttention runs such a row alone).
+    pub fn mixes_chunks(&self) -> bool {
+        self.kernel == Kernel::Slot
+    }
+
     /// Runs `rows` (one per slot of `slots`) and returns the logits they
     /// want, row after row, in order.
     ///

@@ -284,6 +284,7 @@ impl Plan {
             frequency_penalty: r.frequency_penalty.unwrap_or(0.0),
             no_repeat_ngram_size: r.no_repeat_ngram_size.unwrap_or(0),
             logit_bias,
+            speculation: None,
         };
         let stopping = pb::Stopping {
             // OpenAI's default.

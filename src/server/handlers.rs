@@ -444,6 +444,7 @@ impl Generation for GenerationService {
             n_layer: s.config.n_layer as u32,
             n_embd: s.config.n_embd as u32,
             n_inner: s.config.n_inner as u32,
+            spec_tokens: s.engine.spec_tokens() as u32,
             max_samples: validation::MAX_SAMPLES,
             max_prompt_tokens: s.limits.max_prompt_tokens,
             max_batch_size: s.engine.max_batch_size() as u32,

@@ -11,6 +11,8 @@ use crate::pb;
 pub const MAX_SAMPLES: u32 = 16;
 /// Most logit_bias entries.
 pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most tokens a request may ask its rows to propose per step.
+pub const MAX_SPEC_TOKENS: u32 = 16;
 /// Largest no_repeat_ngram_size.
 pub const MAX_NO_REPEAT_NGRAM: u32 = 64;
 
@@ -30,6 +32,21 @@ pub struct DecodingPlan {
     /// `None` (and no beam): greedy search.
     pub sampling: Option<SamplingPlan>,
     pub beam: Option<BeamPlan>,
+    pub speculation: Speculation,
+}
+
+/// Whether the request's rows speculate (`crate::engine::spec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Speculation {
+    /// As the server's `--spec-tokens` says.
+    #[default]
+    Server,
+    Off,
+    /// On, proposing at most this many tokens per step (0: the server's
+    /// number, or `DEFAULT_SPEC_TOKENS` where that is 0).
+    On {
+        tokens: u32,
+    },
 }
 
 impl DecodingPlan {
@@ -46,6 +63,37 @@ impl DecodingPlan {
     pub fn sequences(&self) -> u32 {
         self.beam.as_ref().map_or_else(|| self.rows(), |b| b.num_return_sequences as u32)
     }
+}
+
+fn check_speculation(s: Option<pb::Speculation>, beams: bool) -> Result<Speculation, ValidationError> {
+    use pb::SpeculationMode as M;
+    let Some(s) = s else { return Ok(Speculation::Server) };
+    let mode = M::try_from(s.mode)
+        .map_err(|_| invalid("decoding.speculation.mode", format!("{} is not a SpeculationMode (0 to 2)", s.mode)))?;
+    if s.tokens > MAX_SPEC_TOKENS {
+        return Err(invalid(
+            "decoding.speculation.tokens",
+            format!("must be at most {MAX_SPEC_TOKENS} (0 means the server's number), got {}", s.tokens),
+        ));
+    }
+    if s.tokens > 0 && mode != M::On {
+        return Err(invalid(
+            "decoding.speculation.tokens",
+            format!("is {} but the mode is {}: set tokens only with SPECULATION_MODE_ON", s.tokens, mode.as_str_name()),
+        ));
+    }
+    if beams && mode == M::On {
+        return Err(invalid(
+            "decoding.speculation.mode",
+            "is SPECULATION_MODE_ON, but beam search does not speculate: leave it unset or off with num_beams > 1"
+                .into(),
+        ));
+    }
+    Ok(match mode {
+        M::Unspecified => Speculation::Server,
+        M::Off => Speculation::Off,
+        M::On => Speculation::On { tokens: s.tokens },
+    })
 }
 
 /// The request's constraint, each text within its size (compiled later, as
@@ -231,5 +279,6 @@ pub(super) fn check_decoding(
             })
         }
     };
-    Ok(DecodingPlan { processors, sampling, beam })
+    let speculation = check_speculation(d.speculation, beam.is_some())?;
+    Ok(DecodingPlan { processors, sampling, beam, speculation })
 }

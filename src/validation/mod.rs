@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use decoding::check_decoding;
-pub use decoding::{DecodingPlan, MAX_LOGIT_BIAS, MAX_NO_REPEAT_NGRAM, MAX_SAMPLES, SamplingPlan};
+pub use decoding::{
+    DecodingPlan, MAX_LOGIT_BIAS, MAX_NO_REPEAT_NGRAM, MAX_SAMPLES, MAX_SPEC_TOKENS, SamplingPlan, Speculation,
+};
 
 use crate::constraint::{Grammar, Grammars};
 use crate::decoding::stopping::StopCriteria;

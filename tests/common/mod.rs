@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 use std::path::PathBuf;
 
-use batchgen::config::{CacheArgs, GraphChoice, LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs, Switch};
+use batchgen::config::{
+    CacheArgs, GraphChoice, LimitArgs, ModelArgs, RuntimeArgs, ServeArgs, ServerArgs, SpecArgs, Switch,
+};
 use batchgen::pb::generation_client::GenerationClient;
 use tonic::transport::Channel;
 
@@ -84,7 +86,15 @@ pub fn serve_args() -> ServeArgs {
             constraint_cache_entries: 64,
         },
         cache: CacheArgs { prefix_cache: prefix_cache(), prefix_cache_mib: 64, prefix_block_tokens: 4 },
+        spec: SpecArgs { spec_tokens: spec_tokens(), spec_ngram_max: 4, spec_ngram_min: 2, spec_adaptive: false },
     }
+}
+
+/// Tokens proposed per step in the end-to-end tests: `BATCHGEN_TEST_SPEC_TOKENS`
+/// (default 8, with speculation forced wherever a proposal exists, so every
+/// test's output also checks that speculation changes nothing; 0: off).
+pub fn spec_tokens() -> u32 {
+    std::env::var("BATCHGEN_TEST_SPEC_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
 }
 
 /// The prefix cache the end-to-end tests run with: `BATCHGEN_TEST_PREFIX_CACHE`

@@ -16,6 +16,7 @@ use crate::engine::admission;
 use crate::engine::backend::Chunk;
 use crate::engine::model::Logits;
 use crate::engine::rows::{Row, choose};
+use crate::engine::spec::RowSpec;
 use crate::engine::{EngineError, Event, Job};
 use crate::telemetry;
 
@@ -174,6 +175,7 @@ impl Worker {
             }
         }
         let sampling = job.request.decoding.sampling.as_ref();
+        let spec = Some(self.spec_tokens(&job.request)).filter(|&k| k > 0).map(RowSpec::new);
         let mut new_rows: Vec<Row> = p
             .slots
             .iter()
@@ -200,6 +202,8 @@ impl Worker {
                     text: job.request.sequence_text(),
                     failed: false,
                     constraint,
+                    spec: spec.clone(),
+                    rejected: 0,
                     job: job.clone(),
                 }
             })
