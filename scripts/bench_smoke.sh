@@ -66,4 +66,9 @@ expect structured "masks: .* per decode step"
 expect structured "natural c16: .* tok/s"
 expect structured "compile (cache miss), per schema: p50"
 grep -q "failed [1-9]" "$out/structured" && { cat "$out/structured"; echo "bench smoke: requests failed" >&2; exit 1; }
+run spec 300 env NEW=8 COPY=16 scripts/bench_spec.sh "$model" 1 8
+expect spec "greedy on #2 c16: .* tok/s"
+expect spec "sampled off #2 c1: .* tok/s"
+expect spec "repeat on #1: .* proposed tokens accepted"
+grep -q "failed [1-9]" "$out/spec" && { cat "$out/spec"; echo "bench smoke: requests failed" >&2; exit 1; }
 echo "bench smoke: every benchmark script ran"

@@ -13,11 +13,11 @@
 #              does not follow (what wrong guesses cost, and how fast the
 #              adaptive rule stops making them)
 #   sampled    temperature 1 (no repetition to predict: speculation must not cost)
-# Environment: NEW (128), LEVELS (1,16), K (8), COPY (200), WEIGHTS (fp32), KV (fp32).
+# Environment: NEW (128), LEVELS (1,16), K (12), COPY (200), WEIGHTS (fp32), KV (fp32).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 model=$1; threads=${2:-2}; requests=${3:-16}
-new=${NEW:-128}; levels=${LEVELS:-1,16}; k=${K:-8}; copy=${COPY:-200}
+new=${NEW:-128}; levels=${LEVELS:-1,16}; k=${K:-12}; copy=${COPY:-200}
 port=50097
 dir=$(mktemp -d)
 log=$dir/server.log

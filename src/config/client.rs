@@ -89,7 +89,7 @@ pub struct BenchArgs {
     pub top_p: f32,
     /// Speculative decoding of every request (Decoding.speculation): as the
     /// server's --spec-tokens says, on (with the server's number of tokens,
-    /// or 8), or off; for measuring one against the other on one server.
+    /// or 12), or off; for measuring one against the other on one server.
     #[arg(long, value_enum, default_value_t = SpecChoice::Server)]
     pub speculation: SpecChoice,
     /// Structured output: request i is held to the (i mod N)-th JSON Schema

@@ -110,8 +110,10 @@ pub struct SpecArgs {
     /// Most tokens a row proposes per decode step by prompt lookup (its own
     /// prompt and output), all checked in that step; the output is the same
     /// as without. 0 turns speculation off (a request may still turn it on:
-    /// Decoding.speculation). Beam search never speculates.
-    #[arg(long, env = "BATCHGEN_SPEC_TOKENS", default_value_t = 8,
+    /// Decoding.speculation). Beam search never speculates. 12 measured best
+    /// of 4, 8, 12, 16 on one stream (docs/performance.md, "Speculative
+    /// decoding"); the adaptive rule still runs shorter steps when they pay.
+    #[arg(long, env = "BATCHGEN_SPEC_TOKENS", default_value_t = 12,
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub spec_tokens: u32,
     /// Longest n-gram looked up (the last n tokens, found earlier in the

@@ -51,7 +51,7 @@ impl Default for SpecConfig {
 
 /// What a request that turns speculation on without a number proposes,
 /// when the server's own default is off.
-pub const DEFAULT_SPEC_TOKENS: usize = 8;
+pub const DEFAULT_SPEC_TOKENS: usize = 12;
 
 /// Where proposals come from: a draft model could be another.
 pub trait Proposer: Send {
