@@ -10,7 +10,8 @@
 # Environment: A_PROMPT (500), A_NEW (128), A_CLIENTS (64), B_REQUESTS (40),
 # B_DELAY (20), FLOOD_REQUESTS (64), PASSES (default "b-idle a-alone a+b both-flood"),
 # SERVER_BIN (the server measured, e.g. an older build; default: this tree's; the
-# bench client is always this tree's).
+# bench client is always this tree's), SERVER_ARGS (more server flags, e.g.
+# "--preemption off").
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 model=$1; threads=${2:-2}; a_requests=${3:-128}
@@ -28,7 +29,7 @@ echo "cpu flags: $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|amx_tile' /proc/cpuin
 key_a=$(head -n1 "$work/a"); key_b=$(head -n1 "$work/b")
 tail -n1 "$work/a" > "$work/keys"; tail -n1 "$work/b" >> "$work/keys"
 serve_ready "${SERVER_BIN:-$bin/batchgen}" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
-  --intra-op-threads "$threads" --api-keys "$work/keys" --max-queue 512
+  --intra-op-threads "$threads" --api-keys "$work/keys" --max-queue 512 ${SERVER_ARGS:-}
 require_built "$log"
 bench=("$bin/batchgen" bench --target http://127.0.0.1:$port --no-sequential --json)
 a_load=(--api-key "$key_a" --concurrency "$a_clients" --requests "$a_requests" --prompt-tokens "$a_prompt" --new-tokens "$a_new")
@@ -56,6 +57,7 @@ if [[ $passes == *" a+b "* ]]; then
   "${bench[@]}" "${b_load[@]}" --seed 4 2>/dev/null | bench_summary b-under-a
   wait "$a"
   bench_summary a-with-b < "$work/a.json"
+  echo "  preemptions: $(curl -sf "$metrics" | grep '^batchgen_preemptions_total' | awk '{ printf "%s %s  ", $1, $2 }')"
 fi
 [[ $passes == *" both-flood "* ]] || { kill "$pid"; wait "$pid" 2>/dev/null || true; trap - EXIT; rm -rf "$work"; exit 0; }
 echo "== both-flood (equal weights): tokens per key while both ran"
@@ -79,6 +81,7 @@ awk '{ t = $2 + $3; if (t > 0) printf "%.1f ", 100 * $2 / t } END { print "" }' 
 awk '{ a[NR] = $2; b[NR] = $3 } END { m = int(NR / 2); da = a[NR] - a[m]; db = b[NR] - b[m]; if (da + db > 0) printf "  shares over the second half (%d s): a %d, b %d tokens = %.1f %% / %.1f %%\n", NR - m, da, db, 100 * da / (da + db), 100 * db / (da + db) }' "$work/shares"
 bench_summary flood-a < "$work/fa.json"
 bench_summary flood-b < "$work/fb.json"
+echo "  preemptions: $(curl -sf "$metrics" | grep '^batchgen_preemptions_total' | awk '{ printf "%s %s  ", $1, $2 }')"
 kill "$pid"; wait "$pid" 2>/dev/null || true
 trap - EXIT
 rm -rf "$work"

@@ -32,6 +32,11 @@ pub enum StartupError {
          cannot take cached keys and values; use --prefix-cache auto or off with --graph exported"
     )]
     PrefixCacheExported,
+    #[error(
+        "--preemption on needs batchgen's own graph (--graph built or auto): the export's left-padded batch \
+         cannot copy one row's cache out and back; use --preemption auto or off with --graph exported"
+    )]
+    PreemptionExported,
     #[error("--spec-ngram-min {min} is longer than --spec-ngram-max {max}")]
     SpecNgram { min: u32, max: u32 },
     #[error(
@@ -88,6 +93,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     }
     if args.cache.prefix_cache == Switch::On && choice == GraphChoice::Exported {
         return Err(StartupError::PrefixCacheExported);
+    }
+    if args.limits.preemption == Switch::On && choice == GraphChoice::Exported {
+        return Err(StartupError::PreemptionExported);
     }
     if args.spec.spec_ngram_min > args.spec.spec_ngram_max {
         return Err(StartupError::SpecNgram { min: args.spec.spec_ngram_min, max: args.spec.spec_ngram_max });
@@ -245,6 +253,11 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             idle_gather_max: Duration::from_micros(l.idle_gather_max_us),
         },
         max_queue: l.max_queue,
+        preemption_swap_bytes: if l.preemption == Switch::Off {
+            0
+        } else {
+            l.preemption_swap_mib.saturating_mul(1 << 20)
+        },
         spec: engine::spec::SpecConfig {
             tokens: args.spec.spec_tokens as usize,
             ngram_min: args.spec.spec_ngram_min as usize,

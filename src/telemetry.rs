@@ -43,6 +43,10 @@ pub const KEY_IN_FLIGHT: &str = "batchgen_api_key_requests_in_flight";
 pub const KEY_QUEUE_WAITING: &str = "batchgen_api_key_queue_waiting_requests";
 pub const KEY_QUEUE_DURATION: &str = "batchgen_api_key_queue_duration_seconds";
 pub const KEY_GENERATED_TOKENS: &str = "batchgen_api_key_generated_tokens_total";
+pub const KEY_PREEMPTIONS: &str = "batchgen_api_key_preemptions_total";
+pub const PREEMPTIONS: &str = "batchgen_preemptions_total";
+pub const PREEMPTED_REQUESTS: &str = "batchgen_preempted_requests";
+pub const PREEMPTED_BYTES: &str = "batchgen_preempted_kv_bytes";
 pub const TLS_RELOADS: &str = "batchgen_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "batchgen_tls_handshake_failures_total";
 pub const CONSTRAINT_MASK_SECONDS: &str = "batchgen_constraint_mask_seconds";
@@ -158,6 +162,21 @@ fn describe_all() {
         "Time from arrival to admission into a batch, by key (with --api-keys); keys share the queue by weight."
     );
     describe_counter!(KEY_GENERATED_TOKENS, Unit::Count, "Tokens generated for a key's finished requests (by key).");
+    describe_counter!(
+        KEY_PREEMPTIONS,
+        "Times a key's running request was moved out of the batch for another (by key)."
+    );
+    describe_counter!(
+        PREEMPTIONS,
+        "Running requests moved out of the batch for a waiting one, by reason (share: another key's fair share; \
+         priority: the same key's more urgent request)."
+    );
+    describe_gauge!(PREEMPTED_REQUESTS, "Preempted requests waiting to resume, their caches swapped out (by worker).");
+    describe_gauge!(
+        PREEMPTED_BYTES,
+        Unit::Bytes,
+        "Bytes of KV cache swapped out for preempted requests (by worker; bounded by --preemption-swap-mib)."
+    );
     describe_histogram!(
         CONSTRAINT_MASK_SECONDS,
         Unit::Seconds,
@@ -234,7 +253,10 @@ fn register_all() {
     for reason in ["length", "eos", "stop_sequence", "cancelled", "deadline", "context_full"] {
         metrics::counter!(SEQUENCES_FINISHED, "finish_reason" => reason).increment(0);
     }
-    for kind in ["join", "evict", "fork", "beam_reorder", "prefix_hit", "prefix_store"] {
+    for reason in ["share", "priority"] {
+        metrics::counter!(PREEMPTIONS, "reason" => reason).increment(0);
+    }
+    for kind in ["join", "evict", "fork", "beam_reorder", "prefix_hit", "prefix_store", "swap_out", "swap_in"] {
         metrics::counter!(KV_COPY_BYTES, "kind" => kind).increment(0);
         let _registered = metrics::histogram!(KV_COPY_DURATION, "kind" => kind);
     }

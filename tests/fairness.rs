@@ -164,3 +164,143 @@ async fn priority_orders_a_keys_own_requests_within_its_limit() {
     let e = c.generate(keyed(long(2, 101), &keys[0])).await.unwrap_err();
     assert!(e.message().contains("priority") && e.message().contains("-100 to 100"), "{e:?}");
 }
+
+/// Waits until the worker's batch holds `n` rows.
+async fn until_rows(server: &common::TestServer, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let worker = server.state.engine.workers()[0].clone();
+    while worker.running_rows.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(std::time::Instant::now() < deadline, "the batch never held {n} rows");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// `req` slowed to `ms` per decode step (the `slow@MS` fault) for `key`.
+fn slowed(req: pb::GenerateRequest, key: &str, ms: u32) -> tonic::Request<pb::GenerateRequest> {
+    let mut req = keyed(req, key);
+    req.metadata_mut().insert(batchgen::fault::HEADER, format!("slow@{ms}").parse().unwrap());
+    req
+}
+
+fn sampled(mut r: pb::GenerateRequest) -> pb::GenerateRequest {
+    let d = r.decoding.get_or_insert_with(Default::default);
+    d.method = Some(pb::decoding::Method::Sampling(pb::Sampling {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        seed: Some(4242),
+        num_samples: 2,
+        ..Default::default()
+    }));
+    d.presence_penalty = 0.3;
+    d.repetition_penalty = 1.2;
+    r.top_logprobs = 2;
+    r
+}
+
+fn beams(mut r: pb::GenerateRequest) -> pb::GenerateRequest {
+    let d = r.decoding.get_or_insert_with(Default::default);
+    d.method = Some(pb::decoding::Method::BeamSearch(pb::BeamSearch {
+        num_beams: 2,
+        num_return_sequences: 2,
+        ..Default::default()
+    }));
+    d.no_repeat_ngram_size = 3;
+    r
+}
+
+/// A batch of three rows full of key A's requests (one greedy, then a
+/// second of two rows: seeded samples with penalties, or two beams); key
+/// B's request arrives and takes the place of A's later request (A holds
+/// more of the batch than B would after the move), finishes first, and A's
+/// preempted request resumes with exactly the tokens it makes alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_share_is_preempted_for_another_and_resumes_with_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = [("share-a", Limits::default()), ("share-b", Limits::default())];
+    let (server, keys) = server(3, &keys, dir.path()).await;
+    let mut c = server.client.clone();
+    type Make = fn(pb::GenerateRequest) -> pb::GenerateRequest;
+    let cases: [(&str, Make); 2] = [("sampled", sampled), ("beams", beams)];
+    for (name, second) in cases {
+        let (first, second) = (long(40, 0), second(long(40, 0)));
+        let alone_first = c.generate(keyed(first.clone(), &keys[0])).await.unwrap().into_inner();
+        let alone_second = c.generate(keyed(second.clone(), &keys[0])).await.unwrap().into_inner();
+        let done: Arc<Mutex<Vec<&str>>> = Default::default();
+        let run = |req: tonic::Request<pb::GenerateRequest>, who: &'static str| {
+            let (mut c, done) = (server.client.clone(), done.clone());
+            tokio::spawn(async move {
+                let answer = c.generate(req).await.unwrap().into_inner();
+                done.lock().unwrap().push(who);
+                answer
+            })
+        };
+        let a1 = run(slowed(first, &keys[0], 40), "a1");
+        until_rows(&server, 1).await;
+        let a2 = run(slowed(second, &keys[0], 40), "a2");
+        until_rows(&server, 3).await;
+        let b = run(keyed(long(4, 0), &keys[1]), "b");
+        let (a1, a2, b) = (a1.await.unwrap(), a2.await.unwrap(), b.await.unwrap());
+        let order = done.lock().unwrap().clone();
+        if common::built() {
+            assert_eq!(order[0], "b", "{name}: b waited for a row instead of preempting a's: {order:?}");
+        }
+        common::assert_same(&a1, &alone_first, &format!("{name}: a's first request"));
+        common::assert_same(&a2, &alone_second, &format!("{name}: a's preempted request"));
+        assert_eq!(b.sequences[0].tokens.len(), 4);
+    }
+    let addr = server.metrics_addr;
+    let text = tokio::task::spawn_blocking(move || common::http_get(addr, "/metrics")).await.unwrap();
+    if common::built() {
+        assert_eq!(common::metric(&text, "batchgen_api_key_preemptions_total", &[("key", "share-a")]), 2.0);
+        assert!(!text.contains("batchgen_api_key_preemptions_total{key=\"share-b\"}"), "b was never preempted");
+        assert!(common::metric(&text, "batchgen_kv_copy_bytes_total", &[("kind", "swap_in")]) > 0.0);
+        assert_eq!(common::metric(&text, "batchgen_preempted_requests", &[]), 0.0);
+        assert_eq!(common::metric(&text, "batchgen_api_key_queue_waiting_requests", &[("key", "share-a")]), 0.0);
+    }
+}
+
+/// A key's urgent request (lower priority number) takes the place of its
+/// own running request of a higher number, which resumes afterwards with
+/// the same tokens; a request of equal priority waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_more_urgent_request_preempts_its_own_keys_running_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let urgent = Limits { min_priority: Some(-10), ..Default::default() };
+    let (server, keys) = server(2, &[("prio-ops", urgent)], dir.path()).await;
+    let mut c = server.client.clone();
+    let background = sampled(long(40, 5));
+    let alone = c.generate(keyed(background.clone(), &keys[0])).await.unwrap().into_inner();
+    let done: Arc<Mutex<Vec<&str>>> = Default::default();
+    let run = |req: tonic::Request<pb::GenerateRequest>, who: &'static str| {
+        let (mut c, done) = (server.client.clone(), done.clone());
+        tokio::spawn(async move {
+            let answer = c.generate(req).await.unwrap().into_inner();
+            done.lock().unwrap().push(who);
+            answer
+        })
+    };
+    let bg = run(slowed(background, &keys[0], 40), "background");
+    until_rows(&server, 2).await;
+    let same = run(keyed(long(3, 5), &keys[0]), "same priority");
+    until_in_flight(&server, 2).await;
+    let urgent = run(keyed(long(3, -10), &keys[0]), "urgent");
+    let (bg, _, _) = (bg.await.unwrap(), same.await.unwrap(), urgent.await.unwrap());
+    let order = done.lock().unwrap().clone();
+    if common::built() {
+        assert_eq!(order, ["urgent", "background", "same priority"]);
+    }
+    common::assert_same(&bg, &alone, "the preempted request");
+}
+
+/// `--preemption on` where a row's cache cannot be copied out is refused
+/// at start with a message that says what to do.
+#[tokio::test]
+async fn start_up_refuses_preemption_the_export_cannot_do() {
+    let mut a = serve_args();
+    a.model.graph = batchgen::config::GraphChoice::Exported;
+    a.limits.preemption = batchgen::config::Switch::On;
+    let e = tokio::task::spawn_blocking(move || batchgen::app::load(&a).err().unwrap().to_string()).await.unwrap();
+    assert!(e.contains("--preemption on needs batchgen's own graph"), "{e}");
+    assert!(e.contains("--preemption auto or off"), "{e}");
+}

@@ -8,7 +8,7 @@ mod common;
 
 use batchgen::config::{GraphChoice, ServeArgs, Switch};
 use batchgen::pb::{self, GenerateRequest, GenerateResponse};
-use common::{TestServer, request, serve_args, start_with};
+use common::{TestServer, assert_same, request, serve_args, start_with};
 
 /// Tokens per block in these tests.
 const BLOCK: usize = 4;
@@ -76,23 +76,6 @@ async fn generate(server: &TestServer, r: &GenerateRequest) -> GenerateResponse 
 
 fn cached(r: &GenerateResponse) -> usize {
     r.usage.as_ref().unwrap().cached_prompt_tokens as usize
-}
-
-/// The same sequences: token for token, logprobs within 1e-4.
-fn assert_same(on: &GenerateResponse, off: &GenerateResponse, what: &str) {
-    assert_eq!(on.sequences.len(), off.sequences.len(), "{what}: sequence count");
-    for (k, (a, b)) in on.sequences.iter().zip(&off.sequences).enumerate() {
-        let ids = |s: &pb::Sequence| s.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
-        assert_eq!(ids(a), ids(b), "{what}: sequence {k} differs with the prefix cache");
-        for (x, y) in a.tokens.iter().zip(&b.tokens) {
-            assert!((x.logprob - y.logprob).abs() < 1e-4, "{what}: logprob {} vs {}", x.logprob, y.logprob);
-            for (p, q) in x.top_logprobs.iter().zip(&y.top_logprobs) {
-                assert_eq!(p.id, q.id, "{what}: top logprob ids");
-                assert!((p.logprob - q.logprob).abs() < 1e-4, "{what}: top logprob {} vs {}", p.logprob, q.logprob);
-            }
-        }
-        assert!((a.score - b.score).abs() < 1e-3, "{what}: score {} vs {}", a.score, b.score);
-    }
 }
 
 /// Every decoding method for one prompt.

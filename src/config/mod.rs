@@ -365,6 +365,21 @@ pub struct LimitArgs {
     /// (microseconds).
     #[arg(long, env = "BATCHGEN_IDLE_GATHER_MAX_US", default_value_t = 5000)]
     pub idle_gather_max_us: u64,
+    /// Preemption: when the request that fair queueing puts next does not
+    /// fit, it may move running requests out of the batch — another key's
+    /// where that key holds more of the batch than the waiting key would
+    /// after the move (by weight), or its own key's with a larger
+    /// `priority` number. A moved request's cache is copied out and back in
+    /// when it resumes, so its tokens do not change. `auto`: on with
+    /// batchgen's own graph, off with `--graph exported` (which cannot copy
+    /// a row's cache; `on` is refused there).
+    #[arg(long, env = "BATCHGEN_PREEMPTION", default_value = "auto", value_enum)]
+    pub preemption: Switch,
+    /// Memory the caches of preempted requests may take while they wait, per
+    /// worker, in MiB (124M model at fp32: 72 KiB per token, 46 MB for a
+    /// 628-token row); a request whose cache would not fit is not preempted.
+    #[arg(long, env = "BATCHGEN_PREEMPTION_SWAP_MIB", default_value_t = 512)]
+    pub preemption_swap_mib: usize,
     /// Largest num_beams a request may ask for (each beam is a row).
     #[arg(long, env = "BATCHGEN_MAX_BEAMS", default_value_t = 8)]
     pub max_beams: u32,

@@ -106,6 +106,41 @@ pub trait Backend: Send {
     fn remember(&mut self, slot: usize, tokens: &[u32], prefilling: bool) {
         let _ = (slot, tokens, prefilling);
     }
+    /// Whether a decoding slot's cache can be copied out and back in
+    /// (`swap_out`, `swap_in`): what preemption needs.
+    fn swaps(&self) -> bool {
+        false
+    }
+    /// Bytes `swap_out` would copy out of `slot` now.
+    fn swap_bytes(&self, slot: usize) -> usize {
+        let _ = slot;
+        0
+    }
+    /// Copies `slot`'s whole cache out, byte for byte (the slot is then
+    /// freed by the caller).
+    fn swap_out(&mut self, slot: usize) -> Result<Swapped, ForwardError> {
+        let _ = slot;
+        Err(ForwardError::Input("this backend cannot copy a row's cache out".into()))
+    }
+    /// Gives a freshly allocated `slot` the cache `swap_out` copied out,
+    /// exactly as it was.
+    fn swap_in(&mut self, slot: usize, swapped: &Swapped) -> Result<(), ForwardError> {
+        let _ = (slot, swapped);
+        Err(ForwardError::Input("this backend cannot copy a row's cache in".into()))
+    }
+}
+
+/// A row's cache copied out of its slot (`Backend::swap_out`).
+pub struct Swapped {
+    /// Tokens it holds.
+    pub len: usize,
+    data: Vec<u8>,
+}
+
+impl Swapped {
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
 }
 
 /// KV copies a call made, for the metrics.
@@ -121,6 +156,11 @@ pub struct Copies {
     /// Copied out of slots into the prefix cache.
     pub store_bytes: usize,
     pub store_ns: u64,
+    /// Copied out of slots of preempted rows, and back in.
+    pub swap_out_bytes: usize,
+    pub swap_out_ns: u64,
+    pub swap_in_bytes: usize,
+    pub swap_in_ns: u64,
 }
 
 /// Which slots are taken and how many tokens each holds: the bookkeeping
@@ -439,5 +479,41 @@ impl Backend for SlotBackend {
             pin = last;
         }
         self.repin(slot, pin.filter(|_| prefilling));
+    }
+
+    fn swaps(&self) -> bool {
+        true
+    }
+
+    fn swap_bytes(&self, slot: usize) -> usize {
+        self.model.cache.block_bytes(self.slots.lens[slot])
+    }
+
+    fn swap_out(&mut self, slot: usize) -> Result<Swapped, ForwardError> {
+        let t = Instant::now();
+        let len = self.slots.lens[slot];
+        let cache = &mut self.model.cache;
+        let mut data = vec![0u8; cache.block_bytes(len)];
+        if len > 0 {
+            cache.read_block(slot, 0, len, &mut data);
+        }
+        self.copies.swap_out_bytes += data.len();
+        self.copies.swap_out_ns += t.elapsed().as_nanos() as u64;
+        Ok(Swapped { len, data })
+    }
+
+    fn swap_in(&mut self, slot: usize, swapped: &Swapped) -> Result<(), ForwardError> {
+        if !self.slots.is_used(slot) || self.slots.lens[slot] != 0 {
+            return Err(ForwardError::Input(format!("swap into slot {slot}, which is not freshly allocated")));
+        }
+        let t = Instant::now();
+        let len = swapped.len;
+        if len > 0 {
+            self.model.cache.write_block(slot, 0, &swapped.data, len, 0, len);
+        }
+        self.slots.lens[slot] = len;
+        self.copies.swap_in_bytes += swapped.data.len();
+        self.copies.swap_in_ns += t.elapsed().as_nanos() as u64;
+        Ok(())
     }
 }

@@ -37,6 +37,9 @@ impl Default for Tenant {
 struct Queued {
     job: Arc<Job>,
     seq: u64,
+    /// A preempted request put back: its tokens were paid for when it was
+    /// first taken, so it costs nothing now.
+    paid: bool,
 }
 
 struct Lane {
@@ -71,6 +74,17 @@ impl FairQueue {
     }
 
     pub fn push(&mut self, job: Arc<Job>) {
+        self.insert(job, false);
+    }
+
+    /// Puts back a request that was taken and then preempted: first among
+    /// its tenant's requests of its priority (it is older than they are),
+    /// and free of cost (its tokens were counted when it was first taken).
+    pub fn push_resumed(&mut self, job: Arc<Job>) {
+        self.insert(job, true);
+    }
+
+    fn insert(&mut self, job: Arc<Job>, paid: bool) {
         let seq = self.seq;
         self.seq += 1;
         let tenant = &job.tenant;
@@ -88,8 +102,12 @@ impl FairQueue {
         };
         let jobs = &mut self.lanes[lane].jobs;
         let priority = job.request.priority;
-        let at = jobs.iter().position(|q| q.job.request.priority > priority).unwrap_or(jobs.len());
-        jobs.insert(at, Queued { job, seq });
+        let at = if paid {
+            jobs.iter().position(|q| q.job.request.priority >= priority && !q.paid)
+        } else {
+            jobs.iter().position(|q| q.job.request.priority > priority)
+        };
+        jobs.insert(at.unwrap_or(jobs.len()), Queued { job, seq, paid });
         self.len += 1;
     }
 
@@ -114,9 +132,10 @@ impl FairQueue {
 
     /// Start and finish of `lane`'s head if it were taken at virtual time `v`
     /// after finishing at `finish`.
-    fn tags(v: f64, finish: f64, lane: &Lane, job: &Job) -> (f64, f64) {
+    fn tags(v: f64, finish: f64, lane: &Lane, q: &Queued) -> (f64, f64) {
         let start = v.max(finish);
-        (start, start + cost(job) / f64::from(lane.tenant.weight))
+        let cost = if q.paid { 0.0 } else { cost(&q.job) };
+        (start, start + cost / f64::from(lane.tenant.weight))
     }
 
     /// The order in which the waiting requests would be taken: lanes and
@@ -131,7 +150,7 @@ impl FairQueue {
                 .filter(|&i| next[i] < self.lanes[i].jobs.len())
                 .map(|i| {
                     let q = &self.lanes[i].jobs[next[i]];
-                    let (s, f) = Self::tags(v, finish[i], &self.lanes[i], &q.job);
+                    let (s, f) = Self::tags(v, finish[i], &self.lanes[i], q);
                     (i, s, f, q.seq)
                 })
                 .min_by(|a, b| a.1.total_cmp(&b.1).then(a.2.total_cmp(&b.2)).then(a.3.cmp(&b.3)))
@@ -149,7 +168,7 @@ impl FairQueue {
     pub fn take(&mut self, lane: usize) -> Arc<Job> {
         let l = &mut self.lanes[lane];
         let q = l.jobs.pop_front().expect("order() named this lane");
-        let (s, f) = Self::tags(self.vtime, l.finish, l, &q.job);
+        let (s, f) = Self::tags(self.vtime, l.finish, l, &q);
         l.finish = f;
         self.vtime = s;
         self.len -= 1;
@@ -295,5 +314,27 @@ mod tests {
         let ended = q.take_ended(|j| j.tenant.name.is_none());
         assert_eq!((ended.len(), q.len()), (1, 1));
         assert_eq!(names(&q.order()), ["a-1-0"]);
+    }
+
+    #[test]
+    fn a_resumed_request_goes_first_in_its_lane_and_costs_nothing() {
+        let mut q = FairQueue::default();
+        q.push(job("a", 1, 10, 10, 0));
+        q.push(job("a", 1, 11, 10, 5));
+        q.push_resumed(job("a", 1, 12, 10, 0));
+        q.push_resumed(job("a", 1, 13, 10, 5));
+        let order = names(&q.order());
+        // Before the new requests of its priority, after those of a lower
+        // number, and resumed ones in the order they came back.
+        assert_eq!(order, ["a-12-0", "a-10-0", "a-13-5", "a-11-5"]);
+        // Taking a resumed request does not move the tenant's finish: b's
+        // request still alternates with a's new ones from the same point.
+        let mut q = FairQueue::default();
+        q.push_resumed(job("a", 1, 150, 100, 0));
+        q.push(job("a", 1, 100, 100, 0));
+        q.push(job("b", 1, 100, 100, 0));
+        let order = names(&q.order());
+        assert_eq!(order[0], "a-150-0", "{order:?}");
+        assert_eq!(drain(&mut q).len(), 3);
     }
 }

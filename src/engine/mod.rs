@@ -7,6 +7,7 @@ pub mod fair;
 pub mod layout;
 pub mod model;
 pub mod padded;
+pub mod preempt;
 pub mod prefix;
 mod rows;
 pub mod spec;
@@ -207,6 +208,9 @@ pub struct EngineConfig {
     pub limits: admission::Limits,
     pub max_queue: usize,
     pub spec: spec::SpecConfig,
+    /// Bytes of preempted requests' caches a worker may hold swapped out
+    /// (0: no preemption; `preempt`).
+    pub preemption_swap_bytes: usize,
 }
 
 /// A request in flight, for `Cancel` and for observing the server.

@@ -9,6 +9,9 @@ use super::admission::{self, Candidate, Limits, Running};
 use super::backend::{Backend, Chunk, Copies, SlotTable};
 use super::model::{ForwardError, ForwardInput, KvCache, Logits, Model};
 
+/// A row of the batch whose slot was freed (it leaves at the next step).
+const GONE: usize = usize::MAX;
+
 pub struct PaddedBackend {
     model: Model,
     pad_id: u32,
@@ -72,8 +75,14 @@ impl Backend for PaddedBackend {
     fn free(&mut self, slots: &[usize]) {
         for &s in slots {
             self.slots.free(s);
+            // The row stays in the batch until the next step arranges it,
+            // under no slot: the slot may be taken again before that step
+            // (a request admitted in the iteration that freed it), and its
+            // new row must not be mistaken for the old one.
+            for o in self.order.iter_mut().filter(|o| **o == s) {
+                *o = GONE;
+            }
         }
-        // The rows stay in the batch until the next step arranges it.
         if !self.slots.any_used() {
             self.cache = None;
             self.order.clear();
@@ -92,7 +101,7 @@ impl Backend for PaddedBackend {
         let input = ForwardInput::prefill(&prompts, self.pad_id);
         let (logits, new) = self.model.forward(&input, self.model.empty_cache(chunks.len())?)?;
         // Rows freed since the last step leave before the join.
-        let live: Vec<usize> = self.order.iter().copied().filter(|&s| self.slots.is_used(s)).collect();
+        let live: Vec<usize> = self.order.iter().copied().filter(|&s| s != GONE && self.slots.is_used(s)).collect();
         if self.cache.is_some() && !live.is_empty() {
             self.arrange(&live)?;
         }

@@ -31,6 +31,10 @@ pub struct WorkerStats {
     pub spec_steps: AtomicU64,
     pub spec_proposed: AtomicU64,
     pub spec_accepted: AtomicU64,
+    /// Requests moved out of the batch for another (`super::preempt`), and
+    /// the time their caches' copies out and back in took.
+    pub preemptions: AtomicU64,
+    pub swap_ns: AtomicU64,
 }
 
 /// Worker statistics at one moment, for the summary logged after each busy
@@ -55,6 +59,8 @@ pub struct Snapshot {
     spec_steps: u64,
     spec_proposed: u64,
     spec_accepted: u64,
+    preemptions: u64,
+    swap_ns: u64,
 }
 
 impl Snapshot {
@@ -79,6 +85,8 @@ impl Snapshot {
             spec_steps: l(&s.spec_steps),
             spec_proposed: l(&s.spec_proposed),
             spec_accepted: l(&s.spec_accepted),
+            preemptions: l(&s.preemptions),
+            swap_ns: l(&s.swap_ns),
         }
     }
 
@@ -95,7 +103,8 @@ impl Snapshot {
             "{steps} decode steps, {:.2} rows/step, {:.2} ms/iteration; decode Session::run {:.1}%, prefill {:.1}% \
              ({} tokens), joins {:.1}%, evictions {:.1}%, other (sampling, streaming, scheduling) {:.1}%; \
              {joins} joins at {:.2} ms and {:.2} MiB each; {} rows evicted in {copies} copies at {:.2} ms and {:.2} MiB each; \
-             prompt tokens from the prefix cache {} of {}; {} steps speculated, {} of {} proposed tokens accepted",
+             prompt tokens from the prefix cache {} of {}; {} steps speculated, {} of {} proposed tokens accepted; \
+             {} requests preempted, {:.1} ms swapping",
             (self.step_rows - o.step_rows) as f64 / steps as f64,
             iteration / steps as f64 / 1e6,
             100.0 * run / iteration,
@@ -114,6 +123,8 @@ impl Snapshot {
             self.spec_steps - o.spec_steps,
             self.spec_accepted - o.spec_accepted,
             self.spec_proposed - o.spec_proposed,
+            self.preemptions - o.preemptions,
+            (self.swap_ns - o.swap_ns) as f64 / 1e6,
         )
     }
 }

@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+mod preempt;
 mod prefill;
+use preempt::Parked;
 use prefill::Prefilling;
 
 use super::admission::{self, Candidate};
@@ -42,6 +44,11 @@ pub(super) struct Worker {
     proposer: Box<dyn Proposer>,
     /// This worker's decode step time by positions run (`spec::plan`).
     cost: CostModel,
+    /// Preempted requests (also in `queue`, to be taken again).
+    parked: Vec<Parked>,
+    /// Bytes their swapped-out caches may take (0: no preemption), and take.
+    swap_budget: usize,
+    swap_used: usize,
 }
 
 fn now() -> Instant {
@@ -61,7 +68,23 @@ impl Worker {
         let proposer = Box::new(NgramProposer { min: spec.ngram_min, max: spec.ngram_max });
         let limits = config.limits;
         let cost = CostModel::default();
-        Worker { backend, limits, shared, rx, queue, prefilling, rows, tokenizer, spec, proposer, cost }
+        let swap_budget = if backend.swaps() { config.preemption_swap_bytes } else { 0 };
+        Worker {
+            backend,
+            limits,
+            shared,
+            rx,
+            queue,
+            prefilling,
+            rows,
+            tokenizer,
+            spec,
+            proposer,
+            cost,
+            parked: Vec::new(),
+            swap_budget,
+            swap_used: 0,
+        }
     }
 
     /// Most tokens a row of `req` proposes per step (0: it does not speculate).
@@ -152,8 +175,11 @@ impl Worker {
     }
 
     /// A request leaves the queue (admitted, or ended while waiting).
-    fn dequeued(&self, job: &Job) {
-        self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+    /// `parked`: a preempted one, which the `--max-queue` count left out.
+    fn dequeued(&self, job: &Job, parked: bool) {
+        if !parked {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(key) = &job.tenant.name {
             metrics::gauge!(telemetry::KEY_QUEUE_WAITING, "key" => key.to_string()).decrement(1.0);
         }
@@ -164,8 +190,9 @@ impl Worker {
         let stats = &self.shared.stats;
         let runs_before = stats.run_ns.load(Ordering::Relaxed) + stats.prefill_ns.load(Ordering::Relaxed);
         self.drop_abandoned();
-        self.admit();
+        // Rows that ended give their room to the waiting before admission.
         self.evict();
+        self.admit();
         self.prefill();
         if !self.rows.is_empty() {
             self.decode();
@@ -188,7 +215,13 @@ impl Worker {
         metrics::gauge!(telemetry::KV_USED_TOKENS, "worker" => worker.clone()).set(used as f64);
         metrics::gauge!(telemetry::KV_USED_RATIO, "worker" => worker.clone())
             .set(used as f64 / self.limits.max_batch_tokens.max(1) as f64);
-        metrics::gauge!(telemetry::WORKER_BUSY, "worker" => worker).set(if rows + queued > 0 { 1.0 } else { 0.0 });
+        metrics::gauge!(telemetry::WORKER_BUSY, "worker" => worker.clone()).set(if rows + queued > 0 {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!(telemetry::PREEMPTED_REQUESTS, "worker" => worker.clone()).set(self.parked.len() as f64);
+        metrics::gauge!(telemetry::PREEMPTED_BYTES, "worker" => worker).set(self.swap_used as f64);
         metrics::gauge!(telemetry::QUEUE_WAITING).set(self.shared.waiting.load(Ordering::Relaxed) as f64);
     }
 
@@ -207,6 +240,12 @@ impl Worker {
         if c.store_bytes > 0 {
             record_copy("prefix_store", c.store_ns, c.store_bytes);
         }
+        if c.swap_out_bytes > 0 {
+            record_copy("swap_out", c.swap_out_ns, c.swap_out_bytes);
+        }
+        if c.swap_in_bytes > 0 {
+            record_copy("swap_in", c.swap_in_ns, c.swap_in_bytes);
+        }
         if c.evict_bytes > 0 {
             stats.evict_copies.fetch_add(1, Ordering::Relaxed);
             stats.evict_bytes.fetch_add(c.evict_bytes as u64, Ordering::Relaxed);
@@ -220,10 +259,13 @@ impl Worker {
     fn drop_abandoned(&mut self) {
         let t = now();
         for job in self.queue.take_ended(|job| job.ended_reason(t).is_some()) {
-            if let Some(reason) = job.ended_reason(t) {
-                job.tell_ended(reason);
+            let reason = job.ended_reason(t).flatten();
+            let parked = self.parked_index(&job);
+            match parked {
+                Some(k) => self.end_parked(k, reason),
+                None => job.tell_ended(reason),
             }
-            self.dequeued(&job);
+            self.dequeued(&job, parked.is_some());
         }
     }
 
@@ -240,15 +282,37 @@ impl Worker {
         rows.chain(self.prefilling.iter().map(|p| p.job.candidate())).collect()
     }
 
+    /// Admits what fits from the head of the fair order; then, while the
+    /// head does not fit, lets it preempt running requests (`preempt`).
     fn admit(&mut self) {
+        // Each preemption makes room for the head, so this ends; the bound
+        // is a guard.
+        for _ in 0..=self.limits.max_batch_size {
+            self.admit_fitting();
+            if self.queue.is_empty() || !self.preempt() {
+                break;
+            }
+        }
+    }
+
+    fn admit_fitting(&mut self) {
         let running = self.running();
         let order = self.queue.order();
         let n = self.backend.admit(&self.limits, &running, &mut order.iter().map(|(_, j)| j.candidate()));
         for (lane, next) in order.into_iter().take(n) {
-            let rows = next.request.decoding.rows() as usize;
+            let parked = self.parked_index(&next);
+            let rows = match parked {
+                Some(k) => self.parked[k].rows(),
+                None => next.request.decoding.rows() as usize,
+            };
             let Some(slots) = self.backend.alloc(rows) else { break };
             let job = self.queue.take(lane);
             debug_assert!(Arc::ptr_eq(&job, &next), "taken in the order given");
+            if let Some(k) = parked {
+                self.dequeued(&job, true);
+                self.resume(k, slots);
+                continue;
+            }
             if let Some(key) = &job.tenant.name {
                 let waited = now().duration_since(job.request.arrival).as_secs_f64();
                 metrics::histogram!(telemetry::KEY_QUEUE_DURATION, "key" => key.to_string()).record(waited);
@@ -260,7 +324,7 @@ impl Worker {
                 metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
             }
             tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
-            self.dequeued(&job);
+            self.dequeued(&job, false);
             let _ = job.send(Event::Started { at: now() });
             self.prefilling.push_back(Prefilling { job, slots, done: 0, cached: 0 });
         }

@@ -84,8 +84,14 @@ pub fn serve_args() -> ServeArgs {
             max_new_tokens: 200,
             default_max_new_tokens: 16,
             constraint_cache_entries: 64,
+            preemption: switch("BATCHGEN_TEST_PREEMPTION"),
+            preemption_swap_mib: 64,
         },
-        cache: CacheArgs { prefix_cache: prefix_cache(), prefix_cache_mib: 64, prefix_block_tokens: 4 },
+        cache: CacheArgs {
+            prefix_cache: switch("BATCHGEN_TEST_PREFIX_CACHE"),
+            prefix_cache_mib: 64,
+            prefix_block_tokens: 4,
+        },
         spec: SpecArgs { spec_tokens: spec_tokens(), spec_ngram_max: 4, spec_ngram_min: 2, spec_adaptive: false },
     }
 }
@@ -97,10 +103,11 @@ pub fn spec_tokens() -> u32 {
     std::env::var("BATCHGEN_TEST_SPEC_TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
 }
 
-/// The prefix cache the end-to-end tests run with: `BATCHGEN_TEST_PREFIX_CACHE`
-/// (on, off; default auto, which is on with batchgen's own graph).
-pub fn prefix_cache() -> Switch {
-    match std::env::var("BATCHGEN_TEST_PREFIX_CACHE").as_deref() {
+/// The prefix cache (`BATCHGEN_TEST_PREFIX_CACHE`) and preemption
+/// (`BATCHGEN_TEST_PREEMPTION`) the end-to-end tests run with: on, off;
+/// default auto, which is on with batchgen's own graph.
+pub fn switch(variable: &str) -> Switch {
+    match std::env::var(variable).as_deref() {
         Ok("on") => Switch::On,
         Ok("off") => Switch::Off,
         _ => Switch::Auto,
@@ -205,6 +212,25 @@ impl TestServer {
     /// Runs a unary request and returns its one sequence.
     pub async fn sequence(&mut self, req: batchgen::pb::GenerateRequest) -> batchgen::pb::Sequence {
         self.client.generate(req).await.unwrap().into_inner().sequences.remove(0)
+    }
+}
+
+/// The same sequences: token for token, the same text, logprobs (and top
+/// logprobs) within 1e-4, scores within 1e-3.
+pub fn assert_same(on: &batchgen::pb::GenerateResponse, off: &batchgen::pb::GenerateResponse, what: &str) {
+    assert_eq!(on.sequences.len(), off.sequences.len(), "{what}: sequence count");
+    for (k, (a, b)) in on.sequences.iter().zip(&off.sequences).enumerate() {
+        let ids = |s: &batchgen::pb::Sequence| s.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(a), ids(b), "{what}: sequence {k} differs");
+        for (x, y) in a.tokens.iter().zip(&b.tokens) {
+            assert!((x.logprob - y.logprob).abs() < 1e-4, "{what}: logprob {} vs {}", x.logprob, y.logprob);
+            for (p, q) in x.top_logprobs.iter().zip(&y.top_logprobs) {
+                assert_eq!(p.id, q.id, "{what}: top logprob ids");
+                assert!((p.logprob - q.logprob).abs() < 1e-4, "{what}: top logprob {} vs {}", p.logprob, q.logprob);
+            }
+        }
+        assert_eq!(a.text, b.text, "{what}: sequence {k}'s text");
+        assert!((a.score - b.score).abs() < 1e-3, "{what}: score {} vs {}", a.score, b.score);
     }
 }
 

@@ -38,6 +38,7 @@ impl Worker {
     /// (whole prompts where the backend cannot chunk; admission bounded them).
     /// Requests whose prompt is complete become decoding rows.
     pub(super) fn prefill(&mut self) {
+        self.order_prefills();
         let deferred = self.reuse_prefixes();
         let chunked = self.backend.chunks();
         let mut budget = if chunked {
