@@ -76,14 +76,6 @@ fn warped_distributions_equal_transformers() {
     }
 }
 
-/// Upper 0.1 % point of chi-square with `df` degrees of freedom
-/// (Wilson–Hilferty; accurate to a few percent for df >= 3).
-fn chi2_critical_001(df: f64) -> f64 {
-    let z = 3.0902;
-    let a = 2.0 / (9.0 * df);
-    df * (1.0 - a + z * a.sqrt()).powi(3)
-}
-
 /// Several thousand one-token samples through the real server, with a fixed
 /// set of seeds, accepted by a chi-square test against transformers'
 /// distribution.
@@ -121,23 +113,8 @@ async fn server_samples_follow_the_transformers_distribution() {
         }
         let n = (requests * u64::from(per)) as f64;
         assert!(counts.keys().all(|id| dist.iter().any(|d| d.0 == *id)), "sampled a token outside the support");
-        // Buckets with an expected count of at least 5; the rest pooled.
-        let (mut chi2, mut buckets, mut rest_obs, mut rest_exp) = (0.0, 0, 0.0, 0.0);
-        for &(id, p) in &dist {
-            let (o, e) = (counts.get(&id).copied().unwrap_or(0.0), n * p);
-            if e >= 5.0 {
-                chi2 += (o - e) * (o - e) / e;
-                buckets += 1;
-            } else {
-                rest_obs += o;
-                rest_exp += e;
-            }
-        }
-        if rest_exp >= 5.0 {
-            chi2 += (rest_obs - rest_exp) * (rest_obs - rest_exp) / rest_exp;
-            buckets += 1;
-        }
-        let critical = chi2_critical_001((buckets - 1) as f64);
+        let (chi2, buckets) = common::chi_square(&counts, dist.iter().copied(), n);
+        let critical = common::chi2_critical_001((buckets - 1) as f64);
         assert!(buckets >= 5, "{}: too few buckets", case["warpers"]);
         assert!(chi2 < critical, "{}: chi2 {chi2:.1} >= {critical:.1} with {buckets} buckets", case["warpers"]);
     }

@@ -307,10 +307,6 @@ async fn samples_checked_by_verification_follow_the_step_by_step_distribution() 
         assert!(accepted - before.2 > 300, "too few accepted proposals to test verification");
         assert!(proposed - before.1 - (accepted - before.2) > 300, "too few rejected proposals to test verification");
     }
-    let critical = |df: f64| {
-        let (zz, a) = (3.0902, 2.0 / (9.0 * df));
-        df * (1.0 - a + zz * a.sqrt()).powi(3)
-    };
     // Position 0 comes from the prefill. After z, prompt lookup proposes x:
     // position 1 is chosen by a verification (x kept or replaced), and after
     // [z, x] position 2 is the token the same step chose from the logits of
@@ -326,23 +322,9 @@ async fn samples_checked_by_verification_follow_the_step_by_step_distribution() 
             assert!(dist.contains_key(t), "position {position}: sampled {t}, outside the support");
             *observed.entry(*t).or_default() += 1.0;
         }
-        let (mut chi2, mut buckets, mut rest_o, mut rest_e) = (0.0, 0, 0.0, 0.0);
-        for (id, p) in &dist {
-            let (o, e) = (observed.get(id).copied().unwrap_or(0.0), n * p);
-            if e >= 5.0 {
-                chi2 += (o - e) * (o - e) / e;
-                buckets += 1;
-            } else {
-                rest_o += o;
-                rest_e += e;
-            }
-        }
-        if rest_e >= 5.0 {
-            chi2 += (rest_o - rest_e) * (rest_o - rest_e) / rest_e;
-            buckets += 1;
-        }
+        let (chi2, buckets) = common::chi_square(&observed, dist.iter().map(|(&id, &p)| (id, p)), n);
         assert!(buckets >= 3, "position {position}: {buckets} buckets");
-        let limit = critical((buckets - 1) as f64);
+        let limit = common::chi2_critical_001((buckets - 1) as f64);
         eprintln!("position {position}: prefix {prefix:?}, {n} samples, chi2 {chi2:.2} < {limit:.2}");
         assert!(chi2 < limit, "position {position}: chi2 {chi2:.2} >= {limit:.2}; {observed:?} vs {dist:?}");
     }

@@ -164,6 +164,11 @@ impl FairQueue {
         out
     }
 
+    /// The lane `job` heads, if it heads one.
+    pub fn lane_of(&self, job: &Arc<Job>) -> Option<usize> {
+        self.lanes.iter().position(|l| l.jobs.front().is_some_and(|q| Arc::ptr_eq(&q.job, job)))
+    }
+
     /// Takes the head of `lane`, which `order` put next.
     pub fn take(&mut self, lane: usize) -> Arc<Job> {
         let l = &mut self.lanes[lane];

@@ -5,7 +5,9 @@
 //! preemption "next" still waits for a running row to end: behind a key that
 //! filled the batch with long requests that is seconds (measured: 1.3 s at
 //! p50, 2.9 s at p99 for a 32-token request beside 26 rows of 628 tokens).
-//! So the request at the head of the fair order may move running requests
+//! So a waiting request — the head of the fair order, or the first of its
+//! tenant in that order when the head can neither fit nor preempt (a
+//! preempted request waiting to resume, say) — may move running requests
 //! out of the batch, in two cases:
 //! - **share**: another tenant holds more of the batch than the head's
 //!   tenant would after the move, counted as the admission budget counts it

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 mod preempt;
 mod prefill;
+mod spec;
 use preempt::Parked;
 use prefill::Prefilling;
 
@@ -21,13 +22,12 @@ use super::admission::{self, Candidate};
 use super::backend::{Backend, Copies};
 use super::fair::FairQueue;
 use super::rows::{self, Row, choose};
-use super::spec::{self, CostModel, NgramProposer, Proposer, SpecConfig};
+use super::spec::{CostModel, NgramProposer, Proposer, SpecConfig};
 use super::stats::Snapshot;
 use super::{EngineError, Event, Job, WorkerShared};
 use crate::pb::FinishReason;
 use crate::telemetry;
 use crate::tokenizer::Tokenizer;
-use crate::validation::{Speculation, ValidRequest};
 
 pub(super) struct Worker {
     backend: Box<dyn Backend>,
@@ -84,20 +84,6 @@ impl Worker {
             parked: Vec::new(),
             swap_budget,
             swap_used: 0,
-        }
-    }
-
-    /// Most tokens a row of `req` proposes per step (0: it does not speculate).
-    fn spec_tokens(&self, req: &ValidRequest) -> usize {
-        if req.decoding.beam.is_some() || !self.backend.speculates() {
-            return 0;
-        }
-        match req.decoding.speculation {
-            Speculation::Server => self.spec.tokens,
-            Speculation::Off => 0,
-            Speculation::On { tokens: 0 } if self.spec.tokens > 0 => self.spec.tokens,
-            Speculation::On { tokens: 0 } => spec::DEFAULT_SPEC_TOKENS,
-            Speculation::On { tokens } => tokens as usize,
         }
     }
 
@@ -285,11 +271,17 @@ impl Worker {
     /// Admits what fits from the head of the fair order; then, while the
     /// head does not fit, lets it preempt running requests (`preempt`).
     fn admit(&mut self) {
-        // Each preemption makes room for the head, so this ends; the bound
-        // is a guard.
+        // Each preemption starts the head, so this ends; the bound is a guard.
         for _ in 0..=self.limits.max_batch_size {
             self.admit_fitting();
-            if self.queue.is_empty() || !self.preempt() {
+            let Some(head) = self.preempt() else { break };
+            // The room made is the head's: it starts now. (The requests put
+            // back may come before it in the fair order, and taking them
+            // first would resume them into that room, over and over.)
+            let Some(lane) = self.queue.lane_of(&head) else { break };
+            let started = self.start(lane, &head);
+            self.queue.prune();
+            if !started {
                 break;
             }
         }
@@ -300,35 +292,45 @@ impl Worker {
         let order = self.queue.order();
         let n = self.backend.admit(&self.limits, &running, &mut order.iter().map(|(_, j)| j.candidate()));
         for (lane, next) in order.into_iter().take(n) {
-            let parked = self.parked_index(&next);
-            let rows = match parked {
-                Some(k) => self.parked[k].rows(),
-                None => next.request.decoding.rows() as usize,
-            };
-            let Some(slots) = self.backend.alloc(rows) else { break };
-            let job = self.queue.take(lane);
-            debug_assert!(Arc::ptr_eq(&job, &next), "taken in the order given");
-            if let Some(k) = parked {
-                self.dequeued(&job, true);
-                self.resume(k, slots);
-                continue;
+            if !self.start(lane, &next) {
+                break;
             }
-            if let Some(key) = &job.tenant.name {
-                let waited = now().duration_since(job.request.arrival).as_secs_f64();
-                metrics::histogram!(telemetry::KEY_QUEUE_DURATION, "key" => key.to_string()).record(waited);
-            }
-            if !self.rows.is_empty() || !self.prefilling.is_empty() {
-                // Joining a running batch (what it costs in copies, if
-                // anything, the backend reports).
-                self.shared.stats.joins.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
-            }
-            tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
-            self.dequeued(&job, false);
-            let _ = job.send(Event::Started { at: now() });
-            self.prefilling.push_back(Prefilling { job, slots, done: 0, cached: 0 });
         }
         self.queue.prune();
+    }
+
+    /// Takes `next`, the head of queue lane `lane`, into the batch: into the
+    /// prefilling list, or its rows back into the batch when it was
+    /// preempted. False when there are not slots enough.
+    fn start(&mut self, lane: usize, next: &Arc<Job>) -> bool {
+        let parked = self.parked_index(next);
+        let rows = match parked {
+            Some(k) => self.parked[k].rows(),
+            None => next.request.decoding.rows() as usize,
+        };
+        let Some(slots) = self.backend.alloc(rows) else { return false };
+        let job = self.queue.take(lane);
+        debug_assert!(Arc::ptr_eq(&job, next), "taken in the order given");
+        if let Some(k) = parked {
+            self.dequeued(&job, true);
+            self.resume(k, slots);
+            return true;
+        }
+        if let Some(key) = &job.tenant.name {
+            let waited = now().duration_since(job.request.arrival).as_secs_f64();
+            metrics::histogram!(telemetry::KEY_QUEUE_DURATION, "key" => key.to_string()).record(waited);
+        }
+        if !self.rows.is_empty() || !self.prefilling.is_empty() {
+            // Joining a running batch (what it costs in copies, if
+            // anything, the backend reports).
+            self.shared.stats.joins.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
+        }
+        tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
+        self.dequeued(&job, false);
+        let _ = job.send(Event::Started { at: now() });
+        self.prefilling.push_back(Prefilling { job, slots, done: 0, cached: 0 });
+        true
     }
 
     /// Applies a beam group's reordering to the cache.
@@ -476,76 +478,6 @@ impl Worker {
                 self.fail_rows(&from, e.into());
             }
         }
-    }
-
-    /// Fills the proposals of the step's rows that speculate and returns the
-    /// positions per row the step runs (1: a plain decode step, and no row
-    /// keeps a proposal). `input` and `from` are the step's rows as
-    /// `decode` built them.
-    fn propose(&mut self, input: &[(usize, u32)], from: &[usize]) -> usize {
-        if !self.rows.iter().any(|r| r.spec.is_some()) {
-            return 1;
-        }
-        let slots: Vec<usize> = input.iter().map(|i| i.0).collect();
-        let room = self.backend.verify_room(&slots);
-        let cost = if self.spec.adaptive {
-            match self.cost.fit() {
-                Some(fit) => Some(fit),
-                // Nothing measured yet: this step measures a plain one.
-                None => return 1,
-            }
-        } else {
-            None
-        };
-        let mut candidates = Vec::new();
-        for (r, &f) in self.rows.iter_mut().zip(from) {
-            let Some(spec) = r.spec.as_mut() else { continue };
-            spec.proposal.clear();
-            if f == rows::SKIP || room <= 1 {
-                continue;
-            }
-            // Never past the request's last token, nor more tokens than its
-            // client's channel has room for (each of its rows may send a run).
-            let left = r.job.request.stop.max_new_tokens.saturating_sub(r.generated + 1) as usize;
-            let channel = r.job.spare() / r.job.request.decoding.rows().max(1) as usize;
-            let max = spec.tokens.min(room - 1).min(left).min(channel.saturating_sub(1));
-            self.proposer.propose(&r.history.tokens, max, &mut spec.proposal);
-            if !spec.proposal.is_empty() {
-                candidates.push(spec::Candidate { proposed: spec.proposal.len(), rate: spec.rate() });
-            }
-        }
-        let length = spec::plan(input.len(), &candidates, room, cost);
-        for spec in self.rows.iter_mut().filter_map(|r| r.spec.as_mut()) {
-            spec.proposal.truncate(length - 1);
-        }
-        length
-    }
-
-    /// After a step that checked proposals: each row's cache forgets the
-    /// positions it did not keep, and the counts go to the metrics.
-    fn verified(&mut self, rows: &mut [Row]) {
-        let (mut proposed, mut accepted) = (0, 0);
-        for r in rows.iter_mut() {
-            if r.rejected > 0 {
-                self.backend.rollback(r.slot, r.rejected);
-                r.rejected = 0;
-            }
-            if let Some(spec) = r.spec.as_mut() {
-                let (p, a) = std::mem::take(&mut spec.last);
-                if p > 0 {
-                    metrics::histogram!(telemetry::SPEC_ROW_TOKENS).record((a + 1) as f64);
-                }
-                proposed += p;
-                accepted += a;
-            }
-        }
-        let stats = &self.shared.stats;
-        stats.spec_steps.fetch_add(1, Ordering::Relaxed);
-        stats.spec_proposed.fetch_add(proposed as u64, Ordering::Relaxed);
-        stats.spec_accepted.fetch_add(accepted as u64, Ordering::Relaxed);
-        metrics::counter!(telemetry::SPEC_STEPS).increment(1);
-        metrics::counter!(telemetry::SPEC_PROPOSED).increment(proposed as u64);
-        metrics::counter!(telemetry::SPEC_ACCEPTED).increment(accepted as u64);
     }
 
     /// Counts panics caught in one request's token choice (that request

@@ -234,6 +234,41 @@ pub fn assert_same(on: &batchgen::pb::GenerateResponse, off: &batchgen::pb::Gene
     }
 }
 
+/// Pearson's chi-square of token counts `observed` over `n` draws against
+/// the distribution `expected` (token id, probability): a bucket per token
+/// expected at least 5 times, the rest pooled into one (when it expects 5 or
+/// more). Returns the statistic and the number of buckets.
+pub fn chi_square(
+    observed: &std::collections::HashMap<u32, f64>,
+    expected: impl IntoIterator<Item = (u32, f64)>,
+    n: f64,
+) -> (f64, usize) {
+    let (mut chi2, mut buckets, mut rest_o, mut rest_e) = (0.0, 0, 0.0, 0.0);
+    for (id, p) in expected {
+        let (o, e) = (observed.get(&id).copied().unwrap_or(0.0), n * p);
+        if e >= 5.0 {
+            chi2 += (o - e) * (o - e) / e;
+            buckets += 1;
+        } else {
+            rest_o += o;
+            rest_e += e;
+        }
+    }
+    if rest_e >= 5.0 {
+        chi2 += (rest_o - rest_e) * (rest_o - rest_e) / rest_e;
+        buckets += 1;
+    }
+    (chi2, buckets)
+}
+
+/// Upper 0.1 % point of chi-square with `df` degrees of freedom
+/// (Wilson–Hilferty; accurate to a few percent for df >= 3).
+pub fn chi2_critical_001(df: f64) -> f64 {
+    let z = 3.0902;
+    let a = 2.0 / (9.0 * df);
+    df * (1.0 - a + z * a.sqrt()).powi(3)
+}
+
 /// Reads a stream to its end and returns its last message.
 pub async fn last_message(
     stream: &mut tonic::Streaming<batchgen::pb::GenerateStreamResponse>,

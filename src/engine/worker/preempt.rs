@@ -52,14 +52,18 @@ impl Worker {
         self.parked.iter().position(|p| Arc::ptr_eq(&p.job, job))
     }
 
-    /// When the head of the fair order does not fit beside the running
-    /// requests, moves out those the policy lets it take the place of.
-    /// Returns whether anything moved (the head then fits).
-    pub(super) fn preempt(&mut self) -> bool {
-        if self.swap_budget == 0 {
-            return false;
+    /// When the waiting requests do not fit beside the running ones, moves
+    /// out those the policy lets a waiting request take the place of: for
+    /// the first request of each tenant in the fair order, the head first.
+    /// (A tenant's first request may be stuck behind another tenant's head
+    /// that fits nowhere yet and may preempt nobody, such as a preempted
+    /// request waiting to resume; the head keeps every room that frees, so
+    /// it still never starves.) Returns the request room was made for: it
+    /// fits now.
+    pub(super) fn preempt(&mut self) -> Option<Arc<Job>> {
+        if self.swap_budget == 0 || self.rows.is_empty() {
+            return None;
         }
-        let Some((_, head)) = self.queue.order().into_iter().next() else { return false };
         // The running requests, each with the indices of its rows.
         let mut groups: Vec<(Arc<Job>, Vec<usize>)> = Vec::new();
         for (i, r) in self.rows.iter().enumerate() {
@@ -67,9 +71,6 @@ impl Worker {
                 Some(g) => g.1.push(i),
                 None => groups.push((r.job.clone(), vec![i])),
             }
-        }
-        if groups.is_empty() {
-            return false;
         }
         let mut seen = Vec::new();
         let held: Vec<Held> = groups
@@ -87,28 +88,37 @@ impl Worker {
                 bytes: rows.iter().map(|&i| self.backend.swap_bytes(self.rows[i].slot)).sum(),
             })
             .collect();
-        let head_held = Held {
-            tenant: tenant_id(&mut seen, &head.tenant),
-            weight: head.tenant.weight,
-            priority: head.request.priority,
-            candidate: head.candidate(),
-            movable: false,
-            bytes: 0,
-        };
         let prefilling: Vec<Candidate> = self.prefilling.iter().map(|p| p.job.candidate()).collect();
-        let (backend, limits) = (&self.backend, &self.limits);
-        let fits = |kept: &[bool]| {
-            let mut running: Vec<Candidate> =
-                held.iter().zip(kept).filter(|(_, k)| **k).map(|(h, _)| h.candidate).collect();
-            running.extend_from_slice(&prefilling);
-            backend.admit(limits, &running, &mut std::iter::once(head.candidate())) == 1
-        };
         let room = self.swap_budget.saturating_sub(self.swap_used);
-        let Some(victims) = preempt::victims(&held, &head_held, room, fits) else { return false };
-        for (i, reason) in victims {
-            self.park(&groups[i].0, reason);
+        let mut tried = Vec::new();
+        for (_, head) in self.queue.order() {
+            if tried.contains(&head.tenant.name) {
+                continue;
+            }
+            tried.push(head.tenant.name.clone());
+            let head_held = Held {
+                tenant: tenant_id(&mut seen, &head.tenant),
+                weight: head.tenant.weight,
+                priority: head.request.priority,
+                candidate: head.candidate(),
+                movable: false,
+                bytes: 0,
+            };
+            let (backend, limits) = (&self.backend, &self.limits);
+            let fits = |kept: &[bool]| {
+                let mut running: Vec<Candidate> =
+                    held.iter().zip(kept).filter(|(_, k)| **k).map(|(h, _)| h.candidate).collect();
+                running.extend_from_slice(&prefilling);
+                backend.admit(limits, &running, &mut std::iter::once(head.candidate())) == 1
+            };
+            if let Some(victims) = preempt::victims(&held, &head_held, room, fits) {
+                for (i, reason) in victims {
+                    self.park(&groups[i].0, reason);
+                }
+                return Some(head);
+            }
         }
-        true
+        None
     }
 
     /// Moves `job`'s rows out of the batch, their caches swapped out, and
