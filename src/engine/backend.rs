@@ -16,6 +16,8 @@ use super::model::{ForwardError, Logits};
 use super::prefix::{Pin, PrefixCache};
 use crate::graph::{BuiltModel, RowInput};
 
+pub use super::slots::SlotTable;
+
 /// A piece of a prompt to prefill: `tokens` continue what `slot` holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Chunk<'a> {
@@ -161,49 +163,6 @@ pub struct Copies {
     pub swap_out_ns: u64,
     pub swap_in_bytes: usize,
     pub swap_in_ns: u64,
-}
-
-/// Which slots are taken and how many tokens each holds: the bookkeeping
-/// both backends share.
-#[derive(Debug)]
-pub struct SlotTable {
-    used: Vec<bool>,
-    /// Tokens each slot's cache holds.
-    pub lens: Vec<usize>,
-}
-
-impl SlotTable {
-    pub fn new(slots: usize) -> Self {
-        SlotTable { used: vec![false; slots], lens: vec![0; slots] }
-    }
-
-    /// Takes the `n` lowest free slots (so running rows stay packed at the
-    /// front), or none if fewer are free.
-    pub fn alloc(&mut self, n: usize) -> Option<Vec<usize>> {
-        let free: Vec<usize> = (0..self.used.len()).filter(|&s| !self.used[s]).take(n).collect();
-        if free.len() < n {
-            return None;
-        }
-        for &s in &free {
-            self.used[s] = true;
-            self.lens[s] = 0;
-        }
-        Some(free)
-    }
-
-    /// Gives `slot` back; returns the tokens it held.
-    pub fn free(&mut self, slot: usize) -> usize {
-        self.used[slot] = false;
-        std::mem::take(&mut self.lens[slot])
-    }
-
-    pub fn is_used(&self, slot: usize) -> bool {
-        self.used[slot]
-    }
-
-    pub fn any_used(&self) -> bool {
-        self.used.iter().any(|&u| u)
-    }
 }
 
 /// Tokens a group of prompts takes when padded to its longest.

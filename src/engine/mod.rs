@@ -10,6 +10,7 @@ pub mod padded;
 pub mod preempt;
 pub mod prefix;
 mod rows;
+pub mod slots;
 pub mod spec;
 pub mod stats;
 mod worker;

@@ -153,16 +153,21 @@ mod tests {
         move |kept: &[bool]| used.iter().zip(kept).filter(|(_, k)| **k).map(|(u, _)| u).sum::<usize>() + need <= total
     }
 
+    /// The victims for `head` with unbounded swap room, in a batch of `total` tokens.
+    fn pick(running: &[Held], head: &Held, total: usize) -> Option<Vec<(usize, Reason)>> {
+        victims(running, head, usize::MAX, budget(running, head, total))
+    }
+
     #[test]
     fn a_tenant_over_its_share_gives_way_to_one_under_it() {
         // Tenant 0 fills the batch with four 600-token requests; tenant 1's
         // 64-token request needs one of them out: the latest started.
         let running = vec![held(0, 0, 600); 4];
         let head = held(1, 0, 64);
-        let got = victims(&running, &head, usize::MAX, budget(&running, &head, 2400));
+        let got = pick(&running, &head, 2400);
         assert_eq!(got, Some(vec![(3, Reason::Share)]));
         // Nothing moves when it fits already.
-        assert_eq!(victims(&running, &head, usize::MAX, budget(&running, &head, 2464)), None);
+        assert_eq!(pick(&running, &head, 2464), None);
     }
 
     #[test]
@@ -172,15 +177,15 @@ mod tests {
         running.push(held(1, 0, 100));
         let head = held(1, 0, 100);
         // 4 rows of room, full: 0 holds 3, 1 holds 1 -> after the move 2 and 2.
-        assert_eq!(victims(&running, &head, usize::MAX, budget(&running, &head, 400)), Some(vec![(2, Reason::Share)]));
+        assert_eq!(pick(&running, &head, 400), Some(vec![(2, Reason::Share)]));
         // At 2 and 2 neither may take from the other.
         let even = vec![held(0, 0, 100), held(0, 0, 100), held(1, 0, 100), held(1, 0, 100)];
-        assert_eq!(victims(&even, &head, usize::MAX, budget(&even, &head, 400)), None);
+        assert_eq!(pick(&even, &head, 400), None);
         let head0 = held(0, 0, 100);
-        assert_eq!(victims(&even, &head0, usize::MAX, budget(&even, &head0, 400)), None);
+        assert_eq!(pick(&even, &head0, 400), None);
         // One request alone in the batch is never preempted for another tenant's.
         let one = vec![held(0, 0, 100)];
-        assert_eq!(victims(&one, &head, usize::MAX, budget(&one, &head, 100)), None);
+        assert_eq!(pick(&one, &head, 100), None);
     }
 
     #[test]
@@ -190,26 +195,23 @@ mod tests {
         let mut running: Vec<Held> = (0..3).map(|_| Held { weight: 3, ..held(0, 0, 100) }).collect();
         running.push(held(1, 0, 100));
         let head = held(1, 0, 100);
-        assert_eq!(victims(&running, &head, usize::MAX, budget(&running, &head, 400)), None);
+        assert_eq!(pick(&running, &head, 400), None);
         // Of weight 1 it would give one up.
         let equal: Vec<Held> = running.iter().map(|h| Held { weight: 1, ..*h }).collect();
-        assert!(victims(&equal, &head, usize::MAX, budget(&equal, &head, 400)).is_some());
+        assert!(pick(&equal, &head, 400).is_some());
     }
 
     #[test]
     fn priority_moves_a_tenants_own_later_requests_only() {
         let running = vec![held(0, 5, 100), held(0, 0, 100), held(0, 10, 100)];
         let urgent = held(0, -1, 100);
-        assert_eq!(
-            victims(&running, &urgent, usize::MAX, budget(&running, &urgent, 300)),
-            Some(vec![(2, Reason::Priority)])
-        );
+        assert_eq!(pick(&running, &urgent, 300), Some(vec![(2, Reason::Priority)]));
         // Equal priority never preempts.
         let same = held(0, 10, 100);
-        assert_eq!(victims(&running, &same, usize::MAX, budget(&running, &same, 300)), None);
+        assert_eq!(pick(&running, &same, 300), None);
         // Priority does not cross tenants (only shares do).
         let other = vec![held(1, 10, 100)];
-        assert_eq!(victims(&other, &urgent, usize::MAX, budget(&other, &urgent, 100)), None);
+        assert_eq!(pick(&other, &urgent, 100), None);
     }
 
     #[test]
@@ -217,14 +219,14 @@ mod tests {
         // The head needs two of tenant 0's requests out.
         let running = vec![held(0, 0, 100); 6];
         let head = held(1, 0, 200);
-        let got = victims(&running, &head, usize::MAX, budget(&running, &head, 600)).unwrap();
+        let got = pick(&running, &head, 600).unwrap();
         assert_eq!(got.len(), 2);
         // Not movable (prefilling) or over the swap room: nobody moves.
         let stuck: Vec<Held> = running.iter().map(|h| Held { movable: false, ..*h }).collect();
-        assert_eq!(victims(&stuck, &head, usize::MAX, budget(&stuck, &head, 600)), None);
+        assert_eq!(pick(&stuck, &head, 600), None);
         assert_eq!(victims(&running, &head, 150, budget(&running, &head, 600)), None);
         // A head too large for the whole batch moves nobody.
         let huge = held(1, 0, 5000);
-        assert_eq!(victims(&running, &huge, usize::MAX, budget(&running, &huge, 600)), None);
+        assert_eq!(pick(&running, &huge, 600), None);
     }
 }

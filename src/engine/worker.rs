@@ -12,13 +12,14 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+mod admit;
 mod preempt;
 mod prefill;
 mod spec;
 use preempt::Parked;
 use prefill::Prefilling;
 
-use super::admission::{self, Candidate};
+use super::admission;
 use super::backend::{Backend, Copies};
 use super::fair::FairQueue;
 use super::rows::{self, Row, choose};
@@ -98,7 +99,7 @@ impl Worker {
                     since = now;
                 }
                 match self.rx.blocking_recv() {
-                    Some(job) => self.enqueue(job),
+                    Some(job) => self.enqueue(Arc::new(job), false),
                     None => return,
                 }
                 self.gather();
@@ -116,58 +117,6 @@ impl Worker {
                 self.fail_running(e);
             }
             self.publish();
-        }
-    }
-
-    /// At an idle worker: waits for more requests while they keep coming,
-    /// each within `idle_gather_gap` of the last, so that a burst is
-    /// prefilled in one run; a request arriving during a run would wait for
-    /// all of it (on two cores a 16-prompt burst otherwise reached the worker
-    /// in two or three parts).
-    fn gather(&mut self) {
-        let start = now();
-        loop {
-            let mut queued = admission::Waiting::default();
-            for c in self.queue.iter().map(|j| j.candidate()) {
-                queued.rows += c.rows;
-                queued.tokens += c.prompt_len;
-            }
-            if admission::gathered_enough(&self.limits, queued, start.elapsed()) {
-                return;
-            }
-            let left = self.limits.idle_gather_max.saturating_sub(start.elapsed());
-            std::thread::sleep(self.limits.idle_gather_gap.min(left));
-            if self.receive() == 0 {
-                return;
-            }
-        }
-    }
-
-    /// Moves the requests already sent to this worker into its queue;
-    /// returns how many came.
-    fn receive(&mut self) -> usize {
-        let before = self.queue.len();
-        while let Ok(job) = self.rx.try_recv() {
-            self.enqueue(job);
-        }
-        self.queue.len() - before
-    }
-
-    fn enqueue(&mut self, job: Job) {
-        if let Some(key) = &job.tenant.name {
-            metrics::gauge!(telemetry::KEY_QUEUE_WAITING, "key" => key.to_string()).increment(1.0);
-        }
-        self.queue.push(Arc::new(job));
-    }
-
-    /// A request leaves the queue (admitted, or ended while waiting).
-    /// `parked`: a preempted one, which the `--max-queue` count left out.
-    fn dequeued(&self, job: &Job, parked: bool) {
-        if !parked {
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(key) = &job.tenant.name {
-            metrics::gauge!(telemetry::KEY_QUEUE_WAITING, "key" => key.to_string()).decrement(1.0);
         }
     }
 
@@ -226,6 +175,9 @@ impl Worker {
         if c.store_bytes > 0 {
             record_copy("prefix_store", c.store_ns, c.store_bytes);
         }
+        if c.swap_out_bytes + c.swap_in_bytes > 0 {
+            stats.swap_ns.fetch_add(c.swap_out_ns + c.swap_in_ns, Ordering::Relaxed);
+        }
         if c.swap_out_bytes > 0 {
             record_copy("swap_out", c.swap_out_ns, c.swap_out_bytes);
         }
@@ -238,99 +190,6 @@ impl Worker {
             stats.evict_ns.fetch_add(c.evict_ns, Ordering::Relaxed);
             record_copy("evict", c.evict_ns, c.evict_bytes);
         }
-    }
-
-    /// Waiting requests whose client left, that were cancelled, or whose
-    /// deadline passed never reach a prefill.
-    fn drop_abandoned(&mut self) {
-        let t = now();
-        for job in self.queue.take_ended(|job| job.ended_reason(t).is_some()) {
-            let reason = job.ended_reason(t).flatten();
-            let parked = self.parked_index(&job);
-            match parked {
-                Some(k) => self.end_parked(k, reason),
-                None => job.tell_ended(reason),
-            }
-            self.dequeued(&job, parked.is_some());
-        }
-    }
-
-    /// What the running and prefilling requests hold and may still add.
-    fn running(&self) -> Vec<Candidate> {
-        let rows = self.rows.iter().map(|r| {
-            let stop = &r.job.request.stop;
-            Candidate {
-                prompt_len: r.job.request.prompt_ids.len() + r.generated as usize,
-                max_new_tokens: (stop.max_new_tokens - r.generated) as usize,
-                rows: 1,
-            }
-        });
-        rows.chain(self.prefilling.iter().map(|p| p.job.candidate())).collect()
-    }
-
-    /// Admits what fits from the head of the fair order; then, while the
-    /// head does not fit, lets it preempt running requests (`preempt`).
-    fn admit(&mut self) {
-        // Each preemption starts the head, so this ends; the bound is a guard.
-        for _ in 0..=self.limits.max_batch_size {
-            self.admit_fitting();
-            let Some(head) = self.preempt() else { break };
-            // The room made is the head's: it starts now. (The requests put
-            // back may come before it in the fair order, and taking them
-            // first would resume them into that room, over and over.)
-            let Some(lane) = self.queue.lane_of(&head) else { break };
-            let started = self.start(lane, &head);
-            self.queue.prune();
-            if !started {
-                break;
-            }
-        }
-    }
-
-    fn admit_fitting(&mut self) {
-        let running = self.running();
-        let order = self.queue.order();
-        let n = self.backend.admit(&self.limits, &running, &mut order.iter().map(|(_, j)| j.candidate()));
-        for (lane, next) in order.into_iter().take(n) {
-            if !self.start(lane, &next) {
-                break;
-            }
-        }
-        self.queue.prune();
-    }
-
-    /// Takes `next`, the head of queue lane `lane`, into the batch: into the
-    /// prefilling list, or its rows back into the batch when it was
-    /// preempted. False when there are not slots enough.
-    fn start(&mut self, lane: usize, next: &Arc<Job>) -> bool {
-        let parked = self.parked_index(next);
-        let rows = match parked {
-            Some(k) => self.parked[k].rows(),
-            None => next.request.decoding.rows() as usize,
-        };
-        let Some(slots) = self.backend.alloc(rows) else { return false };
-        let job = self.queue.take(lane);
-        debug_assert!(Arc::ptr_eq(&job, next), "taken in the order given");
-        if let Some(k) = parked {
-            self.dequeued(&job, true);
-            self.resume(k, slots);
-            return true;
-        }
-        if let Some(key) = &job.tenant.name {
-            let waited = now().duration_since(job.request.arrival).as_secs_f64();
-            metrics::histogram!(telemetry::KEY_QUEUE_DURATION, "key" => key.to_string()).record(waited);
-        }
-        if !self.rows.is_empty() || !self.prefilling.is_empty() {
-            // Joining a running batch (what it costs in copies, if
-            // anything, the backend reports).
-            self.shared.stats.joins.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::BATCH_JOINS, "worker" => self.shared.id.to_string()).increment(1);
-        }
-        tracing::debug!(parent: &job.span, worker = self.shared.id, "admitted");
-        self.dequeued(&job, false);
-        let _ = job.send(Event::Started { at: now() });
-        self.prefilling.push_back(Prefilling { job, slots, done: 0, cached: 0 });
-        true
     }
 
     /// Applies a beam group's reordering to the cache.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Worker, now};
+use super::Worker;
 use crate::engine::admission::Candidate;
 use crate::engine::backend::Swapped;
 use crate::engine::fair::Tenant;
@@ -35,15 +35,15 @@ impl Parked {
     }
 }
 
-/// Tenant ids for the policy: equal for equal key names.
-fn tenant_id(seen: &mut Vec<Option<Arc<str>>>, tenant: &Tenant) -> usize {
-    match seen.iter().position(|n| *n == tenant.name) {
-        Some(i) => i,
-        None => {
-            seen.push(tenant.name.clone());
-            seen.len() - 1
-        }
-    }
+/// `job` as the policy sees it, holding `candidate`; not movable until
+/// said. Tenant ids come from `seen`: equal for equal key names.
+fn as_held(seen: &mut Vec<Option<Arc<str>>>, job: &Job, candidate: Candidate) -> Held {
+    let name = &job.tenant.name;
+    let tenant = seen.iter().position(|n| n == name).unwrap_or_else(|| {
+        seen.push(name.clone());
+        seen.len() - 1
+    });
+    Held { tenant, weight: job.tenant.weight, priority: job.request.priority, candidate, movable: false, bytes: 0 }
 }
 
 impl Worker {
@@ -75,17 +75,12 @@ impl Worker {
         let mut seen = Vec::new();
         let held: Vec<Held> = groups
             .iter()
-            .map(|(job, rows)| Held {
-                tenant: tenant_id(&mut seen, &job.tenant),
-                weight: job.tenant.weight,
-                priority: job.request.priority,
-                candidate: Candidate {
-                    prompt_len: job.request.prompt_ids.len(),
-                    max_new_tokens: job.request.stop.max_new_tokens as usize,
-                    rows: rows.len(),
-                },
-                movable: rows.iter().all(|&i| !self.rows[i].done),
-                bytes: rows.iter().map(|&i| self.backend.swap_bytes(self.rows[i].slot)).sum(),
+            .map(|(job, rows)| {
+                // What its live rows hold and may add (rows that ended are gone).
+                let mut h = as_held(&mut seen, job, Candidate { rows: rows.len(), ..job.candidate() });
+                h.movable = rows.iter().all(|&i| !self.rows[i].done);
+                h.bytes = rows.iter().map(|&i| self.backend.swap_bytes(self.rows[i].slot)).sum();
+                h
             })
             .collect();
         let prefilling: Vec<Candidate> = self.prefilling.iter().map(|p| p.job.candidate()).collect();
@@ -96,14 +91,7 @@ impl Worker {
                 continue;
             }
             tried.push(head.tenant.name.clone());
-            let head_held = Held {
-                tenant: tenant_id(&mut seen, &head.tenant),
-                weight: head.tenant.weight,
-                priority: head.request.priority,
-                candidate: head.candidate(),
-                movable: false,
-                bytes: 0,
-            };
+            let head_held = as_held(&mut seen, &head, head.candidate());
             let (backend, limits) = (&self.backend, &self.limits);
             let fits = |kept: &[bool]| {
                 let mut running: Vec<Candidate> =
@@ -127,11 +115,9 @@ impl Worker {
         let (rows, others): (Vec<Row>, Vec<Row>) =
             std::mem::take(&mut self.rows).into_iter().partition(|r| Arc::ptr_eq(&r.job, job));
         self.rows = others;
-        let t = now();
         let slots: Vec<usize> = rows.iter().map(|r| r.slot).collect();
         let swapped: Result<Vec<Swapped>, _> = slots.iter().map(|&s| self.backend.swap_out(s)).collect();
         self.backend.free(&slots);
-        self.shared.stats.swap_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.record_copies();
         let swapped = match swapped {
             Ok(s) => s,
@@ -156,22 +142,19 @@ impl Worker {
         metrics::counter!(telemetry::PREEMPTIONS, "reason" => reason.label()).increment(1);
         if let Some(key) = &job.tenant.name {
             metrics::counter!(telemetry::KEY_PREEMPTIONS, "key" => key.to_string()).increment(1);
-            metrics::gauge!(telemetry::KEY_QUEUE_WAITING, "key" => key.to_string()).increment(1.0);
         }
-        self.queue.push_resumed(job.clone());
+        self.enqueue(job.clone(), true);
     }
 
     /// Puts parked request `k` back into the batch in `slots` (one per row).
     pub(super) fn resume(&mut self, k: usize, slots: Vec<usize>) {
         let mut p = self.parked.swap_remove(k);
         self.swap_used -= p.bytes();
-        let t = now();
         let mut result = Ok(());
         for ((row, swapped), &slot) in p.rows.iter_mut().zip(&p.swapped).zip(&slots) {
             row.slot = slot;
             result = result.and_then(|()| self.backend.swap_in(slot, swapped));
         }
-        self.shared.stats.swap_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.record_copies();
         if let Err(e) = result {
             tracing::error!(parent: &p.job.span, worker = self.shared.id, "resuming a preempted request failed: {e}");
