@@ -175,6 +175,30 @@ async fn until_rows(server: &common::TestServer, n: usize) {
     }
 }
 
+/// Requests spawned at once, and the order in which they finished.
+#[derive(Default)]
+struct Finishes(Arc<Mutex<Vec<&'static str>>>);
+
+impl Finishes {
+    fn run(
+        &self,
+        server: &common::TestServer,
+        req: tonic::Request<pb::GenerateRequest>,
+        who: &'static str,
+    ) -> tokio::task::JoinHandle<pb::GenerateResponse> {
+        let (mut c, done) = (server.client.clone(), self.0.clone());
+        tokio::spawn(async move {
+            let answer = c.generate(req).await.unwrap().into_inner();
+            done.lock().unwrap().push(who);
+            answer
+        })
+    }
+
+    fn order(&self) -> Vec<&'static str> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 /// `req` slowed to `ms` per decode step (the `slow@MS` fault) for `key`.
 fn slowed(req: pb::GenerateRequest, key: &str, ms: u32) -> tonic::Request<pb::GenerateRequest> {
     let mut req = keyed(req, key);
@@ -226,22 +250,15 @@ async fn a_key_over_its_share_is_preempted_for_another_and_resumes_with_the_same
         let (first, second) = (long(40, 0), second(long(40, 0)));
         let alone_first = c.generate(keyed(first.clone(), &keys[0])).await.unwrap().into_inner();
         let alone_second = c.generate(keyed(second.clone(), &keys[0])).await.unwrap().into_inner();
-        let done: Arc<Mutex<Vec<&str>>> = Default::default();
-        let run = |req: tonic::Request<pb::GenerateRequest>, who: &'static str| {
-            let (mut c, done) = (server.client.clone(), done.clone());
-            tokio::spawn(async move {
-                let answer = c.generate(req).await.unwrap().into_inner();
-                done.lock().unwrap().push(who);
-                answer
-            })
-        };
+        let done = Finishes::default();
+        let run = |req, who| done.run(&server, req, who);
         let a1 = run(slowed(first, &keys[0], 40), "a1");
         until_rows(&server, 1).await;
         let a2 = run(slowed(second, &keys[0], 40), "a2");
         until_rows(&server, 3).await;
         let b = run(keyed(long(4, 0), &keys[1]), "b");
         let (a1, a2, b) = (a1.await.unwrap(), a2.await.unwrap(), b.await.unwrap());
-        let order = done.lock().unwrap().clone();
+        let order = done.order();
         if common::built() {
             assert_eq!(order[0], "b", "{name}: b waited for a row instead of preempting a's: {order:?}");
         }
@@ -271,22 +288,15 @@ async fn a_more_urgent_request_preempts_its_own_keys_running_one() {
     let mut c = server.client.clone();
     let background = sampled(long(40, 5));
     let alone = c.generate(keyed(background.clone(), &keys[0])).await.unwrap().into_inner();
-    let done: Arc<Mutex<Vec<&str>>> = Default::default();
-    let run = |req: tonic::Request<pb::GenerateRequest>, who: &'static str| {
-        let (mut c, done) = (server.client.clone(), done.clone());
-        tokio::spawn(async move {
-            let answer = c.generate(req).await.unwrap().into_inner();
-            done.lock().unwrap().push(who);
-            answer
-        })
-    };
+    let done = Finishes::default();
+    let run = |req, who| done.run(&server, req, who);
     let bg = run(slowed(background, &keys[0], 40), "background");
     until_rows(&server, 2).await;
     let same = run(keyed(long(3, 5), &keys[0]), "same priority");
     until_in_flight(&server, 2).await;
     let urgent = run(keyed(long(3, -10), &keys[0]), "urgent");
     let (bg, _, _) = (bg.await.unwrap(), same.await.unwrap(), urgent.await.unwrap());
-    let order = done.lock().unwrap().clone();
+    let order = done.order();
     if common::built() {
         assert_eq!(order, ["urgent", "background", "same priority"]);
     }
