@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::chat::Chat;
-use crate::config::{GraphChoice, ServeArgs, Switch};
+use crate::config::{GraphChoice, KvLayoutChoice, ServeArgs, Switch};
+use crate::engine::pages::{self, PagedBackend};
 use crate::engine::prefix::PrefixCache;
 use crate::engine::{self, Backend, EngineConfig, Model, PaddedBackend, SessionOptions, SlotBackend, admission};
 use crate::eval::QualityCheck;
-use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, SlotCache, Weights, WeightsError};
+use crate::graph::{Gpt2Shape, KvDtype, KvLayout, Precision, SharedModel, Weights, WeightsError};
 use crate::model::{ModelConfig, ModelError, ModelFiles};
 use crate::runtime::{self, RuntimeError};
 use crate::server::AppState;
@@ -37,6 +38,11 @@ pub enum StartupError {
          cannot copy one row's cache out and back; use --preemption auto or off with --graph exported"
     )]
     PreemptionExported,
+    #[error(
+        "--kv-layout paged needs batchgen's own graph (--graph built or auto): the export keeps its own \
+         left-padded cache; use --kv-layout slots with --graph exported"
+    )]
+    PagedExported,
     #[error("--spec-ngram-min {min} is longer than --spec-ngram-max {max}")]
     SpecNgram { min: u32, max: u32 },
     #[error(
@@ -97,6 +103,10 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     if args.limits.preemption == Switch::On && choice == GraphChoice::Exported {
         return Err(StartupError::PreemptionExported);
     }
+    let paged = args.model.kv_layout == KvLayoutChoice::Paged;
+    if paged && choice == GraphChoice::Exported {
+        return Err(StartupError::PagedExported);
+    }
     if args.spec.spec_ngram_min > args.spec.spec_ngram_max {
         return Err(StartupError::SpecNgram { min: args.spec.spec_ngram_min, max: args.spec.spec_ngram_max });
     }
@@ -127,7 +137,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let slots = l.max_batch_size.max(1);
     let precision = args.model.weights;
     // float32 weights and cache: what the export could serve instead.
-    let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32;
+    let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32 && !paged;
     let mut prefix_cache_mib = None;
     let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) = match read_weights(
         &files, choice, exact,
@@ -150,7 +160,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 phase("quantize", t);
             }
             let t = Instant::now();
-            let kv = KvLayout::new(args.model.kv_dtype);
+            let kv = if paged { KvLayout::paged(args.model.kv_dtype) } else { KvLayout::new(args.model.kv_dtype) };
             let shared = SharedModel::new(shape, weights, kv);
             phase("graph", t);
             let t = Instant::now();
@@ -159,16 +169,34 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
             if let Some(q) = quality {
                 q.log(&session, &shared, precision).map_err(eval_err)?;
             }
-            let models = (0..workers)
-                .map(|_| shared.worker(&session, slots))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| session_err(format!("reserving the KV cache: {e}")))?;
-            let prefix = prefix_cache(args, &models[0].cache)?;
-            prefix_cache_mib = prefix.as_ref().map(|_| args.cache.prefix_cache_mib);
-            let backends = models
-                .into_iter()
-                .map(|model| Box::new(SlotBackend::new(model, prefix.clone())) as Box<dyn Backend>)
-                .collect();
+            let reserve_err = |e: std::io::Error| session_err(format!("reserving the KV cache: {e}"));
+            let s = &shared.shape;
+            let token_bytes = 2 * s.layers * s.width * kv.dtype.bytes();
+            let budget = prefix_budget(args, token_bytes, workers, paged)?;
+            prefix_cache_mib = budget.map(|_| args.cache.prefix_cache_mib);
+            let backends: Vec<Box<dyn Backend>> = if paged {
+                // Each worker's prefix cache indexes blocks of its own pool.
+                let block = usize::from(args.cache.prefix_block_tokens);
+                let cached = budget.map_or(0, |(_, bytes)| bytes / (block * token_bytes));
+                let blocks = pages::pool_blocks(slots, s.positions, block, cached);
+                (0..workers)
+                    .map(|_| {
+                        let model = shared.paged_worker(&session, blocks, block).map_err(reserve_err)?;
+                        let prefix = budget.map(|(block, bytes)| PrefixCache::new(block, block * token_bytes, bytes));
+                        Ok(Box::new(PagedBackend::new(model, slots, prefix)) as Box<dyn Backend>)
+                    })
+                    .collect::<Result<_, StartupError>>()?
+            } else {
+                let models = (0..workers)
+                    .map(|_| shared.worker(&session, slots))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(reserve_err)?;
+                let prefix = budget.map(|(block, bytes)| Arc::new(PrefixCache::new(block, block * token_bytes, bytes)));
+                models
+                    .into_iter()
+                    .map(|model| Box::new(SlotBackend::new(model, prefix.clone())) as Box<dyn Backend>)
+                    .collect()
+            };
             let s = &shared.shape;
             crate::log_fact!(
                 "built graph",
@@ -320,34 +348,42 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     Ok(Loaded { state: Arc::new(state), worker_threads, summary })
 }
 
-/// The prefix cache all workers share, unless `--prefix-cache off`.
-/// Its blocks are laid out as `kv` (every worker's cache has one shape) reads them.
-fn prefix_cache(args: &ServeArgs, kv: &SlotCache) -> Result<Option<Arc<PrefixCache>>, StartupError> {
+/// The prefix cache's block size and budget in bytes, unless `--prefix-cache
+/// off`. With slots one cache serves every worker; paged, each worker has its
+/// own (its blocks are the worker's pool blocks), each with the whole budget.
+fn prefix_budget(
+    args: &ServeArgs,
+    token_bytes: usize,
+    workers: usize,
+    paged: bool,
+) -> Result<Option<(usize, usize)>, StartupError> {
     let c = &args.cache;
     if c.prefix_cache == Switch::Off {
         crate::log_fact!("prefix cache", text = "prefix cache off", blocks = 0);
         return Ok(None);
     }
     let block = usize::from(c.prefix_block_tokens);
-    let block_bytes = kv.block_bytes(block);
+    let block_bytes = block * token_bytes;
     let budget = c.prefix_cache_mib.saturating_mul(1 << 20);
     if budget < block_bytes {
         let min_mib = block_bytes.div_ceil(1 << 20);
         return Err(StartupError::PrefixCacheBudget { mib: c.prefix_cache_mib, block, block_bytes, min_mib });
     }
-    let cache = PrefixCache::new(block, block_bytes, budget);
-    let (blocks, mib) = (cache.capacity(), (cache.capacity() * block_bytes) >> 20);
+    let blocks = budget / block_bytes;
+    let mib = (blocks * block_bytes) >> 20;
+    let whose =
+        if paged && workers > 1 { "per worker (paged: in the worker's own pool)" } else { "shared by every worker" };
     crate::log_fact!(
         "prefix cache",
         text = format!(
-            "prefix cache on: {blocks} blocks of {block} tokens ({} tokens, {mib} MiB), shared by every worker",
+            "prefix cache on: {blocks} blocks of {block} tokens ({} tokens, {mib} MiB), {whose}",
             blocks * block
         ),
         blocks,
         block_tokens = block,
         mib
     );
-    Ok(Some(Arc::new(cache)))
+    Ok(Some((block, budget)))
 }
 
 /// Logs that a start-up phase took since `started`: one line per phase in

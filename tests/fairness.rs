@@ -308,7 +308,8 @@ async fn a_more_urgent_request_preempts_its_own_keys_running_one() {
 #[tokio::test]
 async fn start_up_refuses_preemption_the_export_cannot_do() {
     let mut a = serve_args();
-    a.model.graph = batchgen::config::GraphChoice::Exported;
+    (a.model.graph, a.model.kv_layout) =
+        (batchgen::config::GraphChoice::Exported, batchgen::config::KvLayoutChoice::Slots);
     a.limits.preemption = batchgen::config::Switch::On;
     let e = tokio::task::spawn_blocking(move || batchgen::app::load(&a).err().unwrap().to_string()).await.unwrap();
     assert!(e.contains("--preemption on needs batchgen's own graph"), "{e}");

@@ -257,3 +257,58 @@ fn deduplicated_initializers_are_read_through_identity_nodes() {
     let err = Weights::from_onnx(&path, &shape).unwrap_err().to_string();
     assert!(err.contains("h.1.ln_1.weight") || err.contains("h.0.attn.c_attn.bias"), "{err}");
 }
+
+/// The paged cache (`PagedAttention` over a block pool): rows whose block
+/// tables are scattered over the pool, in reverse order, prefilled in chunks
+/// side by side on their cached pasts and decoded together, and a row whose
+/// table begins with another row's blocks (a shared prefix, never copied),
+/// each equal to the export's full recompute, at float32 and float16.
+#[test]
+fn paged_rows_read_scattered_and_shared_blocks() {
+    for dtype in [KvDtype::Fp32, KvDtype::Fp16] {
+        let kv = KvLayout::paged(dtype);
+        let rt = batchgen::runtime::init(None).unwrap();
+        let dir = common::fixture_dir();
+        let shape = Gpt2Shape::load(&dir.join("config.json")).unwrap();
+        let weights = Weights::from_onnx(&dir.join("model.onnx"), &shape).unwrap();
+        let shared = SharedModel::new(shape.clone(), weights, kv);
+        let session = std::sync::Arc::new(shared.session(&rt.env, &SessionOptions { intra_op_threads: 2 }).unwrap());
+        let mut model = shared.paged_worker(&session, 40, 4).unwrap();
+        let mut session = common::fixture_session();
+        let a: Vec<u32> = (0..22).map(|i| (i * 733 + 11) % 50257).collect();
+        // b shares a's first 12 tokens (three blocks), then goes its own way.
+        let b: Vec<u32> = a[..12].iter().copied().chain((0..7).map(|i| 9000 + i * 11)).collect();
+        // a's blocks, high ids first; b's own blocks after its shared three.
+        let ta: Vec<u32> = (0..8).map(|j| 39 - 2 * j).collect();
+        let tb: Vec<u32> = ta[..3].iter().copied().chain([4, 0, 8, 2, 6]).collect();
+        let full = |session: &mut _, seq: &[u32]| {
+            common::full_recompute_logits(session, &seq.iter().map(|&t| i64::from(t)).collect::<Vec<_>>())
+        };
+        // a's first 12 alone, then a's next 6 beside b's own 7 on b's shared past of 12.
+        model.run(&[RowInput { tokens: &a[..12], past: 0, logits: 1 }], &[&ta]).unwrap();
+        let rows =
+            [RowInput { tokens: &a[12..18], past: 12, logits: 6 }, RowInput { tokens: &b[12..], past: 12, logits: 1 }];
+        let logits = model.run(&rows, &[&ta, &tb]).unwrap();
+        for end in 13..=18 {
+            assert_close(logits.row(end - 13), &full(&mut session, &a[..end]), kv, &format!("a at {end}"));
+        }
+        assert_close(logits.row(6), &full(&mut session, &b), kv, "b on a's shared blocks");
+        // Decode both together: b first, then a (any order, any lengths).
+        let (mut sa, mut sb) = (a[..18].to_vec(), b.clone());
+        for step in 0..5 {
+            let (na, nb) = ([a[18 + step % 4]], [b[step]]);
+            let rows = [
+                RowInput { tokens: &nb, past: sb.len(), logits: 1 },
+                RowInput { tokens: &na, past: sa.len(), logits: 1 },
+            ];
+            let logits = model.run(&rows, &[&tb, &ta]).unwrap();
+            sb.push(nb[0]);
+            sa.push(na[0]);
+            assert_close(logits.row(0), &full(&mut session, &sb), kv, &format!("b decode {step}"));
+            assert_close(logits.row(1), &full(&mut session, &sa), kv, &format!("a decode {step}"));
+        }
+        // A table too short for the run is refused, not read out of bounds.
+        let short = [RowInput { tokens: &a[..9], past: 0, logits: 1 }];
+        assert!(model.run(&short, &[&ta[..2]]).is_err());
+    }
+}

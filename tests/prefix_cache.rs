@@ -6,7 +6,7 @@
 //! checked exactly, so a cache that silently stopped hitting fails too.
 mod common;
 
-use batchgen::config::{GraphChoice, ServeArgs, Switch};
+use batchgen::config::{GraphChoice, KvLayoutChoice, ServeArgs, Switch};
 use batchgen::pb::{self, GenerateRequest, GenerateResponse};
 use common::{TestServer, assert_same, request, serve_args, start_with};
 
@@ -266,16 +266,20 @@ async fn a_float16_cache_is_exact_too() {
 #[tokio::test]
 async fn start_up_refuses_a_cache_it_cannot_have() {
     let mut a = args(Switch::On, 64);
-    a.model.graph = GraphChoice::Exported;
+    (a.model.graph, a.model.kv_layout) = (GraphChoice::Exported, KvLayoutChoice::Slots);
     let e = tokio::task::spawn_blocking(move || batchgen::app::load(&a).err().unwrap().to_string()).await.unwrap();
     assert!(e.contains("--prefix-cache on needs batchgen's own graph"), "{e}");
     let mut a = args(Switch::On, 0);
     a.cache.prefix_block_tokens = 4;
     let e = tokio::task::spawn_blocking(move || batchgen::app::load(&a).err().unwrap().to_string()).await.unwrap();
     assert!(e.contains("--prefix-cache-mib 0 holds no block of --prefix-block-tokens 4"), "{e}");
+    let mut a = args(Switch::Auto, 64);
+    (a.model.graph, a.model.kv_layout) = (GraphChoice::Exported, KvLayoutChoice::Paged);
+    let e = tokio::task::spawn_blocking(move || batchgen::app::load(&a).err().unwrap().to_string()).await.unwrap();
+    assert!(e.contains("--kv-layout paged needs batchgen's own graph"), "{e}");
     // auto with the export: served, without a cache.
     let mut a = args(Switch::Auto, 64);
-    a.model.graph = GraphChoice::Exported;
+    (a.model.graph, a.model.kv_layout) = (GraphChoice::Exported, KvLayoutChoice::Slots);
     let mut server = start_with(a).await;
     let r = server.client.generate(greedy(tokens(1, 10), 2)).await.unwrap().into_inner();
     let r2 = server.client.generate(greedy(tokens(1, 10), 2)).await.unwrap().into_inner();

@@ -134,6 +134,13 @@ pub struct SpecArgs {
     pub spec_adaptive: bool,
 }
 
+/// `--kv-layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvLayoutChoice {
+    Slots,
+    Paged,
+}
+
 /// Whether a feature is on: `auto` lets the server decide (see the flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Switch {
@@ -195,6 +202,15 @@ pub struct ModelArgs {
     /// Measure what it costs with `batchgen eval` or `--eval-text`.
     #[arg(long, env = "BATCHGEN_KV_DTYPE", default_value = "fp32", value_enum)]
     pub kv_dtype: crate::graph::KvDtype,
+    /// How the KV cache is laid out (built graph only): "slots" (each row
+    /// owns a contiguous slot; float32 is attended by ONNX Runtime's
+    /// GroupQueryAttention; the prefix cache copies cached blocks into a
+    /// row's slot) or "paged" (rows hold block tables into a pool, attended
+    /// by batchgen's PagedAttention kernel: cached prompt blocks, samples and
+    /// beams are shared instead of copied, so a prefix 16 rows share is held
+    /// and read once; blocks are `--prefix-block-tokens` long).
+    #[arg(long, env = "BATCHGEN_KV_LAYOUT", default_value = "slots", value_enum)]
+    pub kv_layout: KvLayoutChoice,
     /// A text file to measure the quality of `--weights` on at start-up: the
     /// perplexity of its first `--eval-tokens` tokens and the top-1 agreement
     /// with float32, logged in one line before serving (costs a float32

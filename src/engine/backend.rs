@@ -136,7 +136,7 @@ pub trait Backend: Send {
 pub struct Swapped {
     /// Tokens it holds.
     pub len: usize,
-    data: Vec<u8>,
+    pub(super) data: Vec<u8>,
 }
 
 impl Swapped {
@@ -166,11 +166,11 @@ pub struct Copies {
 }
 
 /// Tokens a group of prompts takes when padded to its longest.
-fn padded(chunks: &[Chunk<'_>]) -> usize {
+pub(super) fn padded(chunks: &[Chunk<'_>]) -> usize {
     chunks.len() * chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(0)
 }
 
-fn real(chunks: &[Chunk<'_>]) -> usize {
+pub(super) fn real(chunks: &[Chunk<'_>]) -> usize {
     chunks.iter().map(|c| c.tokens.len()).sum()
 }
 
@@ -429,13 +429,18 @@ impl Backend for SlotBackend {
         if held >= block {
             let t = Instant::now();
             let cache = &mut self.model.cache;
-            let read = |j, out: &mut [u8]| cache.read_block(slot, j * block, block, out);
-            let (stored, last) = prefix.insert(&tokens[..held], read);
-            if stored > 0 {
-                self.copies.store_bytes += stored * cache.block_bytes(block);
+            let bytes = cache.block_bytes(block);
+            let read = |j: usize| {
+                let mut out = vec![0u8; bytes];
+                cache.read_block(slot, j * block, block, &mut out);
+                Arc::new(out)
+            };
+            let done = prefix.insert(&tokens[..held], read, |_| false);
+            if done.stored > 0 {
+                self.copies.store_bytes += done.stored * bytes;
                 self.copies.store_ns += t.elapsed().as_nanos() as u64;
             }
-            pin = last;
+            pin = done.last;
         }
         self.repin(slot, pin.filter(|_| prefilling));
     }

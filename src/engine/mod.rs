@@ -7,6 +7,7 @@ pub mod fair;
 pub mod layout;
 pub mod model;
 pub mod padded;
+pub mod pages;
 pub mod preempt;
 pub mod prefix;
 mod rows;

@@ -50,7 +50,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::telemetry;
 
-/// One block's keys and values, laid out as `SlotCache::block_bytes` says.
+/// One block's keys and values, laid out as `SlotCache::block_bytes` says
+/// (what the copying cache holds; the paged cache holds block ids of its
+/// pool instead, `super::pages`).
 pub type BlockData = Arc<Vec<u8>>;
 
 /// The id of the virtual block before every prompt's first.
@@ -62,9 +64,9 @@ struct Key {
     tokens: Box<[u32]>,
 }
 
-struct Entry {
+struct Entry<D> {
     key: Key,
-    data: BlockData,
+    data: D,
     /// Cached blocks whose parent this is.
     children: u32,
     /// Slots whose cache ends in this block's chain (`PrefixCache::pin`).
@@ -73,10 +75,9 @@ struct Entry {
     stamp: u64,
 }
 
-#[derive(Default)]
-struct Inner {
+struct Inner<D> {
     index: HashMap<Key, u64>,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry<D>>,
     /// The blocks no cached block continues, oldest first: what may be evicted.
     leaves: BTreeSet<(u64, Reverse<u64>)>,
     clock: u64,
@@ -97,19 +98,38 @@ pub struct Held {
     pub evictions: u64,
 }
 
-pub struct PrefixCache {
+/// What `PrefixCache::insert` did.
+#[derive(Debug)]
+pub struct Inserted<D> {
+    /// Blocks stored.
+    pub stored: usize,
+    /// The last block of the cached chain of the tokens afterwards (to pin).
+    pub last: Option<Pin>,
+    /// Blocks the cache let go of: the evicted ones, and any read that was
+    /// not stored (for the paged cache, references to drop).
+    pub dropped: Vec<D>,
+}
+
+pub struct PrefixCache<D = BlockData> {
     block: usize,
     block_bytes: usize,
     capacity: usize,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<D>>,
 }
 
-impl PrefixCache {
+impl<D: Clone> PrefixCache<D> {
     /// A cache of blocks of `block` tokens, each `block_bytes` bytes, within
     /// `budget` bytes.
     pub fn new(block: usize, block_bytes: usize, budget: usize) -> Self {
         assert!(block > 0 && block_bytes > 0);
-        let inner = Inner { next_id: ROOT + 1, ..Default::default() };
+        let inner = Inner {
+            index: HashMap::new(),
+            entries: HashMap::new(),
+            leaves: BTreeSet::new(),
+            clock: 0,
+            next_id: ROOT + 1,
+            evictions: 0,
+        };
         let cache = PrefixCache { block, block_bytes, capacity: budget / block_bytes, inner: Mutex::new(inner) };
         cache.publish(&cache.lock());
         cache
@@ -130,7 +150,7 @@ impl PrefixCache {
         Held { blocks: inner.entries.len(), bytes: inner.entries.len() * self.block_bytes, evictions: inner.evictions }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<D>> {
         // A panic elsewhere while holding it leaves the index consistent
         // (every change is made before the lock is released).
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -138,7 +158,7 @@ impl PrefixCache {
 
     /// The cached blocks that begin `tokens` (whole blocks only), in order:
     /// the longest chain there is, and the id of its last block. Marks them used.
-    pub fn lookup(&self, tokens: &[u32]) -> (Vec<BlockData>, Option<Pin>) {
+    pub fn lookup(&self, tokens: &[u32]) -> (Vec<D>, Option<Pin>) {
         let mut inner = self.lock();
         let stamp = inner.tick();
         let chain = inner.walk(tokens, self.block, stamp);
@@ -168,37 +188,34 @@ impl PrefixCache {
     }
 
     /// Stores the whole blocks of `tokens` the cache does not hold yet;
-    /// `read(j, out)` fills block `j` (tokens `j * block..(j + 1) * block`).
-    /// Returns how many blocks were stored and the last block of the cached
-    /// chain of `tokens` afterwards (to pin). Evicts the least recently used
-    /// unpinned blocks that nothing continues to make room; stops early when
-    /// none is left but this chain's own.
-    pub fn insert(&self, tokens: &[u32], mut read: impl FnMut(usize, &mut [u8])) -> (usize, Option<Pin>) {
+    /// `read(j)` gives block `j` (tokens `j * block..(j + 1) * block`).
+    /// Evicts the least recently used blocks that nothing continues, no slot
+    /// pins and `in_use` says no row holds, to make room; stops early when
+    /// none is left but this chain's own. The budget counts the blocks no
+    /// row holds (`in_use` false): a block a row holds costs its memory
+    /// whether the cache indexes it or not.
+    pub fn insert(&self, tokens: &[u32], mut read: impl FnMut(usize) -> D, in_use: impl Fn(&D) -> bool) -> Inserted<D> {
         let whole = tokens.len() / self.block;
+        let mut done = Inserted { stored: 0, last: None, dropped: Vec::new() };
         if whole == 0 || self.capacity == 0 {
-            return (0, None);
+            return done;
         }
-        let (first_missing, last) = {
+        let first_missing = {
             let mut inner = self.lock();
             let stamp = inner.tick();
             let chain = inner.walk(tokens, self.block, stamp);
-            let last = chain.last().map(|&id| Pin(id));
-            if chain.len() < whole && inner.entries.len() >= self.capacity && !inner.evictable(stamp) {
+            done.last = chain.last().map(|&id| Pin(id));
+            if chain.len() < whole && inner.idle(&in_use) >= self.capacity && !inner.evictable(stamp, &in_use) {
                 // Full of blocks in use: reading more would be wasted.
-                return (0, last);
+                return done;
             }
-            (chain.len(), last)
+            chain.len()
         };
         if first_missing == whole {
-            return (0, last);
+            return done;
         }
         // The copies run without the lock.
-        let mut read_blocks: Vec<Vec<u8>> = Vec::with_capacity(whole - first_missing);
-        for j in first_missing..whole.min(first_missing + self.capacity) {
-            let mut data = vec![0u8; self.block_bytes];
-            read(j, &mut data);
-            read_blocks.push(data);
-        }
+        let read_blocks: Vec<D> = (first_missing..whole.min(first_missing + self.capacity)).map(&mut read).collect();
         let mut inner = self.lock();
         let stamp = inner.tick();
         // Another worker may have stored (or evicted) some of them meanwhile.
@@ -206,19 +223,32 @@ impl PrefixCache {
         if chain.len() < first_missing {
             // A block before those read was evicted meanwhile: the chain
             // cannot be continued now.
-            return (0, chain.last().map(|&id| Pin(id)));
+            done.last = chain.last().map(|&id| Pin(id));
+            done.dropped = read_blocks;
+            return done;
         }
         let mut parent = chain.last().copied().unwrap_or(ROOT);
-        let mut stored = 0;
         let mut blocks = read_blocks.into_iter();
         // Blocks another worker stored after the first walk are dropped.
         for _ in first_missing..chain.len() {
-            blocks.next();
+            done.dropped.extend(blocks.next());
         }
-        for (j, data) in (chain.len()..whole).zip(blocks) {
-            if inner.entries.len() >= self.capacity && !inner.evict_one(stamp) {
+        let mut idle = inner.idle(&in_use);
+        for (j, data) in (chain.len()..whole).zip(&mut blocks) {
+            while idle >= self.capacity {
+                match inner.evict_one(stamp, &in_use) {
+                    Some(gone) => {
+                        done.dropped.push(gone);
+                        idle -= 1;
+                    }
+                    None => break,
+                }
+            }
+            if idle >= self.capacity {
+                done.dropped.push(data);
                 break;
             }
+            idle += usize::from(!in_use(&data));
             let key = Key { parent, tokens: tokens[j * self.block..(j + 1) * self.block].into() };
             let id = inner.next_id;
             inner.next_id += 1;
@@ -229,23 +259,49 @@ impl PrefixCache {
                 inner.leaves.remove(&(p_stamp, Reverse(parent)));
             }
             inner.index.insert(key.clone(), id);
-            inner.entries.insert(id, Entry { key, data: Arc::new(data), children: 0, pins: 0, stamp });
+            inner.entries.insert(id, Entry { key, data, children: 0, pins: 0, stamp });
             inner.leaves.insert((stamp, Reverse(id)));
             parent = id;
-            stored += 1;
+            done.stored += 1;
         }
+        done.dropped.extend(blocks);
         self.publish(&inner);
-        (stored, (parent != ROOT).then_some(Pin(parent)))
+        done.last = (parent != ROOT).then_some(Pin(parent));
+        done
     }
 
-    fn publish(&self, inner: &Inner) {
+    /// Evicts blocks no row holds (least recently used leaves first) while
+    /// more of them than the budget are cached: after rows gave their
+    /// blocks back. Returns the evicted blocks.
+    pub fn trim(&self, in_use: impl Fn(&D) -> bool) -> Vec<D> {
+        let mut inner = self.lock();
+        let mut idle = inner.idle(&in_use);
+        let mut gone = Vec::new();
+        while idle > self.capacity {
+            let stamp = inner.tick();
+            let Some(data) = inner.evict_one(stamp, &in_use) else { break };
+            gone.push(data);
+            idle -= 1;
+        }
+        if !gone.is_empty() {
+            self.publish(&inner);
+        }
+        gone
+    }
+
+    fn publish(&self, inner: &Inner<D>) {
         metrics::gauge!(telemetry::PREFIX_CACHE_BLOCKS).set(inner.entries.len() as f64);
         metrics::gauge!(telemetry::PREFIX_CACHE_BYTES).set((inner.entries.len() * self.block_bytes) as f64);
         metrics::gauge!(telemetry::PREFIX_CACHE_CAPACITY_BYTES).set((self.capacity * self.block_bytes) as f64);
     }
 }
 
-impl Inner {
+impl<D> Inner<D> {
+    /// Cached blocks no row holds.
+    fn idle(&self, in_use: &impl Fn(&D) -> bool) -> usize {
+        self.entries.values().filter(|e| !in_use(&e.data)).count()
+    }
+
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
@@ -271,24 +327,27 @@ impl Inner {
         chain
     }
 
-    /// The least recently used unpinned leaf not used at `stamp` (the
-    /// chain being stored).
-    fn victim(&self, stamp: u64) -> Option<(u64, u64)> {
+    /// The least recently used leaf no slot pins and no row holds, not used
+    /// at `stamp` (the chain being stored).
+    fn victim(&self, stamp: u64, in_use: &impl Fn(&D) -> bool) -> Option<(u64, u64)> {
         self.leaves
             .iter()
             .take_while(|&&(s, _)| s < stamp)
-            .find(|&&(_, Reverse(id))| self.entries[&id].pins == 0)
+            .find(|&&(_, Reverse(id))| {
+                let e = &self.entries[&id];
+                e.pins == 0 && !in_use(&e.data)
+            })
             .map(|&(s, Reverse(id))| (s, id))
     }
 
-    fn evictable(&self, stamp: u64) -> bool {
-        self.victim(stamp).is_some()
+    fn evictable(&self, stamp: u64, in_use: &impl Fn(&D) -> bool) -> bool {
+        self.victim(stamp, in_use).is_some()
     }
 
-    /// Evicts the least recently used unpinned leaf, unless it was used at
-    /// `stamp`. True when one was evicted.
-    fn evict_one(&mut self, stamp: u64) -> bool {
-        let Some((s, id)) = self.victim(stamp) else { return false };
+    /// Evicts the least recently used leaf `victim` allows, unless it was
+    /// used at `stamp`; returns its data.
+    fn evict_one(&mut self, stamp: u64, in_use: &impl Fn(&D) -> bool) -> Option<D> {
+        let (s, id) = self.victim(stamp, in_use)?;
         self.leaves.remove(&(s, Reverse(id)));
         let e = self.entries.remove(&id).expect("leaves are cached");
         self.index.remove(&e.key);
@@ -301,7 +360,7 @@ impl Inner {
         }
         self.evictions += 1;
         metrics::counter!(telemetry::PREFIX_CACHE_EVICTIONS).increment(1);
-        true
+        Some(e.data)
     }
 }
 
@@ -315,11 +374,17 @@ mod tests {
     }
 
     fn store_pinned(c: &PrefixCache, tokens: &[u32]) -> (usize, Option<Pin>) {
-        c.insert(tokens, |j, out| {
-            out.fill(0);
-            out[0] = tokens[j * c.block()] as u8;
-            out[1] = j as u8;
-        })
+        let done = c.insert(
+            tokens,
+            |j| {
+                let mut out = vec![0; 10];
+                out[0] = tokens[j * c.block()] as u8;
+                out[1] = j as u8;
+                Arc::new(out)
+            },
+            |_| false,
+        );
+        (done.stored, done.last)
     }
 
     fn found(c: &PrefixCache, tokens: &[u32]) -> Vec<(u8, u8)> {
@@ -341,7 +406,15 @@ mod tests {
         let (_, six) = store_pinned(&c, &[6]);
         c.repin(None, six);
         let mut reads = 0;
-        assert_eq!(c.insert(&[7, 8], |_, _| reads += 1).0, 0);
+        let done = c.insert(
+            &[7, 8],
+            |_| {
+                reads += 1;
+                Arc::new(vec![0; 10])
+            },
+            |_| false,
+        );
+        assert_eq!(done.stored, 0);
         assert_eq!(reads, 0, "a full cache of pinned blocks reads nothing");
         // Unpinned, the least recently used chain goes, leaf first.
         c.repin(pin, None);

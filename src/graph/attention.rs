@@ -35,6 +35,9 @@ use ort::value::TensorElementType;
 
 pub const DOMAIN: &str = "batchgen";
 pub const OP: &str = "SlotAttention";
+/// The paged variant (`PagedAttention`): the cache is a pool of blocks and
+/// each row reads and writes its positions through a block table.
+pub const PAGED_OP: &str = "PagedAttention";
 
 /// An element type the cache may hold.
 pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Copy + Send + Sync + 'static {
@@ -213,7 +216,11 @@ impl<E> Default for SlotAttention<E> {
 
 /// The domain with both element types, for a session builder.
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(SlotAttention::<f32>::default())?.add(SlotAttention::<f16>::default())
+    OperatorDomain::new(DOMAIN)?
+        .add(SlotAttention::<f32>::default())?
+        .add(SlotAttention::<f16>::default())?
+        .add(PagedAttention::<f32>::default())?
+        .add(PagedAttention::<f16>::default())
 }
 
 impl<E: CacheElem> Operator for SlotAttention<E> {
@@ -330,6 +337,164 @@ fn compute<E: CacheElem>(ctx: &ComputeContext, heads: usize, scale: f32) -> ort:
         // SAFETY: shapes were checked above; the task owns row r, head h.
         unsafe { attend(run, r, h, past, n) };
     })
+}
+
+/// The operator over a block pool for caches of element type `E`: inputs as
+/// `SlotAttention`'s, but `past_key`/`past_value` are the whole pool
+/// `[blocks, heads, block, head_dim]` and a sixth input, `block_table [B, T]`
+/// int32, names the pool block holding positions `j × block..(j + 1) × block`
+/// of row `b` at `[b, j]`. Rows write their new keys and values through it
+/// (the engine gives every row blocks of its own for the positions it
+/// writes) and read every earlier position through it, so one block may
+/// serve several rows: a shared prompt prefix, the samples and beams of one
+/// request.
+pub struct PagedAttention<E>(PhantomData<E>);
+
+impl<E> Default for PagedAttention<E> {
+    fn default() -> Self {
+        PagedAttention(PhantomData)
+    }
+}
+
+impl<E: CacheElem> Operator for PagedAttention<E> {
+    type Kernel<'attr> = BoxedKernel<'attr>;
+
+    fn name(&self) -> &str {
+        PAGED_OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(E::TYPE),
+            OperatorInput::required(E::TYPE),
+            OperatorInput::required(TensorElementType::Int32),
+            OperatorInput::required(TensorElementType::Int32),
+            OperatorInput::required(TensorElementType::Int32),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let heads = kctx.get::<i64>("num_heads").ok_or_else(|| ort::Error::new("PagedAttention needs num_heads"))?;
+        let scale = kctx.get::<f32>("scale").ok_or_else(|| ort::Error::new("PagedAttention needs scale"))?;
+        let heads = usize::try_from(heads).map_err(|_| ort::Error::new("num_heads must be positive"))?;
+        Ok(Box::new(move |ctx: &ComputeContext| compute_paged::<E>(ctx, heads, scale)))
+    }
+}
+
+fn compute_paged<E: CacheElem>(ctx: &ComputeContext, heads: usize, scale: f32) -> ort::Result<()> {
+    let input = |i: usize| ctx.input(i)?.ok_or_else(|| bad(format!("input {i} is missing")));
+    let (qkv, key, value, seqlens, past, table) = (input(0)?, input(1)?, input(2)?, input(3)?, input(4)?, input(5)?);
+    let (qshape, q) = qkv.try_extract_tensor::<f32>()?;
+    let (kshape, _) = key.try_extract_tensor::<E>()?;
+    let (vshape, _) = value.try_extract_tensor::<E>()?;
+    let (_, seqlens) = seqlens.try_extract_tensor::<i32>()?;
+    let (_, past) = past.try_extract_tensor::<i32>()?;
+    let (tshape, table) = table.try_extract_tensor::<i32>()?;
+    let dims = |s: &ort::value::Shape| s.iter().map(|&d| d as usize).collect::<Vec<_>>();
+    let (qd, kd, td) = (dims(qshape), dims(kshape), dims(tshape));
+    let [b, s, e3] = qd[..] else { return Err(bad(format!("qkv is {qd:?}, not [B, S, 3E]"))) };
+    let [blocks, kh, block, head_dim] = kd[..] else { return Err(bad(format!("the key pool is {kd:?}"))) };
+    let [tb, per_row] = td[..] else { return Err(bad(format!("block_table is {td:?}, not [B, T]"))) };
+    if kh != heads || e3 != 3 * heads * head_dim || dims(vshape) != kd || tb != b || block == 0 {
+        return Err(bad(format!("qkv {qd:?} and block_table {td:?} do not match the pool {kd:?} with {heads} heads")));
+    }
+    if seqlens.len() != b || past.len() != b {
+        return Err(bad(format!("{} seqlens and {} past lengths for {b} rows", seqlens.len(), past.len())));
+    }
+    for r in 0..b {
+        let (total, p) = (seqlens[r] as i64 + 1, past[r] as i64);
+        if p < 0 || total <= p || total - p > s as i64 || total > (per_row * block) as i64 {
+            return Err(bad(format!(
+                "row {r}: length {total} over a past of {p}, {s} new positions, {per_row} blocks of {block}"
+            )));
+        }
+        let used = (total as usize).div_ceil(block);
+        if let Some(&id) = table[r * per_row..r * per_row + used].iter().find(|&&id| id < 0 || id as usize >= blocks) {
+            return Err(bad(format!("row {r}: block {id} is not in the pool of {blocks}")));
+        }
+    }
+    let e = heads * head_dim;
+    let mut out = ctx.output(0, vec![b as i64, s as i64, e as i64])?.ok_or_else(|| bad("no output".into()))?;
+    let (_, out) = out.try_extract_tensor_mut::<f32>()?;
+    let run = Run::<E> {
+        qkv: q.as_ptr(),
+        key: mutable_data(&key)?.cast(),
+        value: mutable_data(&value)?.cast(),
+        out: out.as_mut_ptr(),
+        seq: s,
+        heads,
+        max_len: block,
+        head_dim,
+        scale,
+    };
+    let rows: Vec<(usize, usize)> = (0..b).map(|r| (past[r] as usize, (seqlens[r] + 1 - past[r]) as usize)).collect();
+    // Head-major: the rows attending one head run next to each other, so a
+    // block several rows share is read from memory once and from the cache
+    // after.
+    let tasks = b * heads;
+    ctx.par_for(tasks, tasks, |task| {
+        let (h, r) = (task / b, task % b);
+        let (past, n) = rows[r];
+        let blocks = &table[r * per_row..(r + 1) * per_row];
+        // SAFETY: shapes and block ids were checked above; the task owns
+        // row r's positions past.. in head h (its blocks there are its own).
+        unsafe { attend_paged(run, blocks, r, h, past, n) };
+    })
+}
+
+/// One (row, head) of `PagedAttention`: `run.max_len` is the block size and
+/// `blocks` the row's block table.
+///
+/// # Safety
+/// As `attend`, with every block of `blocks` up to `past + n` positions in
+/// the pool, and the positions `past..past + n` of no other row's blocks.
+unsafe fn attend_paged<E: CacheElem>(run: Run<E>, blocks: &[i32], r: usize, h: usize, past: usize, n: usize) {
+    let (s, d, e, bs) = (run.seq, run.head_dim, run.heads * run.head_dim, run.max_len);
+    // Element offset of position `p` of head `h` in the pool.
+    let at = |p: usize| ((blocks[p / bs] as usize * run.heads + h) * bs + p % bs) * d;
+    let token = |t: usize| (r * s + t) * 3 * e + h * d;
+    // SAFETY: every offset below is inside the shapes the caller checked.
+    unsafe {
+        for t in 0..n {
+            let to = at(past + t);
+            let (k, v) = (run.qkv.add(token(t) + e), run.qkv.add(token(t) + 2 * e));
+            for i in 0..d {
+                *run.key.add(to + i) = E::from_f32(*k.add(i));
+                *run.value.add(to + i) = E::from_f32(*v.add(i));
+            }
+        }
+        SCORES.with_borrow_mut(|scores| {
+            scores.resize(past + n + d, 0.0);
+            let (scores, part) = scores.split_at_mut(past + n);
+            for t in 0..n {
+                let q = std::slice::from_raw_parts(run.qkv.add(token(t)), d);
+                let len = past + t + 1;
+                let mut max = f32::NEG_INFINITY;
+                for start in (0..len).step_by(bs) {
+                    let end = len.min(start + bs);
+                    let m = E::scores(q, run.key.add(at(start)), run.scale, &mut scores[start..end]);
+                    max = max.max(m);
+                }
+                let inv = 1.0 / exp_shifted(&mut scores[..len], max);
+                scores[..len].iter_mut().for_each(|p| *p *= inv);
+                let out = std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d);
+                out.fill(0.0);
+                for start in (0..len).step_by(bs) {
+                    let end = len.min(start + bs);
+                    E::weighted(&scores[start..end], run.value.add(at(start)), &mut part[..d]);
+                    out.iter_mut().zip(&part[..d]).for_each(|(o, x)| *o += x);
+                }
+            }
+        });
+        for t in n..s {
+            std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d).fill(0.0);
+        }
+    }
 }
 
 thread_local! {

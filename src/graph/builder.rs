@@ -26,7 +26,10 @@
 //! cache needs) each layer's GroupQueryAttention is a `batchgen.SlotAttention`
 //! instead: it takes one more input, `past_lens [B]` (int32, what each row's
 //! cache held before the run), writes the new keys and values into the past
-//! buffers it is given, and has no present outputs.
+//! buffers it is given, and has no present outputs. With the paged cache
+//! (`Kernel::Paged`) it is a `batchgen.PagedAttention`, whose past inputs
+//! are the whole block pool `[blocks, heads, block, head_dim]` and which
+//! takes one input more, `block_table [B, T]` (int32, `super::pool`).
 use super::attention;
 use super::cache::KvDtype;
 use super::onnx::{self, tensor_proto::DataType};
@@ -225,6 +228,13 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
                 &[&attn3],
                 vec![attr_i("num_heads", heads), attr_f("scale", shape.scales[i])],
             ),
+            Kernel::Paged => g.node(
+                attention::PAGED_OP,
+                attention::DOMAIN,
+                &[&qkv3, &pk, &pv, "seqlens_k", "past_lens", "block_table"],
+                &[&attn3],
+                vec![attr_i("num_heads", heads), attr_f("scale", shape.scales[i])],
+            ),
         }
         let mut attn = format!("l{i}_attn");
         g.node("Reshape", "", &[&attn3, "c_flat"], &[&attn], vec![]);
@@ -272,7 +282,10 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
         KvDtype::Fp32 => DataType::Float,
         KvDtype::Fp16 => DataType::Float16,
     };
-    let cache = |name: &str| value_info(name, kv_type, &[Err("batch"), Ok(heads), Err(mx), Ok(d)]);
+    let cache = |name: &str| match kv.kernel {
+        Kernel::Paged => value_info(name, kv_type, &[Err("pool_blocks"), Ok(heads), Err("block"), Ok(d)]),
+        _ => value_info(name, kv_type, &[Err("batch"), Ok(heads), Err(mx), Ok(d)]),
+    };
     let mut inputs = vec![
         value_info("input_ids", DataType::Int64, &[Err("batch"), Err("seq")]),
         value_info("position_ids", DataType::Int64, &[Err("batch"), Err("seq")]),
@@ -280,8 +293,11 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
         value_info("total_sequence_length", DataType::Int32, &[Ok(1)]),
         value_info("logits_index", DataType::Int64, &[Err("picked")]),
     ];
-    if kv.kernel == Kernel::Slot {
+    if kv.kernel != Kernel::GroupQuery {
         inputs.push(value_info("past_lens", DataType::Int32, &[Err("batch")]));
+    }
+    if kv.kernel == Kernel::Paged {
+        inputs.push(value_info("block_table", DataType::Int32, &[Err("batch"), Err("table")]));
     }
     let mut outputs = vec![value_info("logits", DataType::Float, &[Err("picked"), Ok(shape.vocab as i64)])];
     for i in 0..shape.layers {

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::ptr::NonNull;
 
 /// One mapped `[slots, heads, max_len, head_dim]` buffer.
-struct Region {
+pub(super) struct Region {
     ptr: NonNull<u8>,
     bytes: usize,
 }
@@ -26,7 +26,7 @@ struct Region {
 unsafe impl Send for Region {}
 
 impl Region {
-    fn new(bytes: usize) -> std::io::Result<Self> {
+    pub(super) fn new(bytes: usize) -> std::io::Result<Self> {
         let bytes = bytes.max(1);
         // SAFETY: an anonymous private mapping; checked for MAP_FAILED.
         let ptr = unsafe {
@@ -45,14 +45,14 @@ impl Region {
         Ok(Region { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), bytes })
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: the mapping holds `bytes` bytes (zero-filled on first touch).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.bytes) }
     }
 
     /// Gives the whole pages inside `range` (bytes) back to the kernel;
     /// they read as zeros afterwards.
-    fn release(&mut self, range: Range<usize>) {
+    pub(super) fn release(&mut self, range: Range<usize>) {
         let page = 4096;
         let base = self.ptr.as_ptr() as usize;
         let start = (base + range.start).div_ceil(page) * page;

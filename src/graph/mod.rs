@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod builder;
 pub mod cache;
+pub mod pool;
 pub mod precision;
 pub mod quant;
 pub mod weights;
@@ -17,6 +18,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Shape, Tensor, TensorRefMut};
 
 pub use cache::{CacheShape, KvDtype, SlotCache};
+pub use pool::{BlockPool, PoolShape};
 pub use precision::Precision;
 pub use weights::{Gpt2Shape, Weights, WeightsError};
 
@@ -39,6 +41,8 @@ pub enum Kernel {
     GroupQuery,
     /// batchgen's own `batchgen.SlotAttention` (`attention`).
     Slot,
+    /// batchgen's own `batchgen.PagedAttention` over a block pool (`pool`).
+    Paged,
 }
 
 /// The cache's element type and the kernel that reads it.
@@ -59,6 +63,16 @@ impl KvLayout {
         KvLayout { dtype, kernel }
     }
 
+    /// The paged cache (`--kv-layout paged`), read by our kernel at either
+    /// element type.
+    pub fn paged(dtype: KvDtype) -> Self {
+        KvLayout { dtype, kernel: Kernel::Paged }
+    }
+
+    pub fn is_paged(&self) -> bool {
+        self.kernel == Kernel::Paged
+    }
+
     /// `BATCHGEN_KV_DTYPE` (fp32 when unset) and, for measuring the kernels
     /// against each other, `BATCHGEN_ATTENTION=slot` (our kernel over a
     /// float32 cache): for the benchmark programs, which take no flags.
@@ -71,7 +85,10 @@ impl KvLayout {
         match std::env::var("BATCHGEN_ATTENTION").as_deref() {
             Ok("slot") => kv.kernel = Kernel::Slot,
             Ok("gqa") if dtype == KvDtype::Fp32 => kv.kernel = Kernel::GroupQuery,
-            Ok(other) => return Err(format!("BATCHGEN_ATTENTION={other}: slot, or gqa with a float32 cache")),
+            Ok("paged") => kv.kernel = Kernel::Paged,
+            Ok(other) => {
+                return Err(format!("BATCHGEN_ATTENTION={other}: slot, paged, or gqa with a float32 cache"));
+            }
             Err(_) => {}
         }
         Ok(kv)
@@ -101,6 +118,22 @@ impl SharedModel {
         BuiltModel::new(session.clone(), &self.shape, self.kv, slots)
     }
 
+    /// A worker's model over a paged cache of `blocks` blocks of `block`
+    /// positions (the layout must be `KvLayout::paged`).
+    pub fn paged_worker(&self, session: &Arc<Session>, blocks: usize, block: usize) -> std::io::Result<PagedModel> {
+        assert!(self.kv.is_paged(), "a paged worker needs the paged graph");
+        let s = &self.shape;
+        let pool = BlockPool::new(PoolShape {
+            layers: s.layers,
+            blocks,
+            heads: s.heads,
+            block,
+            head_dim: s.head_dim(),
+            dtype: self.kv.dtype,
+        })?;
+        Ok(PagedModel { session: session.clone(), pool, vocab: s.vocab, max_len: s.positions })
+    }
+
     /// A session over the weights. Build it once and give every worker's
     /// `BuiltModel` the same one.
     pub fn session(
@@ -116,7 +149,7 @@ impl SharedModel {
             .map_err(e)?
             .with_external_initializer_file_in_memory(builder::WEIGHTS_FILE, self.weights.data.clone())
             .map_err(e)?;
-        if self.kv.kernel == Kernel::Slot {
+        if self.kv.kernel != Kernel::GroupQuery {
             builder = builder.with_operators(attention::domain()?).map_err(e)?;
         }
         // ONNX Runtime's per-operator profile (a Chrome trace JSON named
@@ -180,8 +213,6 @@ impl BuiltModel {
     /// (their prompts, right-padded to the longest inside the run) or be a
     /// single row: GroupQueryAttention runs a chunk on top of a cached past
     /// for one row only.
-    // unsafe: tensor views over the cache's mapping and the logits buffer.
-    #[allow(unsafe_code)]
     pub fn run(&mut self, slots: Range<usize>, rows: &[RowInput<'_>]) -> Result<Logits, ForwardError> {
         let b = rows.len();
         let s = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
@@ -199,47 +230,7 @@ impl BuiltModel {
         if self.kernel == Kernel::GroupQuery && b > 1 && s > 1 && rows.iter().any(|r| r.past > 0) {
             return bad("a chunk on a cached past runs one row at a time".into());
         }
-        let mut ids = Vec::with_capacity(b * s);
-        let mut positions = Vec::with_capacity(b * s);
-        let mut seqlens = Vec::with_capacity(b);
-        let mut picked = Vec::new();
-        for (r, row) in rows.iter().enumerate() {
-            let n = row.tokens.len();
-            // Padding after a shorter prompt is written past the row's end
-            // and never attended to (its length is `seqlens_k + 1`).
-            ids.extend(row.tokens.iter().map(|&t| i64::from(t)).chain(std::iter::repeat_n(0, s - n)));
-            positions.extend((row.past..row.past + s).map(|p| p as i64));
-            seqlens.push((row.past + n - 1) as i32);
-            picked.extend((n - row.logits..n).map(|j| (r * s + j) as i64));
-        }
-        if picked.is_empty() {
-            // The LM head needs one row; its result is dropped.
-            picked.push(0);
-        }
-        let total = rows.iter().map(|r| r.past + s).max().unwrap_or(0) as i32;
-        let mut binding = self.session.create_binding().map_err(run_err)?;
-        let i64s = |shape: Vec<usize>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(run_err);
-        binding.bind_input("input_ids", &i64s(vec![b, s], ids)?).map_err(run_err)?;
-        binding.bind_input("position_ids", &i64s(vec![b, s], positions)?).map_err(run_err)?;
-        let n_picked = picked.len();
-        binding.bind_input("logits_index", &i64s(vec![n_picked], picked)?).map_err(run_err)?;
-        let seqlens = Tensor::from_array(([b], seqlens)).map_err(run_err)?;
-        binding.bind_input("seqlens_k", &seqlens).map_err(run_err)?;
-        binding
-            .bind_input("total_sequence_length", &Tensor::from_array(([1usize], vec![total])).map_err(run_err)?)
-            .map_err(run_err)?;
-        if self.kernel == Kernel::Slot {
-            let pasts: Vec<i32> = rows.iter().map(|r| r.past as i32).collect();
-            binding.bind_input("past_lens", &Tensor::from_array(([b], pasts)).map_err(run_err)?).map_err(run_err)?;
-        }
-        // The logits land in a buffer of ours: no copy out of ONNX Runtime's.
-        let mut logits = vec![0.0f32; n_picked * self.vocab];
-        let logits_shape = Shape::new([n_picked as i64, self.vocab as i64]);
-        // SAFETY: `logits` holds `n_picked * vocab` floats and outlives the run.
-        let out =
-            unsafe { TensorRefMut::<f32>::from_raw(MemoryInfo::default(), logits.as_mut_ptr().cast(), logits_shape) }
-                .map_err(run_err)?;
-        binding.bind_output("logits", out).map_err(run_err)?;
+        let (mut binding, mut logits) = bind_rows(&self.session, rows, self.kernel, self.vocab)?;
         match self.cache.shape.dtype {
             KvDtype::Fp32 => self.run_over_cache::<f32>(&mut binding, &slots)?,
             KvDtype::Fp16 => self.run_over_cache::<half::f16>(&mut binding, &slots)?,
@@ -249,6 +240,149 @@ impl BuiltModel {
         logits.truncate(wanted * self.vocab);
         Ok(Logits { vocab: self.vocab, data: logits })
     }
+}
+
+/// A session of the paged graph (shared with the other workers) and the
+/// block pool it runs over (this worker's own).
+pub struct PagedModel {
+    session: Arc<Session>,
+    pub pool: BlockPool,
+    pub vocab: usize,
+    /// The model's context length.
+    pub max_len: usize,
+}
+
+impl PagedModel {
+    /// Runs `rows`, row `r` over the pool blocks `tables[r]` (block `j`
+    /// holding its positions `j × block..`; they must cover `past` plus its
+    /// new tokens, and the blocks it writes must be its own), and returns
+    /// the logits they want, row after row, in order. Rows may mix lengths
+    /// and pasts freely (shorter ones are right-padded to the longest).
+    // unsafe: tensor views over the pool's mapping.
+    #[allow(unsafe_code)]
+    pub fn run(&mut self, rows: &[RowInput<'_>], tables: &[&[u32]]) -> Result<Logits, ForwardError> {
+        let b = rows.len();
+        let s = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
+        let p = self.pool.shape;
+        let bad = |why: String| Err(ForwardError::Input(why));
+        if b == 0 || s == 0 || tables.len() != b {
+            return bad(format!("{b} rows of up to {s} tokens with {} block tables", tables.len()));
+        }
+        for (row, table) in rows.iter().zip(tables) {
+            let end = row.past + row.tokens.len();
+            if row.tokens.is_empty() || end > self.max_len || row.logits > row.tokens.len() {
+                return bad(format!(
+                    "every row needs new tokens, within {} positions, and logits of those only",
+                    self.max_len
+                ));
+            }
+            if table.len() * p.block < end || table.iter().any(|&id| id as usize >= p.blocks) {
+                return bad(format!("a block table of {} blocks for {end} positions", table.len()));
+            }
+        }
+        let (mut binding, mut logits) = bind_rows(&self.session, rows, Kernel::Paged, self.vocab)?;
+        let width = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let mut flat = vec![0i32; b * width];
+        for (r, table) in tables.iter().enumerate() {
+            for (j, &id) in table.iter().enumerate() {
+                flat[r * width + j] = id as i32;
+            }
+        }
+        let table = Tensor::from_array(([b, width], flat)).map_err(run_err)?;
+        binding.bind_input("block_table", &table).map_err(run_err)?;
+        match p.dtype {
+            KvDtype::Fp32 => self.run_over_pool::<f32>(&mut binding)?,
+            KvDtype::Fp16 => self.run_over_pool::<half::f16>(&mut binding)?,
+        }
+        drop(binding);
+        let wanted: usize = rows.iter().map(|r| r.logits).sum();
+        logits.truncate(wanted * self.vocab);
+        Ok(Logits { vocab: self.vocab, data: logits })
+    }
+
+    #[allow(unsafe_code)]
+    fn run_over_pool<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+        &mut self,
+        binding: &mut ort::session::IoBinding,
+    ) -> Result<(), ForwardError> {
+        let p = self.pool.shape;
+        let shape = Shape::new([p.blocks as i64, p.heads as i64, p.block as i64, p.head_dim as i64]);
+        let info = MemoryInfo::default();
+        let view = |ptr: *mut u8| {
+            // SAFETY: the pointer addresses a whole layer pool of a live
+            // mapping owned by `self.pool`, which outlives the run.
+            unsafe { TensorRefMut::<T>::from_raw(info.clone(), ptr.cast(), shape.clone()) }.map_err(run_err)
+        };
+        let mut views = Vec::with_capacity(2 * p.layers);
+        for layer in 0..p.layers {
+            let (k, v) = self.pool.views(layer);
+            let (pk, pv) = builder::past_names(layer);
+            let (ik, iv) = (view(k)?, view(v)?);
+            bind_view(binding, &pk, &ik)?;
+            bind_view(binding, &pv, &iv)?;
+            views.extend([ik, iv]);
+        }
+        run_shared(&self.session, binding)?;
+        drop(views);
+        Ok(())
+    }
+}
+
+/// Binds what every run of the built graph takes, from its rows: ids,
+/// positions, the positions whose logits are wanted, each row's length (and
+/// for our kernels what it held before), and the logits output, which lands
+/// in the returned buffer of ours (no copy out of ONNX Runtime's).
+// unsafe: a tensor view over the logits buffer.
+#[allow(unsafe_code)]
+fn bind_rows(
+    session: &Session,
+    rows: &[RowInput<'_>],
+    kernel: Kernel,
+    vocab: usize,
+) -> Result<(ort::session::IoBinding, Vec<f32>), ForwardError> {
+    let b = rows.len();
+    let s = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b * s);
+    let mut positions = Vec::with_capacity(b * s);
+    let mut seqlens = Vec::with_capacity(b);
+    let mut picked = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.tokens.len();
+        // Padding after a shorter prompt is written past the row's end
+        // and never attended to (its length is `seqlens_k + 1`).
+        ids.extend(row.tokens.iter().map(|&t| i64::from(t)).chain(std::iter::repeat_n(0, s - n)));
+        positions.extend((row.past..row.past + s).map(|p| p as i64));
+        seqlens.push((row.past + n - 1) as i32);
+        picked.extend((n - row.logits..n).map(|j| (r * s + j) as i64));
+    }
+    if picked.is_empty() {
+        // The LM head needs one row; its result is dropped.
+        picked.push(0);
+    }
+    let total = rows.iter().map(|r| r.past + s).max().unwrap_or(0) as i32;
+    let mut binding = session.create_binding().map_err(run_err)?;
+    let i64s = |shape: Vec<usize>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(run_err);
+    binding.bind_input("input_ids", &i64s(vec![b, s], ids)?).map_err(run_err)?;
+    binding.bind_input("position_ids", &i64s(vec![b, s], positions)?).map_err(run_err)?;
+    let n_picked = picked.len();
+    binding.bind_input("logits_index", &i64s(vec![n_picked], picked)?).map_err(run_err)?;
+    let seqlens = Tensor::from_array(([b], seqlens)).map_err(run_err)?;
+    binding.bind_input("seqlens_k", &seqlens).map_err(run_err)?;
+    binding
+        .bind_input("total_sequence_length", &Tensor::from_array(([1usize], vec![total])).map_err(run_err)?)
+        .map_err(run_err)?;
+    if kernel != Kernel::GroupQuery {
+        let pasts: Vec<i32> = rows.iter().map(|r| r.past as i32).collect();
+        binding.bind_input("past_lens", &Tensor::from_array(([b], pasts)).map_err(run_err)?).map_err(run_err)?;
+    }
+    // The logits land in a buffer of ours: no copy out of ONNX Runtime's.
+    let mut logits = vec![0.0f32; n_picked * vocab];
+    let logits_shape = Shape::new([n_picked as i64, vocab as i64]);
+    // SAFETY: `logits` holds `n_picked * vocab` floats and outlives the run.
+    let out = unsafe { TensorRefMut::<f32>::from_raw(MemoryInfo::default(), logits.as_mut_ptr().cast(), logits_shape) }
+        .map_err(run_err)?;
+    binding.bind_output("logits", out).map_err(run_err)?;
+    Ok((binding, logits))
 }
 
 impl BuiltModel {

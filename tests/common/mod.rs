@@ -28,6 +28,16 @@ pub fn graph() -> GraphChoice {
     }
 }
 
+/// The KV cache layout the end-to-end tests run with: `BATCHGEN_TEST_KV_LAYOUT`
+/// (slots, the default; paged). The README's test command runs the engine's
+/// tests on both.
+pub fn kv_layout() -> batchgen::config::KvLayoutChoice {
+    match std::env::var("BATCHGEN_TEST_KV_LAYOUT").as_deref() {
+        Ok("paged") => batchgen::config::KvLayoutChoice::Paged,
+        _ => batchgen::config::KvLayoutChoice::Slots,
+    }
+}
+
 /// Whether the tests run batchgen's own graph.
 pub fn built() -> bool {
     graph() != GraphChoice::Exported
@@ -41,6 +51,7 @@ pub fn serve_args() -> ServeArgs {
             graph: graph(),
             weights: batchgen::graph::Precision::Fp32,
             kv_dtype: batchgen::graph::KvDtype::Fp32,
+            kv_layout: kv_layout(),
             eval_text: None,
             eval_tokens: 2048,
             served_model_name: vec![],
