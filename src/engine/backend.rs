@@ -34,6 +34,12 @@ pub trait Backend: Send {
     /// Whether a prompt may be prefilled in several chunks. Without it the
     /// worker prefills whole prompts, several in one call.
     fn chunks(&self) -> bool;
+    /// Whether chunks on cached pasts (a prefix cache hit's rest, a long
+    /// prompt's next chunk) may go to one `prefill` call together, beside
+    /// fresh prompts. Without it each such chunk gets a call of its own.
+    fn mixes_chunks(&self) -> bool {
+        false
+    }
     /// Appends each chunk to its slot's cache and returns the logits of each
     /// chunk's last token, in order.
     fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError>;

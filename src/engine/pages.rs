@@ -169,6 +169,10 @@ impl Backend for PagedBackend {
         true
     }
 
+    fn mixes_chunks(&self) -> bool {
+        true
+    }
+
     fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError> {
         // Chunks run together, right-padded to the longest of a group, as
         // long as padding stays below half of the work.

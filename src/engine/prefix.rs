@@ -8,7 +8,14 @@
 //! key (not a hash of them), so two prompts can never be taken for each other
 //! however a client crafts them, and the lookup is exact.
 //!
-//! **Rows copy; they do not share.** A hit copies the cached blocks into the
+//! **Rows copy (`--kv-layout slots`) or share (`paged`).** With the paged
+//! cache (`super::pages`) a block is a pool block id: storing takes a
+//! reference to the block the row wrote and a hit puts it in the new row's
+//! block table, so nothing is copied and a prefix 16 rows share is held once
+//! (the figures are in docs/performance.md, "Paged KV cache"); a block a row
+//! holds is in use (`insert`'s `in_use`): never evicted, and not counted
+//! against the budget, which bounds the memory the cache adds to the rows'.
+//! The rest of this section is the slot layout's. A hit copies the cached blocks into the
 //! row's slot of the worker's slot cache (`SlotCache::write_block`), and a
 //! prefilled or finished row's whole blocks are copied out of its slot into
 //! the cache (`read_block`). The alternative, a paged cache with a block
@@ -455,6 +462,36 @@ mod tests {
         assert_eq!(store(&c, &[7, 8]), 2);
         assert_eq!(found(&c, &[1, 2, 3]).len(), 1);
         assert_eq!(c.held().evictions, 3);
+    }
+
+    /// The paged cache's use: blocks are ids, `in_use` says which a row
+    /// holds; those are never evicted and do not count against the budget,
+    /// and `trim` evicts down to the budget once rows let go.
+    #[test]
+    fn blocks_rows_hold_are_kept_outside_the_budget() {
+        use std::cell::RefCell;
+        // Room for 2 blocks no row holds.
+        let c: PrefixCache<u32> = PrefixCache::new(1, 10, 20);
+        let held = RefCell::new(std::collections::HashSet::new());
+        let in_use = |id: &u32| held.borrow().contains(id);
+        let insert = |tokens: &[u32], first_id: u32| {
+            let done = c.insert(tokens, |j| first_id + j as u32, in_use);
+            (done.stored, done.dropped)
+        };
+        // A row holds blocks 10, 11, 12: all stored though the budget is 2.
+        held.borrow_mut().extend([10, 11, 12]);
+        assert_eq!(insert(&[1, 2, 3], 10), (3, vec![]));
+        // Two more no row holds fill the budget; a third evicts the oldest idle leaf.
+        assert_eq!(insert(&[7], 20), (1, vec![]));
+        assert_eq!(insert(&[8], 30), (1, vec![]));
+        assert_eq!(insert(&[9], 40), (1, vec![20]));
+        assert_eq!(c.lookup(&[1, 2, 3]).0, vec![10, 11, 12], "held blocks stay");
+        // The row lets go: five idle blocks, trimmed to two, leaves first.
+        held.borrow_mut().clear();
+        let mut gone = c.trim(in_use);
+        gone.sort();
+        assert_eq!(gone, vec![11, 12, 30], "the least recently used leaves, a chain from its end");
+        assert_eq!(c.held().blocks, 2);
     }
 
     #[test]

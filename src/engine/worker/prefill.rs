@@ -71,14 +71,17 @@ impl Worker {
         }
         // One backend call per run: prompts starting an empty cache together
         // (the backend runs them side by side), a chunk on a cached past (a
-        // prefix cache hit, a long prompt's next chunk) alone. Each call's
-        // requests get their first token as soon as it is over, not after
-        // the iteration's last run.
+        // prefix cache hit, a long prompt's next chunk) alone, unless the
+        // backend mixes them (the paged cache: everything in one call, whose
+        // runs are larger and so faster per token). Each call's requests get
+        // their first token as soon as it is over, not after the iteration's
+        // last run.
+        let mixes = self.backend.mixes_chunks();
         let mut calls: Vec<Vec<(usize, usize)>> = Vec::new();
         for &(i, take) in &work {
             let fresh = self.prefilling[i].done == 0;
             match calls.last_mut() {
-                Some(call) if fresh && self.prefilling[call[0].0].done == 0 => call.push((i, take)),
+                Some(call) if mixes || (fresh && self.prefilling[call[0].0].done == 0) => call.push((i, take)),
                 _ => calls.push(vec![(i, take)]),
             }
         }
