@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: the Rust tests (unit, end-to-end against the real
-# server on batchgen's own graph, then again on the exported graph and over
-# the paged KV cache, metrics
+# server on batchgen's own graph over its paged KV cache, then again on the
+# exported graph and over the slot KV cache, metrics
 # with a real Prometheus when installed, faults, TLS, keys, HTTP), the soak,
 # the benchmark scripts as a smoke test, the scale-out proof, then the Python
 # and Node example clients against the real server binary (plaintext, TLS,
@@ -18,9 +18,9 @@ cargo test --features fault-injection
 # the left-padded path), which must stay as exact as batchgen's own graph.
 BATCHGEN_TEST_GRAPH=exported cargo test --features fault-injection --test generation --test decoding --test batching \
   --test variants --test metrics --test ecosystem --test faults
-# The engine's end-to-end tests again over the paged KV cache (--kv-layout
-# paged: block tables, PagedAttention, the prefix cache sharing pool blocks).
-BATCHGEN_TEST_KV_LAYOUT=paged cargo test --features fault-injection --test generation --test decoding \
+# The engine's end-to-end tests again over the slot KV cache (--kv-layout
+# slots: contiguous slots, GroupQueryAttention, the prefix cache copying).
+BATCHGEN_TEST_KV_LAYOUT=slots cargo test --features fault-injection --test generation --test decoding \
   --test batching --test variants --test prefix_cache --test fairness --test speculation --test faults
 # Soak and overload (tests/soak.rs, ignored in a plain cargo test): 2,016 mixed
 # calls from 32 clients, then a burst of 10 × --max-queue; prints its figures.

@@ -103,10 +103,11 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     if args.limits.preemption == Switch::On && choice == GraphChoice::Exported {
         return Err(StartupError::PreemptionExported);
     }
-    let paged = args.model.kv_layout == KvLayoutChoice::Paged;
-    if paged && choice == GraphChoice::Exported {
+    if args.model.kv_layout == KvLayoutChoice::Paged && choice == GraphChoice::Exported {
         return Err(StartupError::PagedExported);
     }
+    // The built graph's layout (auto: paged).
+    let paged = args.model.kv_layout != KvLayoutChoice::Slots;
     if args.spec.spec_ngram_min > args.spec.spec_ngram_max {
         return Err(StartupError::SpecNgram { min: args.spec.spec_ngram_min, max: args.spec.spec_ngram_max });
     }
@@ -137,7 +138,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
     let slots = l.max_batch_size.max(1);
     let precision = args.model.weights;
     // float32 weights and cache: what the export could serve instead.
-    let exact = precision == Precision::Fp32 && args.model.kv_dtype == KvDtype::Fp32 && !paged;
+    let exact = precision == Precision::Fp32
+        && args.model.kv_dtype == KvDtype::Fp32
+        && args.model.kv_layout != KvLayoutChoice::Paged;
     let mut prefix_cache_mib = None;
     let (backends, kv_dtype, weights): (Vec<Box<dyn Backend>>, String, String) = match read_weights(
         &files, choice, exact,

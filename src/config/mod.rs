@@ -137,8 +137,9 @@ pub struct SpecArgs {
 /// `--kv-layout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvLayoutChoice {
-    Slots,
+    Auto,
     Paged,
+    Slots,
 }
 
 /// Whether a feature is on: `auto` lets the server decide (see the flag).
@@ -183,7 +184,7 @@ pub struct ModelArgs {
     /// text-generation-with-past`; or a Hugging Face hub id (owner/name) to download.
     #[arg(long, env = "BATCHGEN_MODEL")]
     pub model: String,
-    /// Which graph runs: "built" (batchgen's own graph over an in-place slot
+    /// Which graph runs: "built" (batchgen's own graph over an in-place
     /// KV cache, from the checkpoint's or the export's weights), "exported"
     /// (the ONNX export as it is, with a left-padded cache copied on every
     /// join and eviction), or "auto" (built when the weights can be read).
@@ -202,14 +203,16 @@ pub struct ModelArgs {
     /// Measure what it costs with `batchgen eval` or `--eval-text`.
     #[arg(long, env = "BATCHGEN_KV_DTYPE", default_value = "fp32", value_enum)]
     pub kv_dtype: crate::graph::KvDtype,
-    /// How the KV cache is laid out (built graph only): "slots" (each row
-    /// owns a contiguous slot; float32 is attended by ONNX Runtime's
-    /// GroupQueryAttention; the prefix cache copies cached blocks into a
-    /// row's slot) or "paged" (rows hold block tables into a pool, attended
-    /// by batchgen's PagedAttention kernel: cached prompt blocks, samples and
-    /// beams are shared instead of copied, so a prefix 16 rows share is held
-    /// and read once; blocks are `--prefix-block-tokens` long).
-    #[arg(long, env = "BATCHGEN_KV_LAYOUT", default_value = "slots", value_enum)]
+    /// How the KV cache is laid out (built graph only): "paged" (rows hold
+    /// block tables into a pool, attended by batchgen's PagedAttention
+    /// kernel: cached prompt blocks, samples and beams are shared instead of
+    /// copied, so a prefix 16 rows share is held and read once; blocks are
+    /// `--prefix-block-tokens` long) or "slots" (each row owns a contiguous
+    /// slot; float32 is attended by ONNX Runtime's GroupQueryAttention, and
+    /// the prefix cache copies cached blocks into a row's slot). "auto":
+    /// paged with batchgen's own graph; `--graph exported` keeps the export's
+    /// own cache (`paged` is refused there).
+    #[arg(long, env = "BATCHGEN_KV_LAYOUT", default_value = "auto", value_enum)]
     pub kv_layout: KvLayoutChoice,
     /// A text file to measure the quality of `--weights` on at start-up: the
     /// perplexity of its first `--eval-tokens` tokens and the top-1 agreement

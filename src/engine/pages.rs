@@ -261,8 +261,14 @@ impl Backend for PagedBackend {
     }
 
     fn held_tokens(&self) -> usize {
-        // Positions of the blocks in use (a block several rows share counts once).
-        self.model.pool.used() * self.block()
+        // Positions of the blocks rows hold, a block several rows share
+        // once (the prefix cache's own blocks are its gauges').
+        let mut seen = vec![false; self.model.pool.shape.blocks];
+        let mut blocks = 0;
+        for &id in self.tables.iter().flatten() {
+            blocks += usize::from(!std::mem::replace(&mut seen[id as usize], true));
+        }
+        blocks * self.block()
     }
 
     fn admit(&self, limits: &Limits, running: &[Candidate], queue: &mut dyn Iterator<Item = Candidate>) -> usize {

@@ -222,7 +222,17 @@ impl<D: Clone> PrefixCache<D> {
             return done;
         }
         // The copies run without the lock.
-        let read_blocks: Vec<D> = (first_missing..whole.min(first_missing + self.capacity)).map(&mut read).collect();
+        // At most a budget's worth of blocks no row holds (copies that
+        // could not all be stored would be wasted).
+        let (mut read_blocks, mut idle_read) = (Vec::with_capacity(whole - first_missing), 0);
+        for j in first_missing..whole {
+            if idle_read == self.capacity {
+                break;
+            }
+            let data = read(j);
+            idle_read += usize::from(!in_use(&data));
+            read_blocks.push(data);
+        }
         let mut inner = self.lock();
         let stamp = inner.tick();
         // Another worker may have stored (or evicted) some of them meanwhile.
@@ -486,11 +496,13 @@ mod tests {
         assert_eq!(insert(&[8], 30), (1, vec![]));
         assert_eq!(insert(&[9], 40), (1, vec![20]));
         assert_eq!(c.lookup(&[1, 2, 3]).0, vec![10, 11, 12], "held blocks stay");
-        // The row lets go: five idle blocks, trimmed to two, leaves first.
+        // The row lets go: five idle blocks, trimmed to two.
         held.borrow_mut().clear();
         let mut gone = c.trim(in_use);
         gone.sort();
-        assert_eq!(gone, vec![11, 12, 30], "the least recently used leaves, a chain from its end");
+        // [8] and [9] are older than the chain the lookup just used: they go
+        // first, then the chain from its end.
+        assert_eq!(gone, vec![12, 30, 40], "the least recently used leaves");
         assert_eq!(c.held().blocks, 2);
     }
 

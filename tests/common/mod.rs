@@ -29,12 +29,13 @@ pub fn graph() -> GraphChoice {
 }
 
 /// The KV cache layout the end-to-end tests run with: `BATCHGEN_TEST_KV_LAYOUT`
-/// (slots, the default; paged). The README's test command runs the engine's
-/// tests on both.
+/// (paged, slots; default auto, the server's: paged with batchgen's own
+/// graph). The README's test command runs the engine's tests on both.
 pub fn kv_layout() -> batchgen::config::KvLayoutChoice {
     match std::env::var("BATCHGEN_TEST_KV_LAYOUT").as_deref() {
+        Ok("slots") => batchgen::config::KvLayoutChoice::Slots,
         Ok("paged") => batchgen::config::KvLayoutChoice::Paged,
-        _ => batchgen::config::KvLayoutChoice::Slots,
+        _ => batchgen::config::KvLayoutChoice::Auto,
     }
 }
 
