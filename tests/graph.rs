@@ -16,6 +16,16 @@ const LAYOUTS: [KvLayout; 3] = [
     KvLayout { dtype: KvDtype::Fp16, kernel: Kernel::Slot },
 ];
 
+fn paged(kv: KvLayout, blocks: usize, block: usize) -> batchgen::graph::PagedModel {
+    let rt = batchgen::runtime::init(None).unwrap();
+    let dir = common::fixture_dir();
+    let shape = Gpt2Shape::load(&dir.join("config.json")).unwrap();
+    let weights = Weights::from_onnx(&dir.join("model.onnx"), &shape).unwrap();
+    let shared = SharedModel::new(shape, weights, kv);
+    let session = std::sync::Arc::new(shared.session(&rt.env, &SessionOptions { intra_op_threads: 2 }).unwrap());
+    shared.paged_worker(&session, blocks, block).unwrap()
+}
+
 fn built(slots: usize, kv: KvLayout) -> (BuiltModel, Gpt2Shape) {
     let rt = batchgen::runtime::init(None).unwrap();
     let dir = common::fixture_dir();
@@ -267,13 +277,7 @@ fn deduplicated_initializers_are_read_through_identity_nodes() {
 fn paged_rows_read_scattered_and_shared_blocks() {
     for dtype in [KvDtype::Fp32, KvDtype::Fp16] {
         let kv = KvLayout::paged(dtype);
-        let rt = batchgen::runtime::init(None).unwrap();
-        let dir = common::fixture_dir();
-        let shape = Gpt2Shape::load(&dir.join("config.json")).unwrap();
-        let weights = Weights::from_onnx(&dir.join("model.onnx"), &shape).unwrap();
-        let shared = SharedModel::new(shape.clone(), weights, kv);
-        let session = std::sync::Arc::new(shared.session(&rt.env, &SessionOptions { intra_op_threads: 2 }).unwrap());
-        let mut model = shared.paged_worker(&session, 40, 4).unwrap();
+        let mut model = paged(kv, 40, 4);
         let mut session = common::fixture_session();
         let a: Vec<u32> = (0..22).map(|i| (i * 733 + 11) % 50257).collect();
         // b shares a's first 12 tokens (three blocks), then goes its own way.
@@ -311,4 +315,61 @@ fn paged_rows_read_scattered_and_shared_blocks() {
         let short = [RowInput { tokens: &a[..9], past: 0, logits: 1 }];
         assert!(model.run(&short, &[&ta[..2]]).is_err());
     }
+}
+
+/// The paged backend holds a prefix several rows share once: a hit takes
+/// the cached blocks (no copy), the KV gauge counts them once, admission
+/// gives back what is shared, a fork of whole blocks copies nothing, and
+/// every block goes back when the rows and the cache let go. The row served
+/// from the cache gets the logits of the same prompt computed alone.
+#[test]
+fn paged_rows_share_a_cached_prefix_and_admission_counts_it_once() {
+    use batchgen::engine::admission::{Candidate, Limits};
+    use batchgen::engine::backend::{Backend, Chunk};
+    use batchgen::engine::pages::PagedBackend;
+    use batchgen::engine::prefix::PrefixCache;
+    let kv = KvLayout::paged(KvDtype::Fp32);
+    let model = paged(kv, 64, 4);
+    let block_bytes = model.pool.shape.block_bytes();
+    let mut backend = PagedBackend::new(model, 4, Some(PrefixCache::new(4, block_bytes, 1 << 20)));
+    let mut alone = PagedBackend::new(paged(kv, 64, 4), 4, None);
+    let a: Vec<u32> = (0..40).map(|i| (i * 733 + 11) % 50257).collect();
+    let b: Vec<u32> = a[..36].iter().copied().chain((0..8).map(|i| 9000 + i)).collect();
+    let s = backend.alloc(2).unwrap();
+    backend.prefill(&[Chunk { slot: s[0], tokens: &a }]).unwrap();
+    backend.remember(s[0], &a, false);
+    assert_eq!(backend.held_tokens(), 40);
+    // b's first 36 tokens are nine of a's blocks: taken, not copied.
+    assert_eq!(backend.reuse(s[1], &b, 0), 36);
+    assert_eq!(backend.take_copies().hit_bytes, 0);
+    assert_eq!(backend.held_tokens(), 40, "the shared blocks count once");
+    let got = backend.prefill(&[Chunk { slot: s[1], tokens: &b[36..] }]).unwrap();
+    let t = alone.alloc(1).unwrap();
+    let want = alone.prefill(&[Chunk { slot: t[0], tokens: &b }]).unwrap();
+    assert_close(got.row(0), want.row(0), kv, "a prompt on shared blocks against the same prompt alone");
+    assert_eq!(backend.held_tokens(), 48, "b's own two blocks");
+    // Alone, a (40 + 10) and b (44 + 10) would take 104 of 120 positions
+    // and leave no room for 20 + 10 more; they share 36, so it fits.
+    let limits = Limits {
+        max_batch_size: 4,
+        max_batch_tokens: 120,
+        max_prefill_tokens: 64,
+        max_burst_prefill_tokens: 64,
+        idle_gather_gap: std::time::Duration::ZERO,
+        idle_gather_max: std::time::Duration::ZERO,
+    };
+    let running = [
+        Candidate { prompt_len: 40, max_new_tokens: 10, rows: 1 },
+        Candidate { prompt_len: 44, max_new_tokens: 10, rows: 1 },
+    ];
+    let waiting = Candidate { prompt_len: 20, max_new_tokens: 10, rows: 1 };
+    assert_eq!(backend.admit(&limits, &running, &mut std::iter::once(waiting)), 1);
+    assert_eq!(alone.admit(&limits, &running, &mut std::iter::once(waiting)), 0, "without sharing it does not fit");
+    // A fork of b's 44 tokens (whole blocks) shares them all.
+    let c = backend.alloc(1).unwrap();
+    assert_eq!(backend.fork(s[1], &c).unwrap(), 0);
+    assert_eq!(backend.held_tokens(), 48);
+    // Rows gone: the gauge is back to zero (the cache keeps its blocks).
+    backend.free(&[s[0], s[1], c[0]]);
+    assert_eq!(backend.held_tokens(), 0);
 }

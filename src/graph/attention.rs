@@ -84,6 +84,57 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
         max
     }
 
+    /// `scores` for two queries over the same keys (`sa`, `sb` of one
+    /// length); returns both maxima.
+    ///
+    /// # Safety
+    /// As `scores`.
+    unsafe fn scores2(
+        qa: &[f32],
+        qb: &[f32],
+        k: *const Self,
+        scale: f32,
+        sa: &mut [f32],
+        sb: &mut [f32],
+    ) -> (f32, f32) {
+        #[cfg(target_arch = "x86_64")]
+        if *ISA == Isa::Avx512 && qa.len() == 64 {
+            // SAFETY: the CPU has AVX-512F; `k` addresses sa.len() keys of 64.
+            return unsafe {
+                if Self::HALF {
+                    simd::scores64x2::<true>(qa, qb, k.cast(), scale, sa, sb)
+                } else {
+                    simd::scores64x2::<false>(qa, qb, k.cast(), scale, sa, sb)
+                }
+            };
+        }
+        // SAFETY: as the caller's.
+        unsafe { (Self::scores(qa, k, scale, sa), Self::scores(qb, k, scale, sb)) }
+    }
+
+    /// `weighted` for two sets of weights over the same values.
+    ///
+    /// # Safety
+    /// As `weighted`.
+    unsafe fn weighted2(pa: &[f32], pb: &[f32], v: *const Self, oa: &mut [f32], ob: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if *ISA == Isa::Avx512 && oa.len() == 64 {
+            // SAFETY: the CPU has AVX-512F; `v` addresses pa.len() values of 64.
+            return unsafe {
+                if Self::HALF {
+                    simd::weighted64x2::<true>(pa, pb, v.cast(), oa, ob)
+                } else {
+                    simd::weighted64x2::<false>(pa, pb, v.cast(), oa, ob)
+                }
+            };
+        }
+        // SAFETY: as the caller's.
+        unsafe {
+            Self::weighted(pa, v, oa);
+            Self::weighted(pb, v, ob);
+        }
+    }
+
     /// `out = Σ_j p[j] × v_j` for consecutive values of `out.len()`
     /// elements at `v`.
     ///
@@ -468,26 +519,56 @@ unsafe fn attend_paged<E: CacheElem>(run: Run<E>, blocks: &[i32], r: usize, h: u
                 *run.value.add(to + i) = E::from_f32(*v.add(i));
             }
         }
-        SCORES.with_borrow_mut(|scores| {
-            scores.resize(past + n + d, 0.0);
-            let (scores, part) = scores.split_at_mut(past + n);
-            for t in 0..n {
-                let q = std::slice::from_raw_parts(run.qkv.add(token(t)), d);
-                let len = past + t + 1;
-                let mut max = f32::NEG_INFINITY;
-                for start in (0..len).step_by(bs) {
-                    let end = len.min(start + bs);
-                    let m = E::scores(q, run.key.add(at(start)), run.scale, &mut scores[start..end]);
-                    max = max.max(m);
-                }
-                let inv = 1.0 / exp_shifted(&mut scores[..len], max);
-                scores[..len].iter_mut().for_each(|p| *p *= inv);
-                let out = std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d);
-                out.fill(0.0);
-                for start in (0..len).step_by(bs) {
-                    let end = len.min(start + bs);
-                    E::weighted(&scores[start..end], run.value.add(at(start)), &mut part[..d]);
-                    out.iter_mut().zip(&part[..d]).for_each(|(o, x)| *o += x);
+        SCORES.with_borrow_mut(|buf| {
+            let most = past + n;
+            buf.resize(2 * most + 2 * d, 0.0);
+            let (sa, rest) = buf.split_at_mut(most);
+            let (sb, rest) = rest.split_at_mut(most);
+            let (pa, pb) = rest.split_at_mut(d);
+            let query = |t: usize| std::slice::from_raw_parts(run.qkv.add(token(t)), d);
+            let output = |t: usize| std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d);
+            let (key, value) = (|p: usize| run.key.add(at(p)), |p: usize| run.value.add(at(p)));
+            let mut t = 0;
+            while t < n {
+                // Query t sees `la` positions; with a next query (which sees
+                // one more) both go together, each key and value read once.
+                let la = past + t + 1;
+                let (qa, oa) = (query(t), output(t));
+                oa.fill(0.0);
+                if t + 1 < n {
+                    let (qb, ob) = (query(t + 1), output(t + 1));
+                    let (mut ma, mut mb) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for start in (0..la).step_by(bs) {
+                        let end = la.min(start + bs);
+                        let (x, y) =
+                            E::scores2(qa, qb, key(start), run.scale, &mut sa[start..end], &mut sb[start..end]);
+                        (ma, mb) = (ma.max(x), mb.max(y));
+                    }
+                    mb = mb.max(E::scores(qb, key(la), run.scale, &mut sb[la..la + 1]));
+                    normalize(&mut sa[..la], ma);
+                    normalize(&mut sb[..la + 1], mb);
+                    ob.fill(0.0);
+                    for start in (0..la).step_by(bs) {
+                        let end = la.min(start + bs);
+                        E::weighted2(&sa[start..end], &sb[start..end], value(start), pa, pb);
+                        oa.iter_mut().zip(&*pa).for_each(|(o, x)| *o += x);
+                        ob.iter_mut().zip(&*pb).for_each(|(o, x)| *o += x);
+                    }
+                    E::axpy(ob, sb[la], value(la));
+                    t += 2;
+                } else {
+                    let mut max = f32::NEG_INFINITY;
+                    for start in (0..la).step_by(bs) {
+                        let end = la.min(start + bs);
+                        max = max.max(E::scores(qa, key(start), run.scale, &mut sa[start..end]));
+                    }
+                    normalize(&mut sa[..la], max);
+                    for start in (0..la).step_by(bs) {
+                        let end = la.min(start + bs);
+                        E::weighted(&sa[start..end], value(start), pa);
+                        oa.iter_mut().zip(&*pa).for_each(|(o, x)| *o += x);
+                    }
+                    t += 1;
                 }
             }
         });
@@ -526,8 +607,7 @@ unsafe fn attend<E: CacheElem>(run: Run<E>, r: usize, h: usize, past: usize, n: 
                 let q = std::slice::from_raw_parts(run.qkv.add(token(t)), d);
                 let len = past + t + 1;
                 let max = E::scores(q, run.key.add(cache), run.scale, &mut scores[..len]);
-                let inv = 1.0 / exp_shifted(&mut scores[..len], max);
-                scores[..len].iter_mut().for_each(|p| *p *= inv);
+                normalize(&mut scores[..len], max);
                 let out = std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d);
                 E::weighted(&scores[..len], run.value.add(cache), out);
             }
@@ -536,6 +616,12 @@ unsafe fn attend<E: CacheElem>(run: Run<E>, r: usize, h: usize, past: usize, n: 
             std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d).fill(0.0);
         }
     }
+}
+
+/// Softmax of scores whose largest is `max`, in place.
+fn normalize(x: &mut [f32], max: f32) {
+    let inv = 1.0 / exp_shifted(x, max);
+    x.iter_mut().for_each(|p| *p *= inv);
 }
 
 /// `x[i] = exp(x[i] - max)`; returns their sum. Written so that the
@@ -632,6 +718,111 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
             for (a, b) in got_w.iter().zip(plain_sum(k)) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    /// `attend_paged` with 64-wide heads (the SIMD paths, pairs of queries
+    /// and single ones) against plain attention: 5 new positions (two pairs
+    /// and one alone) on a past of 37 in blocks of 16 scattered over a pool,
+    /// float32 and float16.
+    #[test]
+    fn paged_attention_agrees_with_plain_attention() {
+        fn check<E: CacheElem + Default>() {
+            let (heads, d, bs, past, n) = (2usize, 64usize, 16usize, 37usize, 5usize);
+            let e = heads * d;
+            let table: Vec<i32> = vec![5, 1, 3, 0];
+            let pool_blocks = 6;
+            let value = |i: usize| ((i as f32) * 0.013).sin();
+            let qkv: Vec<f32> = (0..n * 3 * e).map(|i| value(i + 7)).collect();
+            let mut key = vec![E::default(); pool_blocks * heads * bs * d];
+            let mut val = vec![E::default(); pool_blocks * heads * bs * d];
+            let at = |p: usize, h: usize| ((table[p / bs] as usize * heads + h) * bs + p % bs) * d;
+            // The past: position p of head h holds a pattern of its own.
+            let past_k = |p: usize, h: usize, i: usize| value(p * 131 + h * 17 + i);
+            let past_v = |p: usize, h: usize, i: usize| value(p * 71 + h * 29 + i + 5);
+            for p in 0..past {
+                for h in 0..heads {
+                    for i in 0..d {
+                        key[at(p, h) + i] = E::from_f32(past_k(p, h, i));
+                        val[at(p, h) + i] = E::from_f32(past_v(p, h, i));
+                    }
+                }
+            }
+            let mut out = vec![0.0f32; n * e];
+            let run = Run::<E> {
+                qkv: qkv.as_ptr(),
+                key: key.as_mut_ptr(),
+                value: val.as_mut_ptr(),
+                out: out.as_mut_ptr(),
+                seq: n,
+                heads,
+                max_len: bs,
+                head_dim: d,
+                scale: 0.125,
+            };
+            for h in 0..heads {
+                // SAFETY: the buffers hold the shapes `run` describes.
+                unsafe { attend_paged(run, &table, 0, h, past, n) };
+            }
+            // Plain attention, keys and values rounded as the cache stores them.
+            let round = |x: f32| E::from_f32(x).to_f32();
+            let k_at = |p: usize, h: usize, i: usize| {
+                if p < past { round(past_k(p, h, i)) } else { round(qkv[(p - past) * 3 * e + e + h * d + i]) }
+            };
+            let v_at = |p: usize, h: usize, i: usize| {
+                if p < past { round(past_v(p, h, i)) } else { round(qkv[(p - past) * 3 * e + 2 * e + h * d + i]) }
+            };
+            for t in 0..n {
+                for h in 0..heads {
+                    let q = &qkv[t * 3 * e + h * d..t * 3 * e + h * d + d];
+                    let len = past + t + 1;
+                    let scores: Vec<f64> = (0..len)
+                        .map(|p| 0.125 * (0..d).map(|i| q[i] as f64 * k_at(p, h, i) as f64).sum::<f64>())
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for i in 0..d {
+                        let want: f64 = (0..len).map(|p| w[p] / total * v_at(p, h, i) as f64).sum();
+                        let got = out[t * e + h * d + i] as f64;
+                        assert!((got - want).abs() < 1e-5, "{:?} t {t} h {h} i {i}: {got} vs {want}", E::TYPE);
+                    }
+                }
+            }
+            // The new keys went into the blocks the table names.
+            assert_eq!(key[at(past + 2, 1) + 3].to_f32(), round(qkv[2 * 3 * e + e + d + 3]));
+        }
+        check::<f32>();
+        check::<f16>();
+    }
+
+    #[test]
+    fn pairs_of_queries_score_and_sum_as_single_ones() {
+        let n = 37;
+        let qa: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let qb: Vec<f32> = (0..64).map(|i| (i as f32 * 0.21).cos()).collect();
+        let kv: Vec<f32> = (0..64 * n).map(|i| (i as f32 * 0.011).cos()).collect();
+        let (mut sa, mut sb, mut one) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        // SAFETY: kv holds n keys (and values) of 64.
+        let (ma, mb) = unsafe { f32::scores2(&qa, &qb, kv.as_ptr(), 0.125, &mut sa, &mut sb) };
+        for (q, s, m) in [(&qa, &sa, ma), (&qb, &sb, mb)] {
+            // SAFETY: as above.
+            let m1 = unsafe { f32::scores(q, kv.as_ptr(), 0.125, &mut one) };
+            for (a, b) in s.iter().zip(&one) {
+                assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+            }
+            assert!((m - m1).abs() < 1e-6);
+        }
+        let (pa, pb): (Vec<f32>, Vec<f32>) = (0..n).map(|j| (1.0 / (j + 1) as f32, (j as f32 * 0.1).sin())).unzip();
+        let (mut oa, mut ob, mut o1) = (vec![0.0; 64], vec![0.0; 64], vec![0.0; 64]);
+        // SAFETY: as above.
+        unsafe { f32::weighted2(&pa, &pb, kv.as_ptr(), &mut oa, &mut ob) };
+        for (p, o) in [(&pa, &oa), (&pb, &ob)] {
+            // SAFETY: as above.
+            unsafe { f32::weighted(p, kv.as_ptr(), &mut o1) };
+            for (a, b) in o.iter().zip(&o1) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
         }
