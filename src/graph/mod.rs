@@ -95,6 +95,9 @@ impl KvLayout {
     }
 }
 
+/// Held while a session with our custom operators is built (`SharedModel::session`).
+static CUSTOM_OPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The weights and the serialized graph the session is built from. Workers
 /// share one session (ONNX Runtime runs one session from several threads
 /// at once, each run with its own binding), so a worker costs its KV cache
@@ -149,9 +152,17 @@ impl SharedModel {
             .map_err(e)?
             .with_external_initializer_file_in_memory(builder::WEIGHTS_FILE, self.weights.data.clone())
             .map_err(e)?;
-        if self.kv.kernel != Kernel::GroupQuery {
+        // ONNX Runtime adds a custom operator domain to a process-wide
+        // registry while it builds a session, and two sessions built at once
+        // with the same domain can collide ("the domain is already exist"):
+        // sessions with our kernels are built one at a time.
+        let _one_at_a_time = if self.kv.kernel != Kernel::GroupQuery {
+            let guard = CUSTOM_OPS.lock().unwrap_or_else(|p| p.into_inner());
             builder = builder.with_operators(attention::domain()?).map_err(e)?;
-        }
+            Some(guard)
+        } else {
+            None
+        };
         // ONNX Runtime's per-operator profile (a Chrome trace JSON named
         // from this prefix), for finding where a step's time goes.
         if let Some(prefix) = std::env::var_os("BATCHGEN_ORT_PROFILE") {
