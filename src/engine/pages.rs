@@ -326,7 +326,7 @@ impl Backend for PagedBackend {
                 // The row's own block, partly filled: the rest comes over.
                 Some(&own) => {
                     let end = (cached - j * bs).min(bs);
-                    self.copies.hit_bytes += pool.copy(id, own, held - j * bs..end);
+                    self.copies.hit_bytes += pool.copy(id, own, held.max(j * bs) - j * bs..end);
                 }
                 None => table.push(pool.retain(id)),
             }
