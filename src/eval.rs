@@ -13,8 +13,8 @@
 use std::time::Instant;
 
 use crate::decoding::sampling::{argmax_unmasked, log_sum_exp_from};
-use crate::engine::model::ForwardError;
-use crate::graph::{BuiltModel, RowInput};
+use crate::engine::model::{ForwardError, Logits};
+use crate::graph::{BuiltModel, PagedModel, RowInput};
 
 /// Most tokens one run scores (bounds the logits held: CHUNK × vocab floats).
 pub const CHUNK: usize = 256;
@@ -58,9 +58,39 @@ impl Scored {
     }
 }
 
-/// Scores `ids` (at least two tokens) with `model` (slot 0).
-pub fn score(model: &mut BuiltModel, ids: &[u32], w: Window) -> Result<Scored, ForwardError> {
-    let window = w.window.min(model.cache.shape.max_len).max(2);
+/// A model that runs one row at a time over a cache of its own: the slot
+/// model (slot 0) or the paged one (one table over its whole pool).
+pub trait OneRow {
+    /// Positions the row may hold.
+    fn max_len(&self) -> usize;
+    fn run_one(&mut self, row: RowInput<'_>) -> Result<Logits, ForwardError>;
+}
+
+impl OneRow for BuiltModel {
+    fn max_len(&self) -> usize {
+        self.cache.shape.max_len
+    }
+
+    fn run_one(&mut self, row: RowInput<'_>) -> Result<Logits, ForwardError> {
+        self.run(0..1, &[row])
+    }
+}
+
+impl OneRow for PagedModel {
+    fn max_len(&self) -> usize {
+        self.max_len.min(self.pool.shape.blocks * self.pool.shape.block)
+    }
+
+    fn run_one(&mut self, row: RowInput<'_>) -> Result<Logits, ForwardError> {
+        // The one row owns the whole pool, block j holding positions j × block..
+        let table: Vec<u32> = (0..self.pool.shape.blocks as u32).collect();
+        self.run(&[row], &[&table])
+    }
+}
+
+/// Scores `ids` (at least two tokens) with `model`.
+pub fn score(model: &mut impl OneRow, ids: &[u32], w: Window) -> Result<Scored, ForwardError> {
+    let window = w.window.min(model.max_len()).max(2);
     let stride = w.stride.clamp(1, window);
     let started = Instant::now();
     let (mut nll, mut top1, mut tokens_run) = (0.0, Vec::new(), 0);
@@ -77,7 +107,7 @@ pub fn score(model: &mut BuiltModel, ids: &[u32], w: Window) -> Result<Scored, F
             let upto = (at + CHUNK).min(end - 1);
             let from = (first - 1).max(at);
             let k = upto.saturating_sub(from);
-            let run = model.run(0..1, &[RowInput { tokens: &ids[at..upto], past: at - begin, logits: k }])?;
+            let run = model.run_one(RowInput { tokens: &ids[at..upto], past: at - begin, logits: k })?;
             tokens_run += upto - at;
             for (j, p) in (upto - k..upto).enumerate() {
                 let row = run.row(j);
@@ -341,12 +371,22 @@ impl QualityCheck {
         precision: crate::graph::Precision,
     ) -> Result<(), String> {
         let shape = &served.shape;
-        let mut model = served.worker(session, 1).map_err(|e| e.to_string())?;
+        let window = self.window(shape);
+        // Through the serving session, over a cache of the layout it serves.
+        let s = if served.kv.is_paged() {
+            let block = 16;
+            let mut model =
+                served.paged_worker(session, shape.positions.div_ceil(block), block).map_err(|e| e.to_string())?;
+            score(&mut model, &self.ids, window)
+        } else {
+            let mut model = served.worker(session, 1).map_err(|e| e.to_string())?;
+            score(&mut model, &self.ids, window)
+        }
+        .map_err(|e| e.to_string())?;
         let kv = served.kv.dtype;
         // "int8", or "int8 kv-fp16" with a float16 cache.
         let precision =
             if kv == crate::graph::KvDtype::Fp32 { precision.to_string() } else { format!("{precision} kv-{kv}") };
-        let s = score(&mut model, &self.ids, self.window(shape)).map_err(|e| e.to_string())?;
         let (ppl, file, n) = (s.perplexity(), self.path.display(), s.scored());
         match &self.base {
             Some(b) => {
