@@ -85,9 +85,8 @@ impl KvLayout {
         match std::env::var("BATCHGEN_ATTENTION").as_deref() {
             Ok("slot") => kv.kernel = Kernel::Slot,
             Ok("gqa") if dtype == KvDtype::Fp32 => kv.kernel = Kernel::GroupQuery,
-            Ok("paged") => kv.kernel = Kernel::Paged,
             Ok(other) => {
-                return Err(format!("BATCHGEN_ATTENTION={other}: slot, paged, or gqa with a float32 cache"));
+                return Err(format!("BATCHGEN_ATTENTION={other}: slot, or gqa with a float32 cache"));
             }
             Err(_) => {}
         }
@@ -118,6 +117,7 @@ impl SharedModel {
 
     /// A worker's model: the shared session over a cache of its own.
     pub fn worker(&self, session: &Arc<Session>, slots: usize) -> std::io::Result<BuiltModel> {
+        assert!(!self.kv.is_paged(), "the paged graph runs over a block pool: use paged_worker");
         BuiltModel::new(session.clone(), &self.shape, self.kv, slots)
     }
 
