@@ -1,4 +1,4 @@
-//! The SIMD kernels of `SlotAttention` (x86_64). Each function's
+//! The SIMD kernels of `SlotAttention` and `PagedAttention` (x86_64). Each function's
 //! contract: the CPU has the features it enables, and the pointers address
 //! the elements it reads (`q.len()` or `d` per key or value, consecutive);
 //! its body is one unsafe context.
