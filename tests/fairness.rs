@@ -39,12 +39,15 @@ async fn until_in_flight(server: &common::TestServer, n: usize) {
 }
 
 /// Holds the one row of a one-row batch until dropped: 200 tokens at a
-/// decode step slowed to 50 ms (the `slow@MS` fault), ten seconds, ended
-/// early by dropping the stream (which cancels it).
+/// decode step slowed to 400 ms (the `slow@MS` fault): at least 10 s even
+/// when speculation accepts 8 tokens a step (the fixture's greedy text
+/// repeats itself; at 50 ms a loaded CI machine once saw the blocker finish
+/// before the floods were queued), ended early by dropping the stream
+/// (which cancels it).
 async fn blocker(server: &common::TestServer, key: &str) -> tonic::Streaming<pb::GenerateStreamResponse> {
     let mut c = server.client.clone();
     let mut req = keyed(long(200, 0), key);
-    req.metadata_mut().insert(batchgen::fault::HEADER, "slow@50".parse().unwrap());
+    req.metadata_mut().insert(batchgen::fault::HEADER, "slow@400".parse().unwrap());
     let stream = c.generate_stream(req).await.unwrap().into_inner();
     until_in_flight(server, 1).await;
     stream
