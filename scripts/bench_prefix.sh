@@ -10,7 +10,7 @@
 #   distinct    16 clients, 544 distinct tokens per prompt (no hit possible)
 # Environment: LOADS (default "shared-c16 shared-c1 turns distinct"),
 # SHARED (512), OWN (32), NEW (64), MODES ("off on"; an entry MODE:LAYOUT, e.g.
-# on:paged, also passes --kv-layout LAYOUT).
+# on:slots, also passes --kv-layout LAYOUT; default auto, i.e. paged).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 model=$1; threads=${2:-2}; requests=${3:-48}
@@ -22,14 +22,14 @@ trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
 grep -m1 "model name" /proc/cpuinfo || true
 echo "cpu flags: $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 for entry in ${MODES:-off on}; do
-  mode=${entry%%:*}; layout=slots
+  mode=${entry%%:*}; layout=auto
   [ "$entry" = "$mode" ] || layout=${entry#*:}
   serve_ready "$bin/batchgen" "$log" --model "$model" --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
     --intra-op-threads "$threads" --prefix-cache "$mode" --kv-layout "$layout"
   require_built "$log"
   bench=("$bin/batchgen" bench --target http://127.0.0.1:$port --no-sequential --new-tokens "$new")
   for load in $loads; do
-    echo "== prefix cache $mode, $layout: $load"
+    echo "== prefix cache $mode: $load ($layout layout)"
     case $load in
       shared-c16) "${bench[@]}" --concurrency 16 --requests "$requests" --prompt-tokens "$own" --shared-prefix "$shared" ;;
       shared-c1) "${bench[@]}" --concurrency 1 --requests 8 --prompt-tokens "$own" --shared-prefix "$shared" ;;
@@ -38,7 +38,7 @@ for entry in ${MODES:-off on}; do
       *) echo "unknown load $load" >&2; exit 2 ;;
     esac 2>/dev/null
   done
-  echo "== prefix cache $mode, $layout: server memory and busy periods"
+  echo "== prefix cache $mode: server memory and busy periods ($layout layout)"
   grep -E "VmRSS|VmHWM" /proc/$pid/status
   sed 's/\x1b\[[0-9;]*m//g' "$log" | grep "busy period" | sed 's/.*prompt tokens from the prefix cache/  from the prefix cache:/' | tail -4 || true
   kill "$pid"; wait "$pid" 2>/dev/null || true
