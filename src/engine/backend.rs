@@ -395,18 +395,8 @@ impl Backend for SlotBackend {
         let Some(prefix) = &self.prefix else { return 0 };
         debug_assert_eq!(self.slots.lens[slot], held, "the worker and the backend agree on what a slot holds");
         let block = prefix.block();
-        // Whole blocks of the prompt (the lookup takes no partial one), but
-        // never its last token.
-        let last = prompt.len().saturating_sub(1);
-        if last <= held {
-            return 0;
-        }
         let t = Instant::now();
-        let (chain, pin) = prefix.lookup(prompt);
-        let cached = (chain.len() * block).min(last);
-        if cached <= held {
-            return 0;
-        }
+        let Some((chain, pin, cached)) = prefix.extend(prompt, held) else { return 0 };
         let mut bytes = 0;
         for (j, data) in chain.iter().enumerate().skip(held / block) {
             let start = j * block;

@@ -306,16 +306,8 @@ impl Backend for PagedBackend {
         let Some(prefix) = &self.prefix else { return 0 };
         debug_assert_eq!(self.slots.lens[slot], held, "the worker and the backend agree on what a slot holds");
         let bs = prefix.block();
-        let last = prompt.len().saturating_sub(1);
-        if last <= held {
-            return 0;
-        }
         let t = Instant::now();
-        let (chain, _) = prefix.lookup(prompt);
-        let cached = (chain.len() * bs).min(last);
-        if cached <= held {
-            return 0;
-        }
+        let Some((chain, _, cached)) = prefix.extend(prompt, held) else { return 0 };
         let pool = &mut self.model.pool;
         let table = &mut self.tables[slot];
         for (j, &id) in chain.iter().enumerate().skip(held / bs) {

@@ -173,6 +173,20 @@ impl<D: Clone> PrefixCache<D> {
         (chain.into_iter().map(|id| inner.entries[&id].data.clone()).collect(), last)
     }
 
+    /// The cached chain that extends a slot holding the first `held` tokens
+    /// of `prompt`, never to its last token (its logits must be computed):
+    /// the chain, its last block and the tokens it covers; none when it adds
+    /// nothing.
+    pub fn extend(&self, prompt: &[u32], held: usize) -> Option<(Vec<D>, Option<Pin>, usize)> {
+        let last = prompt.len().saturating_sub(1);
+        if last <= held {
+            return None;
+        }
+        let (chain, pin) = self.lookup(prompt);
+        let cached = (chain.len() * self.block).min(last);
+        (cached > held).then_some((chain, pin, cached))
+    }
+
     /// Moves a slot's pin from `old` to `new` (either may be none): `new`
     /// and its chain cannot be evicted until it is unpinned. Returns the pin
     /// now held: none when another worker evicted `new` since it was found.
