@@ -8,6 +8,9 @@
 //!
 //! MODEL_DIR holds the optimum export (`model.onnx`); the built graph reads
 //! `model.safetensors` from it when there is one, else the export's weights.
+//! A checkpoint folder without `model.onnx` times the built graph alone.
+//! `BATCHGEN_ATTENTION=paged` runs the built graph over the paged cache
+//! (blocks of 16, the server's default) instead of the slot cache.
 //!
 //! `DECODE_BACKENDS=built` (or `exported`) times one backend only, e.g.
 //! under `BATCHGEN_ORT_PROFILE`; `DECODE_WINDOWS=512:256` other windows.
@@ -16,6 +19,7 @@
 use std::time::Instant;
 
 use batchgen::engine::backend::Chunk;
+use batchgen::engine::pages::{PagedBackend, pool_blocks};
 use batchgen::engine::{Backend, Model, PaddedBackend, SessionOptions, SlotBackend};
 use batchgen::graph::{Gpt2Shape, SharedModel, Weights};
 
@@ -40,9 +44,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
     println!("built graph weights: {precision}, KV cache {} ({:?})", kv.dtype, kv.kernel);
     let session = std::sync::Arc::new(shared.session(&rt.env, &options)?);
-    let mut built: Box<dyn Backend> = Box::new(SlotBackend::new(shared.worker(&session, rows)?, None));
-    let mut exported: Box<dyn Backend> =
-        Box::new(PaddedBackend::new(Model::load(&rt.env, &onnx, shape.layers, &options)?, 50256, rows));
+    let mut built: Box<dyn Backend> = if kv.is_paged() {
+        let block = 16;
+        let blocks = pool_blocks(rows, shape.positions, block, 0);
+        Box::new(PagedBackend::new(shared.paged_worker(&session, blocks, block)?, rows, None))
+    } else {
+        Box::new(SlotBackend::new(shared.worker(&session, rows)?, None))
+    };
+    let mut exported: Option<Box<dyn Backend>> = if onnx.exists() {
+        Some(Box::new(PaddedBackend::new(Model::load(&rt.env, &onnx, shape.layers, &options)?, 50256, rows)))
+    } else {
+        None
+    };
     println!("{rows} rows, {threads} threads; median decode step (ms) over each window of context");
     let only = std::env::var("DECODE_BACKENDS").unwrap_or_default();
     let windows: Vec<(usize, usize)> = match std::env::var("DECODE_WINDOWS") {
@@ -56,7 +69,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => WINDOWS.to_vec(),
     };
     for round in 0..rounds {
-        for (name, backend) in [("exported", &mut exported), ("built", &mut built)] {
+        for (name, backend) in [("exported", exported.as_mut()), ("built", Some(&mut built))] {
+            let Some(backend) = backend else { continue };
             if !only.is_empty() && only != name {
                 continue;
             }

@@ -22,10 +22,32 @@ pub struct SessionOptions {
 pub struct Logits {
     pub vocab: usize,
     pub data: Vec<f32>,
+    /// Each row's greedy choice when the run computed it (batchgen's graph
+    /// with its own operators: `graph::greedy`), else empty.
+    pub greedy: Vec<Greedy>,
+}
+
+/// A logits row's greedy choice as `decoding::sampling::greedy` makes it with
+/// nothing masked: the lowest index of the largest logit, and log Σ exp over
+/// the row (the token's log-probability is `logit − lse`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Greedy {
+    pub id: u32,
+    pub lse: f64,
 }
 
 impl Logits {
+    /// Logits without greedy choices.
+    pub fn new(vocab: usize, data: Vec<f32>) -> Self {
+        Logits { vocab, data, greedy: Vec::new() }
+    }
+
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// Row `i`'s greedy choice, if the run computed it.
+    pub fn greedy(&self, i: usize) -> Option<Greedy> {
+        self.greedy.get(i).copied()
     }
 }

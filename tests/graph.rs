@@ -373,3 +373,48 @@ fn paged_rows_share_a_cached_prefix_and_admission_counts_it_once() {
     backend.free(&[s[0], s[1], c[0]]);
     assert_eq!(backend.held_tokens(), 0);
 }
+
+/// Our kernels' graphs choose each logits row's greedy token inside the run
+/// (`batchgen.Greedy`): the id and the log-probability equal what
+/// `sampling::greedy` makes of the same logits, bit for bit, for every row of
+/// a run (prompts, several logits of one row, decode steps); the graph with
+/// ONNX Runtime's GroupQueryAttention has no such outputs.
+#[test]
+fn the_runs_greedy_choices_equal_choosing_on_its_logits() {
+    use batchgen::decoding::sampling;
+    let check = |logits: &batchgen::engine::Logits, what: &str| {
+        let rows = logits.data.len() / logits.vocab;
+        assert_eq!(logits.greedy.len(), rows, "{what}: one greedy choice per logits row");
+        for r in 0..rows {
+            let (row, given) = (logits.row(r), logits.greedy(r).unwrap());
+            let want = sampling::greedy(row, &[], 3);
+            assert_eq!(given.id, want.id, "{what}: row {r}");
+            assert_eq!(
+                ((row[given.id as usize] as f64 - given.lse) as f32).to_bits(),
+                want.logprob.to_bits(),
+                "{what}"
+            );
+            assert_eq!(sampling::top_logprobs(row, given.lse, 3), want.top, "{what}: row {r}");
+        }
+    };
+    let a: Vec<u32> = (0..20).map(|i| (i * 733 + 11) % 50257).collect();
+    let b: Vec<u32> = (0..9).map(|i| 9000 + i * 11).collect();
+    for dtype in [KvDtype::Fp32, KvDtype::Fp16] {
+        let mut model = paged(KvLayout::paged(dtype), 24, 4);
+        let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..6).collect(), (6..12).collect());
+        let rows = [RowInput { tokens: &a[..16], past: 0, logits: 5 }, RowInput { tokens: &b, past: 0, logits: 1 }];
+        check(&model.run(&rows, &[&ta, &tb]).unwrap(), &format!("paged {dtype} prompts"));
+        let rows =
+            [RowInput { tokens: &a[16..17], past: 16, logits: 1 }, RowInput { tokens: &a[..1], past: 9, logits: 1 }];
+        check(&model.run(&rows, &[&ta, &tb]).unwrap(), &format!("paged {dtype} decode"));
+    }
+    for kv in LAYOUTS {
+        let (mut model, _) = built(2, kv);
+        let logits = model.run(0..1, &[RowInput { tokens: &a, past: 0, logits: 4 }]).unwrap();
+        if kv.kernel == Kernel::GroupQuery {
+            assert!(logits.greedy.is_empty(), "GroupQueryAttention's graph has no greedy outputs");
+        } else {
+            check(&logits, &format!("slot kernel {}", kv.dtype));
+        }
+    }
+}

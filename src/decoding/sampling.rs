@@ -7,6 +7,7 @@
 
 use super::logits::{self, History, Processors, Warpers};
 use super::math::{max_of, sum_exp};
+use crate::run::Greedy;
 
 /// One row's next token: the request's processors on its raw logits, then
 /// greedy choice or, when `sampling` is given, its warpers and a draw from
@@ -101,6 +102,29 @@ pub fn report(logits: &[f32], id: u32, top_k: usize) -> Choice {
     let max = max_of(logits);
     let lse = log_sum_exp_from(logits, max);
     Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
+}
+
+/// `choose` for a row whose greedy choice the run made already
+/// (`graph::greedy`): that choice when nothing would change it (no
+/// processors, no sampling, nothing masked), with the same reporting as
+/// `greedy`; else `choose`.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_given(
+    raw: &[f32],
+    given: Option<Greedy>,
+    processors: &Processors,
+    sampling: Option<(&Warpers, &mut impl rand::Rng)>,
+    history: &History,
+    masked: &[u32],
+    top: usize,
+    scratch: &mut Vec<f32>,
+) -> Choice {
+    match given {
+        Some(g) if sampling.is_none() && processors.is_off() && masked.is_empty() => {
+            Choice { id: g.id, logprob: (raw[g.id as usize] as f64 - g.lse) as f32, top: top_logprobs(raw, g.lse, top) }
+        }
+        _ => choose(raw, processors, sampling, history, masked, top, scratch),
+    }
 }
 
 /// Greedy choice with `masked` tokens forbidden, plus reporting.

@@ -255,7 +255,7 @@ impl Backend for SlotBackend {
             data.extend_from_slice(&logits.data);
             i = j;
         }
-        Ok(Logits { vocab: self.model.vocab, data })
+        Ok(Logits::new(self.model.vocab, data))
     }
 
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError> {
@@ -302,7 +302,7 @@ impl Backend for SlotBackend {
         for (k, &i) in order.iter().enumerate() {
             data[i * v..(i + 1) * v].copy_from_slice(logits.row(k));
         }
-        Ok(Logits { vocab: v, data })
+        Ok(Logits::new(v, data))
     }
 
     fn speculates(&self) -> bool {
@@ -362,7 +362,7 @@ impl Backend for SlotBackend {
             data[start[i] * v..(start[i] + n) * v].copy_from_slice(&logits.data[k * v..(k + n) * v]);
             k += n;
         }
-        Ok(Logits { vocab: v, data })
+        Ok(Logits::new(v, data))
     }
 
     fn rollback(&mut self, slot: usize, n: usize) {

@@ -301,7 +301,7 @@ fn last_position_logits(value: &DynValue, b: usize, seq: usize) -> Result<Logits
             let start = (row * seq + seq - 1) * vocab;
             data.extend((start..start + vocab).map(at));
         }
-        Logits { vocab, data }
+        Logits::new(vocab, data)
     };
     if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
         let vocab = pick(shape, data.len())?;

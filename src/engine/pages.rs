@@ -206,7 +206,7 @@ impl Backend for PagedBackend {
             data.extend_from_slice(&self.run(&rows)?.data);
             i = j;
         }
-        Ok(Logits { vocab: self.model.vocab, data })
+        Ok(Logits::new(self.model.vocab, data))
     }
 
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError> {

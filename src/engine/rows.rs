@@ -14,6 +14,7 @@ use crate::decoding::logits::History;
 use crate::decoding::sampling;
 use crate::decoding::stopping::SequenceText;
 use crate::pb::FinishReason;
+use crate::run::Greedy;
 use crate::tokenizer::Tokenizer;
 use crate::validation::ValidRequest;
 
@@ -146,7 +147,8 @@ fn choose_run(
     let proposal = row.spec.as_mut().map(|s| std::mem::take(&mut s.proposal)).unwrap_or_default();
     let mut kept = 0;
     let result = loop {
-        if let Err(e) = choose_one(row, logits.row(first + kept), tok, at, scratch, constrained) {
+        let given = logits.greedy(first + kept);
+        if let Err(e) = choose_one(row, logits.row(first + kept), given, tok, at, scratch, constrained) {
             break Err(e);
         }
         kept += 1;
@@ -175,6 +177,7 @@ fn choose_run(
 fn choose_one(
     row: &mut Row,
     raw: &[f32],
+    given: Option<Greedy>,
     tok: &Tokenizer,
     at: Instant,
     scratch: &mut Vec<f32>,
@@ -189,7 +192,7 @@ fn choose_one(
         None => {
             let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
             let masked = req.stop.masked(row.generated);
-            (sampling::choose(raw, &plan.processors, sampling, &row.history, &masked, top, scratch), None)
+            (sampling::choose_given(raw, given, &plan.processors, sampling, &row.history, &masked, top, scratch), None)
         }
         Some(mask) => {
             constrained.clear();

@@ -276,7 +276,8 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(SlotAttention::<f32>::default())?
         .add(SlotAttention::<f16>::default())?
         .add(PagedAttention::<f32>::default())?
-        .add(PagedAttention::<f16>::default())
+        .add(PagedAttention::<f16>::default())?
+        .add(super::greedy::GreedyOp)
 }
 
 impl<E: CacheElem> Operator for SlotAttention<E> {

@@ -32,6 +32,7 @@
 //! takes one input more, `block_table [B, T]` (int32, `super::pool`).
 use super::attention;
 use super::cache::KvDtype;
+use super::greedy;
 use super::onnx::{self, tensor_proto::DataType};
 use super::quant;
 use super::weights::{Activation, Elem, Gpt2Shape, Weights};
@@ -277,6 +278,12 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
         g.node("Gemm", "", &["picked", &wte], &["logits"], vec![attr_i("transB", 1)]);
     }
 
+    // Our kernels' graphs choose each row's greedy token in the run too
+    // (`greedy`), on ONNX Runtime's threads.
+    let ours = kv.kernel != Kernel::GroupQuery;
+    if ours {
+        g.node(greedy::OP, attention::DOMAIN, &["logits"], &[greedy::IDS, greedy::LSE], vec![]);
+    }
     let (d, mx) = (shape.head_dim() as i64, "max_len");
     let kv_type = match kv.dtype {
         KvDtype::Fp32 => DataType::Float,
@@ -300,6 +307,10 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
         inputs.push(value_info("block_table", DataType::Int32, &[Err("batch"), Err("table")]));
     }
     let mut outputs = vec![value_info("logits", DataType::Float, &[Err("picked"), Ok(shape.vocab as i64)])];
+    if ours {
+        outputs.push(value_info(greedy::IDS, DataType::Int32, &[Err("picked")]));
+        outputs.push(value_info(greedy::LSE, DataType::Double, &[Err("picked")]));
+    }
     for i in 0..shape.layers {
         let ((pk, pv), (ok, ov)) = (past_names(i), present_names(i));
         inputs.extend([cache(&pk), cache(&pv)]);

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod builder;
 pub mod cache;
+pub mod greedy;
 pub mod pool;
 pub mod precision;
 pub mod quant;
@@ -84,9 +85,10 @@ impl KvLayout {
         let mut kv = KvLayout::new(dtype);
         match std::env::var("BATCHGEN_ATTENTION").as_deref() {
             Ok("slot") => kv.kernel = Kernel::Slot,
+            Ok("paged") => kv.kernel = Kernel::Paged,
             Ok("gqa") if dtype == KvDtype::Fp32 => kv.kernel = Kernel::GroupQuery,
             Ok(other) => {
-                return Err(format!("BATCHGEN_ATTENTION={other}: slot, or gqa with a float32 cache"));
+                return Err(format!("BATCHGEN_ATTENTION={other}: slot, paged, or gqa with a float32 cache"));
             }
             Err(_) => {}
         }
@@ -241,7 +243,7 @@ impl BuiltModel {
         if self.kernel == Kernel::GroupQuery && b > 1 && s > 1 && rows.iter().any(|r| r.past > 0) {
             return bad("a chunk on a cached past runs one row at a time".into());
         }
-        let (mut binding, mut logits) = bind_rows(&self.session, rows, self.kernel, self.vocab)?;
+        let (mut binding, mut logits, greedy) = bind_rows(&self.session, rows, self.kernel, self.vocab)?;
         match self.cache.shape.dtype {
             KvDtype::Fp32 => self.run_over_cache::<f32>(&mut binding, &slots)?,
             KvDtype::Fp16 => self.run_over_cache::<half::f16>(&mut binding, &slots)?,
@@ -249,7 +251,7 @@ impl BuiltModel {
         drop(binding);
         let wanted: usize = rows.iter().map(|r| r.logits).sum();
         logits.truncate(wanted * self.vocab);
-        Ok(Logits { vocab: self.vocab, data: logits })
+        Ok(Logits { vocab: self.vocab, data: logits, greedy: greedy.into_rows(wanted) })
     }
 }
 
@@ -291,7 +293,7 @@ impl PagedModel {
                 return bad(format!("a block table of {} blocks for {end} positions", table.len()));
             }
         }
-        let (mut binding, mut logits) = bind_rows(&self.session, rows, Kernel::Paged, self.vocab)?;
+        let (mut binding, mut logits, greedy) = bind_rows(&self.session, rows, Kernel::Paged, self.vocab)?;
         let width = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
         let mut flat = vec![0i32; b * width];
         for (r, table) in tables.iter().enumerate() {
@@ -308,7 +310,7 @@ impl PagedModel {
         drop(binding);
         let wanted: usize = rows.iter().map(|r| r.logits).sum();
         logits.truncate(wanted * self.vocab);
-        Ok(Logits { vocab: self.vocab, data: logits })
+        Ok(Logits { vocab: self.vocab, data: logits, greedy: greedy.into_rows(wanted) })
     }
 
     #[allow(unsafe_code)]
@@ -350,7 +352,7 @@ fn bind_rows(
     rows: &[RowInput<'_>],
     kernel: Kernel,
     vocab: usize,
-) -> Result<(ort::session::IoBinding, Vec<f32>), ForwardError> {
+) -> Result<(ort::session::IoBinding, Vec<f32>, Greedy), ForwardError> {
     let b = rows.len();
     let s = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * s);
@@ -393,7 +395,49 @@ fn bind_rows(
     let out = unsafe { TensorRefMut::<f32>::from_raw(MemoryInfo::default(), logits.as_mut_ptr().cast(), logits_shape) }
         .map_err(run_err)?;
     binding.bind_output("logits", out).map_err(run_err)?;
-    Ok((binding, logits))
+    let mut greedy = Greedy { ids: vec![0; n_picked], lse: vec![0.0; n_picked], bound: kernel != Kernel::GroupQuery };
+    if greedy.bound {
+        // SAFETY: each buffer holds `n_picked` elements, outlives the run and
+        // is not resized before it (moving the Vec does not move its buffer).
+        let ids = unsafe {
+            TensorRefMut::<i32>::from_raw(
+                MemoryInfo::default(),
+                greedy.ids.as_mut_ptr().cast(),
+                Shape::new([n_picked as i64]),
+            )
+        }
+        .map_err(run_err)?;
+        // SAFETY: as for `ids`.
+        let lse = unsafe {
+            TensorRefMut::<f64>::from_raw(
+                MemoryInfo::default(),
+                greedy.lse.as_mut_ptr().cast(),
+                Shape::new([n_picked as i64]),
+            )
+        }
+        .map_err(run_err)?;
+        binding.bind_output(greedy::IDS, ids).map_err(run_err)?;
+        binding.bind_output(greedy::LSE, lse).map_err(run_err)?;
+    }
+    Ok((binding, logits, greedy))
+}
+
+/// The buffers the greedy outputs of a run land in (`greedy`).
+struct Greedy {
+    ids: Vec<i32>,
+    lse: Vec<f64>,
+    /// Whether the graph has them (our kernels' graphs).
+    bound: bool,
+}
+
+impl Greedy {
+    /// The first `rows` choices, none when the graph has no greedy outputs.
+    fn into_rows(self, rows: usize) -> Vec<crate::run::Greedy> {
+        if !self.bound {
+            return Vec::new();
+        }
+        self.ids.iter().zip(&self.lse).take(rows).map(|(&id, &lse)| crate::run::Greedy { id: id as u32, lse }).collect()
+    }
 }
 
 impl BuiltModel {

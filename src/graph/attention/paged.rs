@@ -119,6 +119,26 @@ fn compute_paged<E: CacheElem>(ctx: &ComputeContext, heads: usize, scale: f32) -
     })
 }
 
+/// Asks the CPU to bring `bytes` from `p` into its caches (a hint: no
+/// effect on results, none where the target has no prefetch instruction).
+#[inline(always)]
+fn prefetch<const L2: bool>(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+            if L2 {
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line).cast());
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line).cast());
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes);
+}
+
 /// One (row, head) of `PagedAttention`: `run.max_len` is the block size and
 /// `blocks` the row's block table.
 ///
@@ -149,6 +169,7 @@ unsafe fn attend_paged<E: CacheElem>(run: Run<E>, blocks: &[i32], r: usize, h: u
             let query = |t: usize| std::slice::from_raw_parts(run.qkv.add(token(t)), d);
             let output = |t: usize| std::slice::from_raw_parts_mut(run.out.add((r * s + t) * e + h * d), d);
             let (key, value) = (|p: usize| run.key.add(at(p)), |p: usize| run.value.add(at(p)));
+            let short = bs * d * size_of::<E>() < 4096;
             let mut t = 0;
             while t < n {
                 // Query t sees `la` positions; with a next query (which sees
@@ -181,6 +202,20 @@ unsafe fn attend_paged<E: CacheElem>(run: Run<E>, blocks: &[i32], r: usize, h: u
                     let mut max = f32::NEG_INFINITY;
                     for start in (0..la).step_by(bs) {
                         let end = la.min(start + bs);
+                        // The pool's blocks are scattered: ask for the next
+                        // block's keys and this block's values (read after the
+                        // softmax) while these keys are scored, so the loads
+                        // overlap instead of each block starting cold. Where a
+                        // block of one head fills a 4 KiB page or more (float32
+                        // at 16 × 64) the CPU's own prefetcher does as well:
+                        // measured 10 % off a 32-row float16 step, 4 % onto a
+                        // float32 one.
+                        if short && end < la {
+                            prefetch::<false>(key(end).cast(), (la.min(end + bs) - end) * d * size_of::<E>());
+                        }
+                        if short {
+                            prefetch::<true>(value(start).cast(), (end - start) * d * size_of::<E>());
+                        }
                         max = max.max(E::scores(qa, key(start), run.scale, &mut sa[start..end]));
                     }
                     normalize(&mut sa[..la], max);
