@@ -46,8 +46,41 @@ impl Logits {
         &self.data[i * self.vocab..(i + 1) * self.vocab]
     }
 
+    /// `other`'s rows after these; greedy choices stay only where both have
+    /// them for every row.
+    pub fn append(&mut self, other: Logits) {
+        let rows = self.data.len() / self.vocab.max(1);
+        if self.greedy.len() == rows && other.greedy.len() * other.vocab == other.data.len() {
+            self.greedy.extend(other.greedy);
+        } else {
+            self.greedy.clear();
+        }
+        self.data.extend(other.data);
+    }
+
     /// Row `i`'s greedy choice, if the run computed it.
     pub fn greedy(&self, i: usize) -> Option<Greedy> {
         self.greedy.get(i).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_logits_keep_greedy_choices_only_when_every_row_has_one() {
+        let g = |id| Greedy { id, lse: f64::from(id) };
+        let with =
+            |rows: u32| Logits { vocab: 2, data: vec![0.5; 2 * rows as usize], greedy: (0..rows).map(g).collect() };
+        let mut all = Logits::new(2, Vec::new());
+        all.append(with(2));
+        all.append(with(1));
+        assert_eq!((all.data.len(), all.greedy.len()), (6, 3));
+        assert_eq!(all.greedy(2), Some(g(0)));
+        all.append(Logits::new(2, vec![1.0; 2]));
+        assert_eq!((all.data.len(), all.greedy.len(), all.greedy(0)), (8, 0, None));
+        all.append(with(1));
+        assert!(all.greedy.is_empty(), "rows without a choice keep the rest from having one");
     }
 }

@@ -232,7 +232,7 @@ impl Backend for SlotBackend {
         // Whole prompts starting an empty cache in adjacent slots run
         // together (right-padded); a chunk on a cached past runs alone, as
         // GroupQueryAttention requires.
-        let mut data = Vec::with_capacity(chunks.len() * self.model.vocab);
+        let mut all = Logits::new(self.model.vocab, Vec::with_capacity(chunks.len() * self.model.vocab));
         let mut i = 0;
         while i < chunks.len() {
             let mut j = i + 1;
@@ -252,10 +252,10 @@ impl Backend for SlotBackend {
             for c in group {
                 self.slots.lens[c.slot] += c.tokens.len();
             }
-            data.extend_from_slice(&logits.data);
+            all.append(logits);
             i = j;
         }
-        Ok(Logits::new(self.model.vocab, data))
+        Ok(all)
     }
 
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError> {

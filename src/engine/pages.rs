@@ -195,7 +195,7 @@ impl Backend for PagedBackend {
     fn prefill(&mut self, chunks: &[Chunk<'_>]) -> Result<Logits, ForwardError> {
         // Chunks run together, right-padded to the longest of a group, as
         // long as padding stays below half of the work.
-        let mut data = Vec::with_capacity(chunks.len() * self.model.vocab);
+        let mut logits = Logits::new(self.model.vocab, Vec::with_capacity(chunks.len() * self.model.vocab));
         let mut i = 0;
         while i < chunks.len() {
             let mut j = i + 1;
@@ -203,10 +203,10 @@ impl Backend for PagedBackend {
                 j += 1;
             }
             let rows: Vec<(usize, &[u32], usize)> = chunks[i..j].iter().map(|c| (c.slot, c.tokens, 1)).collect();
-            data.extend_from_slice(&self.run(&rows)?.data);
+            logits.append(self.run(&rows)?);
             i = j;
         }
-        Ok(Logits::new(self.model.vocab, data))
+        Ok(logits)
     }
 
     fn fork(&mut self, from: usize, to: &[usize]) -> Result<usize, ForwardError> {
