@@ -13,9 +13,14 @@ use crate::run::Greedy;
 /// greedy choice or, when `sampling` is given, its warpers and a draw from
 /// the row's own generator; reported under the model's own distribution.
 /// Greedy is the configuration without sampling (and with no processor on,
-/// the argmax of the raw logits, with no copy). `scratch` is reused.
+/// the argmax of the raw logits, with no copy). `given`: the row's greedy
+/// choice when the run made it (`graph::greedy`), taken as it is when
+/// nothing would change it (no processors, no sampling, nothing masked).
+/// `scratch` is reused.
+#[allow(clippy::too_many_arguments)]
 pub fn choose(
     raw: &[f32],
+    given: Option<Greedy>,
     processors: &Processors,
     sampling: Option<(&Warpers, &mut impl rand::Rng)>,
     history: &History,
@@ -24,7 +29,10 @@ pub fn choose(
     scratch: &mut Vec<f32>,
 ) -> Choice {
     if sampling.is_none() && processors.is_off() {
-        return greedy(raw, masked, top);
+        return match given {
+            Some(g) if masked.is_empty() => reported(raw, g.id, g.lse, top),
+            _ => greedy(raw, masked, top),
+        };
     }
     scratch.clear();
     scratch.extend_from_slice(raw);
@@ -100,31 +108,13 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 /// distribution.
 pub fn report(logits: &[f32], id: u32, top_k: usize) -> Choice {
     let max = max_of(logits);
-    let lse = log_sum_exp_from(logits, max);
-    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
+    reported(logits, id, log_sum_exp_from(logits, max), top_k)
 }
 
-/// `choose` for a row whose greedy choice the run made already
-/// (`graph::greedy`): that choice when nothing would change it (no
-/// processors, no sampling, nothing masked), with the same reporting as
-/// `greedy`; else `choose`.
-#[allow(clippy::too_many_arguments)]
-pub fn choose_given(
-    raw: &[f32],
-    given: Option<Greedy>,
-    processors: &Processors,
-    sampling: Option<(&Warpers, &mut impl rand::Rng)>,
-    history: &History,
-    masked: &[u32],
-    top: usize,
-    scratch: &mut Vec<f32>,
-) -> Choice {
-    match given {
-        Some(g) if sampling.is_none() && processors.is_off() && masked.is_empty() => {
-            Choice { id: g.id, logprob: (raw[g.id as usize] as f64 - g.lse) as f32, top: top_logprobs(raw, g.lse, top) }
-        }
-        _ => choose(raw, processors, sampling, history, masked, top, scratch),
-    }
+/// Token `id` with its log-probability and the `top_k` alternatives, given
+/// the row's log-sum-exp.
+fn reported(logits: &[f32], id: u32, lse: f64, top_k: usize) -> Choice {
+    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
 }
 
 /// Greedy choice with `masked` tokens forbidden, plus reporting.
@@ -132,8 +122,7 @@ pub fn greedy(logits: &[f32], masked: &[u32], top_k: usize) -> Choice {
     let id = argmax_unmasked(logits, masked);
     let max =
         if masked.is_empty() { logits[id as usize] } else { logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) };
-    let lse = log_sum_exp_from(logits, max);
-    Choice { id, logprob: (logits[id as usize] as f64 - lse) as f32, top: top_logprobs(logits, lse, top_k) }
+    reported(logits, id, log_sum_exp_from(logits, max), top_k)
 }
 
 #[cfg(test)]

@@ -192,7 +192,7 @@ fn choose_one(
         None => {
             let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
             let masked = req.stop.masked(row.generated);
-            (sampling::choose_given(raw, given, &plan.processors, sampling, &row.history, &masked, top, scratch), None)
+            (sampling::choose(raw, given, &plan.processors, sampling, &row.history, &masked, top, scratch), None)
         }
         Some(mask) => {
             constrained.clear();
@@ -236,7 +236,8 @@ fn choose_constrained(
     let plan = &req.decoding;
     let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
     let masked = req.stop.masked(row.generated);
-    let mut choice = sampling::choose(constrained, &plan.processors, sampling, &row.history, &masked, top, scratch);
+    let mut choice =
+        sampling::choose(constrained, None, &plan.processors, sampling, &row.history, &masked, top, scratch);
     if !mask.allows(choice.id) {
         choice = sampling::greedy(constrained, &[], top);
         if !mask.allows(choice.id) {

@@ -59,15 +59,15 @@ fn compute(ctx: &ComputeContext) -> ort::Result<()> {
         return Err(ort::Error::new(format!("Greedy: logits are {shape:?}, not [rows, vocab]")));
     };
     let (rows, vocab) = (rows as usize, vocab as usize);
+    if vocab == 0 {
+        return Err(ort::Error::new("Greedy: an empty vocabulary"));
+    }
     let mut ids = ctx.output(0, vec![rows as i64])?.ok_or_else(|| ort::Error::new("Greedy: no ids output"))?;
     let mut lse = ctx.output(1, vec![rows as i64])?.ok_or_else(|| ort::Error::new("Greedy: no lse output"))?;
     let out = Out {
         ids: ids.try_extract_tensor_mut::<i32>()?.1.as_mut_ptr(),
         lse: lse.try_extract_tensor_mut::<f64>()?.1.as_mut_ptr(),
     };
-    if vocab == 0 {
-        return Err(ort::Error::new("Greedy: an empty vocabulary"));
-    }
     ctx.par_for(rows, rows, |r| {
         let row = &data[r * vocab..(r + 1) * vocab];
         let id = argmax_unmasked(row, &[]);

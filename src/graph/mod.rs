@@ -394,43 +394,42 @@ fn bind_rows(
     // Not zeroed (6.4 MB at 32 rows, a memset every step): the run writes
     // every element before anyone reads one (`Outputs::into_logits`).
     let mut logits = Vec::<f32>::with_capacity(n_picked * vocab);
-    let logits_shape = Shape::new([n_picked as i64, vocab as i64]);
-    // SAFETY: `logits` has room for `n_picked * vocab` floats, outlives the
-    // run and is not resized before it.
-    let out = unsafe {
-        TensorRefMut::<f32>::from_raw(
-            MemoryInfo::default(),
-            logits.spare_capacity_mut().as_mut_ptr().cast(),
-            logits_shape,
-        )
-    }
-    .map_err(run_err)?;
-    binding.bind_output("logits", out).map_err(run_err)?;
-    let mut greedy = Greedy { ids: vec![0; n_picked], lse: vec![0.0; n_picked], bound: kernel != Kernel::GroupQuery };
-    if greedy.bound {
-        // SAFETY: each buffer holds `n_picked` elements, outlives the run and
-        // is not resized before it (moving the Vec does not move its buffer).
-        let ids = unsafe {
-            TensorRefMut::<i32>::from_raw(
-                MemoryInfo::default(),
-                greedy.ids.as_mut_ptr().cast(),
-                Shape::new([n_picked as i64]),
-            )
-        }
-        .map_err(run_err)?;
-        // SAFETY: as for `ids`.
-        let lse = unsafe {
-            TensorRefMut::<f64>::from_raw(
-                MemoryInfo::default(),
-                greedy.lse.as_mut_ptr().cast(),
-                Shape::new([n_picked as i64]),
-            )
-        }
-        .map_err(run_err)?;
-        binding.bind_output(greedy::IDS, ids).map_err(run_err)?;
-        binding.bind_output(greedy::LSE, lse).map_err(run_err)?;
-    }
+    // SAFETY: each buffer bound here has room for its output's elements,
+    // outlives the run (it goes back in `Outputs`) and is not resized before
+    // it (moving a Vec does not move its buffer).
+    unsafe {
+        bind_buffer::<f32>(&mut binding, "logits", logits.spare_capacity_mut().as_mut_ptr().cast(), &[n_picked, vocab])
+    }?;
+    // Our kernels' graphs choose each row's greedy token too (`greedy`).
+    let greedy = if kernel != Kernel::GroupQuery {
+        let (mut ids, mut lse) = (vec![0i32; n_picked], vec![0f64; n_picked]);
+        // SAFETY: as above.
+        unsafe { bind_buffer(&mut binding, greedy::IDS, ids.as_mut_ptr(), &[n_picked]) }?;
+        // SAFETY: as above.
+        unsafe { bind_buffer(&mut binding, greedy::LSE, lse.as_mut_ptr(), &[n_picked]) }?;
+        Some((ids, lse))
+    } else {
+        None
+    };
     Ok((binding, Outputs { logits, rows: n_picked, vocab, greedy }))
+}
+
+/// Binds output `name` to the buffer at `data` (`dims` elements).
+///
+/// # Safety
+/// `data` addresses that many elements, kept alive and in place until the
+/// run the binding serves is over.
+#[allow(unsafe_code)]
+unsafe fn bind_buffer<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+    binding: &mut ort::session::IoBinding,
+    name: &str,
+    data: *mut T,
+    dims: &[usize],
+) -> Result<(), ForwardError> {
+    let shape = Shape::new(dims.iter().map(|&d| d as i64));
+    // SAFETY: as the caller promises.
+    let view = unsafe { TensorRefMut::<T>::from_raw(MemoryInfo::default(), data.cast(), shape) }.map_err(run_err)?;
+    binding.bind_output(name, view).map_err(run_err)
 }
 
 /// The buffers a run's outputs land in.
@@ -439,7 +438,8 @@ struct Outputs {
     logits: Vec<f32>,
     rows: usize,
     vocab: usize,
-    greedy: Greedy,
+    /// Room for each row's greedy id and log-sum-exp, where the graph has them.
+    greedy: Option<(Vec<i32>, Vec<f64>)>,
 }
 
 impl Outputs {
@@ -453,25 +453,10 @@ impl Outputs {
         // SAFETY: the run wrote all `rows × vocab` floats (the caller's promise).
         unsafe { self.logits.set_len(self.rows * self.vocab) };
         self.logits.truncate(wanted * self.vocab);
-        Logits { vocab: self.vocab, data: self.logits, greedy: self.greedy.into_rows(wanted) }
-    }
-}
-
-/// The buffers the greedy outputs of a run land in (`greedy`).
-struct Greedy {
-    ids: Vec<i32>,
-    lse: Vec<f64>,
-    /// Whether the graph has them (our kernels' graphs).
-    bound: bool,
-}
-
-impl Greedy {
-    /// The first `rows` choices, none when the graph has no greedy outputs.
-    fn into_rows(self, rows: usize) -> Vec<crate::run::Greedy> {
-        if !self.bound {
-            return Vec::new();
-        }
-        self.ids.iter().zip(&self.lse).take(rows).map(|(&id, &lse)| crate::run::Greedy { id: id as u32, lse }).collect()
+        let greedy = self.greedy.map_or_else(Vec::new, |(ids, lse)| {
+            ids.iter().zip(&lse).take(wanted).map(|(&id, &lse)| crate::run::Greedy { id: id as u32, lse }).collect()
+        });
+        Logits { vocab: self.vocab, data: self.logits, greedy }
     }
 }
 
