@@ -77,6 +77,17 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
                 }
             };
         }
+        #[cfg(target_arch = "x86_64")]
+        if *ISA == Isa::Avx2 && q.len() == 64 {
+            // SAFETY: the CPU has AVX2, FMA and F16C; `k` addresses scores.len() keys of 64.
+            return unsafe {
+                if Self::HALF {
+                    simd::scores64_256::<true>(q, k.cast(), scale, scores)
+                } else {
+                    simd::scores64_256::<false>(q, k.cast(), scale, scores)
+                }
+            };
+        }
         let mut max = f32::NEG_INFINITY;
         for (j, score) in scores.iter_mut().enumerate() {
             // SAFETY: key j lies inside the keys `k` addresses.
@@ -151,6 +162,17 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
                     simd::weighted64::<true>(p, v.cast(), out)
                 } else {
                     simd::weighted64::<false>(p, v.cast(), out)
+                }
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if *ISA == Isa::Avx2 && out.len() == 64 {
+            // SAFETY: the CPU has AVX2, FMA and F16C; `v` addresses p.len() values of 64.
+            return unsafe {
+                if Self::HALF {
+                    simd::weighted64_256::<true>(p, v.cast(), out)
+                } else {
+                    simd::weighted64_256::<false>(p, v.cast(), out)
                 }
             };
         }
@@ -538,6 +560,48 @@ mod tests {
             for (a, b) in got_w.iter().zip(plain_sum(k)) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
+        }
+    }
+
+    /// The AVX2 kernels on any CPU that has AVX2 (an AVX-512 CPU takes the
+    /// wider ones through `scores`/`weighted`): 37 keys, four groups of
+    /// eight and a tail, float32 and float16, against plain loops.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_scores_and_weighted_sums_agree_with_plain_loops() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c"))
+        {
+            return;
+        }
+        let n = 37;
+        let q: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let kv: Vec<f32> = (0..64 * n).map(|i| (i as f32 * 0.011).cos() + (i % 7) as f32 * 0.1).collect();
+        let kh: Vec<f16> = kv.iter().map(|&x| f16::from_f32(x)).collect();
+        let kh32: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+        let p: Vec<f32> = (0..n).map(|j| 1.0 / (j + 1) as f32).collect();
+        let check = |k: &[f32], s: &[f32], m: f32, w: &[f32]| {
+            for j in 0..n {
+                let want = 0.125 * q.iter().zip(&k[j * 64..]).map(|(a, b)| a * b).sum::<f32>();
+                assert!((s[j] - want).abs() < 1e-5, "key {j}: {} vs {want}", s[j]);
+            }
+            assert_eq!(m, s.iter().cloned().fold(f32::MIN, f32::max));
+            for i in 0..64 {
+                let want: f32 = (0..n).map(|j| p[j] * k[j * 64 + i]).sum();
+                assert!((w[i] - want).abs() < 1e-5, "element {i}: {} vs {want}", w[i]);
+            }
+        };
+        let (mut s, mut w) = (vec![0.0; n], vec![1.0; 64]);
+        // SAFETY: the CPU has the features (checked above); kv and kh hold n
+        // keys (values) of 64.
+        unsafe {
+            let m = simd::scores64_256::<false>(&q, kv.as_ptr().cast(), 0.125, &mut s);
+            simd::weighted64_256::<false>(&p, kv.as_ptr().cast(), &mut w);
+            check(&kv, &s, m, &w);
+            let m = simd::scores64_256::<true>(&q, kh.as_ptr().cast(), 0.125, &mut s);
+            simd::weighted64_256::<true>(&p, kh.as_ptr().cast(), &mut w);
+            check(&kh32, &s, m, &w);
         }
     }
 

@@ -11,13 +11,21 @@
 //! the prefix cache while it indexes it. A block is written only by a row
 //! that holds its sole reference (the engine copies a shared block before a
 //! row writes into it), so readers never see it change. A block whose last
-//! reference goes is free again; its pages go back to the kernel
-//! (`MADV_DONTNEED`), so memory in use follows the blocks held.
+//! reference goes is free again. Its pages go back to the kernel
+//! (`MADV_DONTNEED`), so memory in use follows the blocks held, except for a
+//! bounded few freed blocks kept resident (`KEEP_BYTES`, at most an eighth
+//! of the pool) that `alloc` hands out first: rows finish and start every
+//! step under load, and giving a block's pages back only to fault them in
+//! again a step later costs a madvise per layer buffer, TLB shootdowns on
+//! every core and a page fault per page.
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::ops::Range;
 
 use super::cache::{KvDtype, Region};
+
+/// Memory that freed blocks may keep resident, at most (see the module).
+pub const KEEP_BYTES: usize = 64 << 20;
 
 /// Geometry of the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +62,13 @@ pub struct BlockPool {
     pub shape: PoolShape,
     layers: Vec<(Region, Region)>,
     refs: Vec<Cell<u32>>,
-    /// Free blocks; the lowest is taken first, so the blocks in use stay
-    /// packed at the front of the mapping.
+    /// Free blocks whose pages were given back; the lowest is taken first,
+    /// so the blocks in use stay packed at the front of the mapping.
     free: BTreeSet<u32>,
+    /// Free blocks whose pages are still resident, taken before `free`.
+    warm: BTreeSet<u32>,
+    /// Most blocks `warm` holds.
+    keep: usize,
 }
 
 impl BlockPool {
@@ -70,13 +82,15 @@ impl BlockPool {
             layers,
             refs: vec![Cell::new(0); shape.blocks],
             free: (0..shape.blocks as u32).collect(),
+            warm: BTreeSet::new(),
+            keep: (KEEP_BYTES / shape.block_bytes().max(1)).min(shape.blocks / 8),
         })
     }
 
     /// A free block, with one reference (the caller's); none when every
-    /// block is taken.
+    /// block is taken. A block still resident goes first.
     pub fn alloc(&mut self) -> Option<u32> {
-        let id = self.free.pop_first()?;
+        let id = self.warm.pop_first().or_else(|| self.free.pop_first())?;
         self.refs[id as usize].set(1);
         Some(id)
     }
@@ -95,13 +109,19 @@ impl BlockPool {
         assert!(r.get() > 0, "block {id} released twice");
         r.set(r.get() - 1);
         if r.get() == 0 {
-            let n = self.shape.block_bytes_per_buffer();
-            let range = id as usize * n..(id as usize + 1) * n;
-            for (k, v) in &mut self.layers {
-                k.release(range.clone());
-                v.release(range.clone());
+            self.warm.insert(id);
+            // Beyond the bound, the highest resident block gives its pages
+            // back (the lowest are the likeliest to be taken again).
+            if self.warm.len() > self.keep {
+                let id = self.warm.pop_last().expect("warm is not empty");
+                let n = self.shape.block_bytes_per_buffer();
+                let range = id as usize * n..(id as usize + 1) * n;
+                for (k, v) in &mut self.layers {
+                    k.release(range.clone());
+                    v.release(range.clone());
+                }
+                self.free.insert(id);
             }
-            self.free.insert(id);
         }
     }
 
@@ -112,7 +132,12 @@ impl BlockPool {
 
     /// Blocks taken.
     pub fn used(&self) -> usize {
-        self.shape.blocks - self.free.len()
+        self.shape.blocks - self.free.len() - self.warm.len()
+    }
+
+    /// Free blocks whose pages are still resident.
+    pub fn warm(&self) -> usize {
+        self.warm.len()
     }
 
     /// Raw pointers to the key and value pools of `layer` (for binding).
@@ -216,6 +241,33 @@ mod tests {
         p.release(0);
         assert_eq!((p.refs(0), p.used()), (0, 2));
         assert_eq!(p.alloc(), Some(0));
+    }
+
+    #[test]
+    fn a_bounded_few_freed_blocks_stay_resident_and_are_taken_first() {
+        // 16 blocks of one 4 KiB page per layer buffer (2 heads × 4
+        // positions × 128 floats), so a block given back reads as zeros; an
+        // eighth of them, 2, may stay resident once freed.
+        let shape = PoolShape { layers: 2, blocks: 16, heads: 2, block: 4, head_dim: 128, dtype: KvDtype::Fp32 };
+        let mut p = BlockPool::new(shape).unwrap();
+        let ids: Vec<u32> = (0..4).map(|_| p.alloc().unwrap()).collect();
+        assert_eq!(ids, [0, 1, 2, 3]);
+        for &id in &ids {
+            filled(&mut p, id, id as u8 + 1);
+        }
+        let kept = contents(&mut p, 0);
+        for &id in ids.iter().rev() {
+            p.release(id);
+        }
+        // Freed 3, 2, 1, 0: each time the highest resident one beyond two
+        // gave its pages back, so 0 and 1 stay resident.
+        assert_eq!((p.used(), p.warm()), (0, 2));
+        assert_eq!(p.alloc(), Some(0), "a resident block first");
+        assert_eq!(contents(&mut p, 0), kept, "its pages were kept");
+        assert_eq!(p.alloc(), Some(1));
+        assert_eq!(p.alloc(), Some(2), "then the lowest given back");
+        assert!(contents(&mut p, 2).iter().all(|&b| b == 0), "its pages went back: zeros");
+        assert_eq!((p.used(), p.warm()), (3, 0));
     }
 
     #[test]

@@ -252,3 +252,83 @@ unsafe fn load256<const F16: bool>(base: *const u8, i: usize) -> __m256 {
         _mm256_loadu_ps(base.cast::<f32>().add(i))
     }
 }
+
+/// `scores64` with AVX2: eight keys at a time, reduced together (`sum8`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scores64_256<const F16: bool>(q: &[f32], k: *const u8, scale: f32, scores: &mut [f32]) -> f32 {
+    let e = if F16 { 2 } else { 4 };
+    let q = q.as_ptr();
+    let partial = |key: *const u8| partial64::<F16>(q, key);
+    let whole = scores.len() / 8 * 8;
+    let mut maxes = _mm256_set1_ps(f32::NEG_INFINITY);
+    for j0 in (0..whole).step_by(8) {
+        let acc: [__m256; 8] = std::array::from_fn(|u| partial(k.add((j0 + u) * 64 * e)));
+        let block = _mm256_mul_ps(sum8(&acc), _mm256_set1_ps(scale));
+        _mm256_storeu_ps(scores.as_mut_ptr().add(j0), block);
+        maxes = _mm256_max_ps(maxes, block);
+    }
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
+    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (j, score) in scores.iter_mut().enumerate().skip(whole) {
+        *score = hsum256(partial(k.add(j * 64 * e))) * scale;
+        max = max.max(*score);
+    }
+    max
+}
+
+/// One key's 64 products with `q` in eight lanes (two running sums).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn partial64<const F16: bool>(q: *const f32, key: *const u8) -> __m256 {
+    let mut x = _mm256_mul_ps(_mm256_loadu_ps(q), load256::<F16>(key, 0));
+    let mut y = _mm256_mul_ps(_mm256_loadu_ps(q.add(8)), load256::<F16>(key, 8));
+    for i in [16, 32, 48] {
+        x = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), load256::<F16>(key, i), x);
+        y = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i + 8)), load256::<F16>(key, i + 8), y);
+    }
+    _mm256_add_ps(x, y)
+}
+
+/// The sum of the eight lanes of `s`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum256(s: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+/// The sums of the eight lanes of each of `a[0..8]`, as one vector (lane
+/// `j`: the sum of `a[j]`).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sum8(a: &[__m256; 8]) -> __m256 {
+    // Pairwise within 128-bit halves: lane i of u0 holds the sum of a[i]'s
+    // low four lanes, lane 4 + i that of its high four (a[4 + i] in u1).
+    let t = [
+        _mm256_hadd_ps(a[0], a[1]),
+        _mm256_hadd_ps(a[2], a[3]),
+        _mm256_hadd_ps(a[4], a[5]),
+        _mm256_hadd_ps(a[6], a[7]),
+    ];
+    let (u0, u1) = (_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
+}
+
+/// `weighted64` with AVX2: the 64 sums stay in eight registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted64_256<const F16: bool>(p: &[f32], v: *const u8, out: &mut [f32]) {
+    let e = if F16 { 2 } else { 4 };
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for (j, &w) in p.iter().enumerate() {
+        let value = v.add(j * 64 * e);
+        let w = _mm256_set1_ps(w);
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(w, load256::<F16>(value, 8 * i), *a);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *a);
+    }
+}
