@@ -41,6 +41,22 @@ pub const OP: &str = "SlotAttention";
 /// each row reads and writes its positions through a block table.
 pub const PAGED_OP: &str = "PagedAttention";
 
+/// Returns the 64-wide SIMD kernel's result, float16 or float32 keys by
+/// `$half`, when `$d` is 64 and the CPU has one of the listed ISAs.
+macro_rules! wide64 {
+    ($half:expr, $d:expr, $($isa:ident => $f:ident),+; $args:tt) => {
+        #[cfg(target_arch = "x86_64")]
+        if $d == 64 {
+            $(if *ISA == Isa::$isa {
+                // SAFETY: the CPU has the ISA's features (checked at run
+                // time) and the caller's pointers address its keys or values
+                // of 64 elements, as the method's contract says.
+                return unsafe { if $half { simd::$f::<true> $args } else { simd::$f::<false> $args } };
+            })+
+        }
+    };
+}
+
 /// An element type the cache may hold.
 pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Copy + Send + Sync + 'static {
     const TYPE: TensorElementType;
@@ -66,28 +82,7 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
     /// # Safety
     /// `k` addresses `scores.len() × q.len()` elements.
     unsafe fn scores(q: &[f32], k: *const Self, scale: f32, scores: &mut [f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if *ISA == Isa::Avx512 && q.len() == 64 {
-            // SAFETY: the CPU has AVX-512F; `k` addresses scores.len() keys of 64.
-            return unsafe {
-                if Self::HALF {
-                    simd::scores64::<true>(q, k.cast(), scale, scores)
-                } else {
-                    simd::scores64::<false>(q, k.cast(), scale, scores)
-                }
-            };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if *ISA == Isa::Avx2 && q.len() == 64 {
-            // SAFETY: the CPU has AVX2, FMA and F16C; `k` addresses scores.len() keys of 64.
-            return unsafe {
-                if Self::HALF {
-                    simd::scores64_256::<true>(q, k.cast(), scale, scores)
-                } else {
-                    simd::scores64_256::<false>(q, k.cast(), scale, scores)
-                }
-            };
-        }
+        wide64!(Self::HALF, q.len(), Avx512 => scores64, Avx2 => scores64_256; (q, k.cast(), scale, scores));
         let mut max = f32::NEG_INFINITY;
         for (j, score) in scores.iter_mut().enumerate() {
             // SAFETY: key j lies inside the keys `k` addresses.
@@ -110,17 +105,7 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
         sa: &mut [f32],
         sb: &mut [f32],
     ) -> (f32, f32) {
-        #[cfg(target_arch = "x86_64")]
-        if *ISA == Isa::Avx512 && qa.len() == 64 {
-            // SAFETY: the CPU has AVX-512F; `k` addresses sa.len() keys of 64.
-            return unsafe {
-                if Self::HALF {
-                    simd::scores64x2::<true>(qa, qb, k.cast(), scale, sa, sb)
-                } else {
-                    simd::scores64x2::<false>(qa, qb, k.cast(), scale, sa, sb)
-                }
-            };
-        }
+        wide64!(Self::HALF, qa.len(), Avx512 => scores64x2; (qa, qb, k.cast(), scale, sa, sb));
         // SAFETY: as the caller's.
         unsafe { (Self::scores(qa, k, scale, sa), Self::scores(qb, k, scale, sb)) }
     }
@@ -130,17 +115,7 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
     /// # Safety
     /// As `weighted`.
     unsafe fn weighted2(pa: &[f32], pb: &[f32], v: *const Self, oa: &mut [f32], ob: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if *ISA == Isa::Avx512 && oa.len() == 64 {
-            // SAFETY: the CPU has AVX-512F; `v` addresses pa.len() values of 64.
-            return unsafe {
-                if Self::HALF {
-                    simd::weighted64x2::<true>(pa, pb, v.cast(), oa, ob)
-                } else {
-                    simd::weighted64x2::<false>(pa, pb, v.cast(), oa, ob)
-                }
-            };
-        }
+        wide64!(Self::HALF, oa.len(), Avx512 => weighted64x2; (pa, pb, v.cast(), oa, ob));
         // SAFETY: as the caller's.
         unsafe {
             Self::weighted(pa, v, oa);
@@ -154,28 +129,7 @@ pub trait CacheElem: ort::value::PrimitiveTensorElementType + std::fmt::Debug + 
     /// # Safety
     /// `v` addresses `p.len() × out.len()` elements.
     unsafe fn weighted(p: &[f32], v: *const Self, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if *ISA == Isa::Avx512 && out.len() == 64 {
-            // SAFETY: the CPU has AVX-512F; `v` addresses p.len() values of 64.
-            return unsafe {
-                if Self::HALF {
-                    simd::weighted64::<true>(p, v.cast(), out)
-                } else {
-                    simd::weighted64::<false>(p, v.cast(), out)
-                }
-            };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if *ISA == Isa::Avx2 && out.len() == 64 {
-            // SAFETY: the CPU has AVX2, FMA and F16C; `v` addresses p.len() values of 64.
-            return unsafe {
-                if Self::HALF {
-                    simd::weighted64_256::<true>(p, v.cast(), out)
-                } else {
-                    simd::weighted64_256::<false>(p, v.cast(), out)
-                }
-            };
-        }
+        wide64!(Self::HALF, out.len(), Avx512 => weighted64, Avx2 => weighted64_256; (p, v.cast(), out));
         out.fill(0.0);
         for (j, &w) in p.iter().enumerate() {
             // SAFETY: value j lies inside the values `v` addresses.
