@@ -41,7 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let precision = batchgen::graph::Precision::from_env()?;
     // BATCHGEN_KV_DTYPE / BATCHGEN_ATTENTION: its cache and attention kernel.
     let kv = batchgen::graph::KvLayout::from_env()?;
-    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
+    let shared = SharedModel::new(
+        shape.clone(),
+        weights.quantized(&shape, precision, batchgen::graph::Int8Range::from_env()?.limit()),
+        kv,
+    );
     println!("built graph weights: {precision}, KV cache {} ({:?})", kv.dtype, kv.kernel);
     let session = std::sync::Arc::new(shared.session(&rt.env, &options)?);
     let mut built: Box<dyn Backend> = if kv.is_paged() {

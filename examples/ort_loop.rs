@@ -103,7 +103,11 @@ fn built_loop(
     // BATCHGEN_KV_DTYPE / BATCHGEN_ATTENTION: its cache and attention kernel.
     let kv = batchgen::graph::KvLayout::from_env()?;
     println!("built graph, weights {precision}, KV cache {} ({:?})", kv.dtype, kv.kernel);
-    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
+    let shared = SharedModel::new(
+        shape.clone(),
+        weights.quantized(&shape, precision, batchgen::graph::Int8Range::from_env()?.limit()),
+        kv,
+    );
     let session =
         std::sync::Arc::new(shared.session(&rt.env, &batchgen::engine::SessionOptions { intra_op_threads: threads })?);
     let mut model: BuiltModel = shared.worker(&session, 1)?;

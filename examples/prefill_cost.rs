@@ -35,7 +35,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let weights = Weights::from_files(&batchgen::model::ModelFiles::in_dir("prefill_cost", &dir)?, &shape)?;
     let precision = batchgen::graph::Precision::from_env()?;
     let kv = batchgen::graph::KvLayout::from_env()?;
-    let shared = SharedModel::new(shape.clone(), weights.quantized(&shape, precision), kv);
+    let shared = SharedModel::new(
+        shape.clone(),
+        weights.quantized(&shape, precision, batchgen::graph::Int8Range::from_env()?.limit()),
+        kv,
+    );
     let session = std::sync::Arc::new(shared.session(&rt.env, &SessionOptions { intra_op_threads: threads })?);
     let most = shapes.iter().map(|s| s.0).max().unwrap_or(1);
     let mut backend = SlotBackend::new(shared.worker(&session, most)?, None);

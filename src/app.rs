@@ -157,10 +157,16 @@ pub fn load(args: &ServeArgs) -> Result<Loaded, StartupError> {
                 q.baseline(&shape, &fp32, &rt.env, &options).map_err(eval_err)?;
             }
             let t = Instant::now();
-            let weights = fp32.quantized(&shape, precision);
+            let limit = args.model.int8_range.limit();
+            let weights = fp32.quantized(&shape, precision, limit);
             drop(fp32);
             if precision != Precision::Fp32 {
                 phase("quantize", t);
+                crate::log_fact!(
+                    "int8 range",
+                    text = format!("int8 weights in -{limit}..={limit} (--int8-range {})", args.model.int8_range),
+                    limit
+                );
             }
             let t = Instant::now();
             let kv = if paged { KvLayout::paged(args.model.kv_dtype) } else { KvLayout::new(args.model.kv_dtype) };

@@ -196,6 +196,8 @@ pub struct Report {
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub cpu: String,
+    /// The largest int8 weight magnitude (`--int8-range`).
+    pub int8_limit: i8,
     pub rows: Vec<Row>,
 }
 
@@ -240,7 +242,7 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
     caches.extend(args.kv_dtypes.iter().filter(|&&d| d != KvDtype::Fp32));
     let (mut rows, mut base, mut continuations) = (Vec::new(), None::<Scored>, Vec::new());
     for (precision, kv) in precisions.into_iter().flat_map(|p| caches.iter().map(move |&d| (p, d))) {
-        let weights = fp32.quantized(&shape, precision);
+        let weights = fp32.quantized(&shape, precision, args.int8_range.limit());
         let weight_bytes = weights.data.len();
         let shared = SharedModel::new(shape.clone(), weights, KvLayout::new(kv));
         let session = std::sync::Arc::new(shared.session(&rt.env, &options).map_err(|e| anyhow::anyhow!("{e:?}"))?);
@@ -281,6 +283,7 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
         prompt_tokens: prompts.first().map_or(0, |p| p.len()),
         new_tokens: room,
         cpu: cpu(),
+        int8_limit: args.int8_range.limit(),
         rows,
     })
 }
@@ -288,8 +291,18 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
 /// The report as a table.
 pub fn table(r: &Report) -> String {
     let mut out = format!(
-        "model {}; text {}: {} tokens, {} scored (window {}, stride {}); greedy: {} prompts of {} tokens, {} new\nCPU: {}\n",
-        r.model, r.text, r.tokens, r.scored, r.window, r.stride, r.prompts, r.prompt_tokens, r.new_tokens, r.cpu
+        "model {}; text {}: {} tokens, {} scored (window {}, stride {}); greedy: {} prompts of {} tokens, {} new\nCPU: {}; int8 weights in -{l}..={l}\n",
+        r.model,
+        r.text,
+        r.tokens,
+        r.scored,
+        r.window,
+        r.stride,
+        r.prompts,
+        r.prompt_tokens,
+        r.new_tokens,
+        r.cpu,
+        l = r.int8_limit
     );
     out += &format!(
         "{:<16} {:>5} {:>11} {:>10} {:>13} {:>13} {:>10} {:>12} {:>10}\n",

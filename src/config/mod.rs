@@ -58,6 +58,9 @@ pub struct EvalArgs {
     /// cache always is).
     #[arg(long, value_delimiter = ',', default_value = "fp16", value_enum)]
     pub kv_dtypes: Vec<crate::graph::KvDtype>,
+    /// Range of the int8 weights, as for `serve --int8-range`.
+    #[arg(long, env = "BATCHGEN_INT8_RANGE", default_value = "auto", value_enum)]
+    pub int8_range: crate::graph::Int8Range,
     /// Tokens per perplexity window (0: the model's context).
     #[arg(long, default_value_t = 0)]
     pub window: usize,
@@ -196,6 +199,13 @@ pub struct ModelArgs {
     /// Measure what it costs with `batchgen eval` or `--eval-text`.
     #[arg(long, env = "BATCHGEN_WEIGHTS", default_value = "fp32", value_enum)]
     pub weights: crate::graph::Precision,
+    /// Range of the int8 weights: "full" (-127..=127), "reduced" (-63..=63,
+    /// one bit less) or "auto": full on a CPU with VNNI (AVX-512 VNNI or
+    /// AVX-VNNI), reduced without it, where ONNX Runtime's int8 kernels
+    /// add pairs of products into a saturating int16 that full-range
+    /// weights overflow.
+    #[arg(long, env = "BATCHGEN_INT8_RANGE", default_value = "auto", value_enum)]
+    pub int8_range: crate::graph::Int8Range,
     /// Element type of the KV cache (built graph only): "fp32", attended by
     /// ONNX Runtime's GroupQueryAttention, or "fp16" (half the memory per
     /// cached token: `--max-batch-tokens` then holds half the bytes),
@@ -351,7 +361,8 @@ pub struct LimitArgs {
     pub max_batch_size: usize,
     /// KV budget per worker, in tokens. With the built graph each row holds
     /// its own tokens: a request costs rows × (prompt + max_new_tokens), and
-    /// the cache's resident memory follows the tokens held. With
+    /// the cache's resident memory follows the tokens held (paged: plus up
+    /// to 64 MiB of freed blocks kept for reuse). With
     /// `--graph exported` the left-padded batch costs rows × the longest
     /// row's final length (padding is counted).
     #[arg(long, env = "BATCHGEN_MAX_BATCH_TOKENS", default_value_t = 16384)]

@@ -345,6 +345,29 @@ pub fn build(shape: &Gpt2Shape, weights: &Weights, kv: KvLayout) -> Vec<u8> {
 /// `int8` the DynamicQuantizeMatMul the int8 graph uses (one scale per
 /// column). `m` is left dynamic; W is filled with a fixed pattern.
 pub fn matmul_probe(k: usize, n: usize, int8: bool) -> Vec<u8> {
+    let pattern = |i: usize| ((i * 2_654_435_761) % 255) as i64 - 127;
+    if int8 {
+        let q: Vec<i8> = (0..k * n).map(|i| pattern(i) as i8).collect();
+        int8_matmul(k, n, &q, &vec![0.02 / 127.0; n])
+    } else {
+        let w: Vec<f32> = (0..k * n).map(|i| pattern(i) as f32 * 1.6e-4).collect();
+        matmul_graph(k, n, ProbeWeights::Fp32(&w))
+    }
+}
+
+/// The int8 graph's DynamicQuantizeMatMul alone, over the given int8
+/// weights `q [k, n]` and column scales (tests check ONNX Runtime's
+/// integer kernels on them).
+pub fn int8_matmul(k: usize, n: usize, q: &[i8], scale: &[f32]) -> Vec<u8> {
+    matmul_graph(k, n, ProbeWeights::Int8(q, scale))
+}
+
+enum ProbeWeights<'a> {
+    Fp32(&'a [f32]),
+    Int8(&'a [i8], &'a [f32]),
+}
+
+fn matmul_graph(k: usize, n: usize, weights: ProbeWeights<'_>) -> Vec<u8> {
     use prost::Message;
     let mut g = Graph { nodes: Vec::new(), initializers: Vec::new() };
     let tensor = |name: &str, dtype: DataType, dims: Vec<i64>, raw: Vec<u8>| onnx::TensorProto {
@@ -354,17 +377,24 @@ pub fn matmul_probe(k: usize, n: usize, int8: bool) -> Vec<u8> {
         raw_data: Some(raw.into()),
         ..Default::default()
     };
-    let pattern = |i: usize| ((i * 2_654_435_761) % 255) as i64 - 127;
-    if int8 {
-        let q: Vec<u8> = (0..k * n).map(|i| pattern(i) as i8 as u8).collect();
-        let scale: Vec<u8> = (0..n).flat_map(|_| (0.02f32 / 127.0).to_le_bytes()).collect();
-        g.initializers.push(tensor("w", DataType::Int8, vec![k as i64, n as i64], q));
-        g.initializers.push(tensor("w_scale", DataType::Float, vec![n as i64], scale));
-        g.node("DynamicQuantizeMatMul", "com.microsoft", &["x", "w", "w_scale"], &["y"], vec![]);
-    } else {
-        let w: Vec<u8> = (0..k * n).flat_map(|i| (pattern(i) as f32 * 1.6e-4).to_le_bytes()).collect();
-        g.initializers.push(tensor("w", DataType::Float, vec![k as i64, n as i64], w));
-        g.node("MatMul", "", &["x", "w"], &["y"], vec![]);
+    let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    match weights {
+        ProbeWeights::Int8(q, scale) => {
+            assert_eq!((q.len(), scale.len()), (k * n, n));
+            g.initializers.push(tensor(
+                "w",
+                DataType::Int8,
+                vec![k as i64, n as i64],
+                q.iter().map(|&x| x as u8).collect(),
+            ));
+            g.initializers.push(tensor("w_scale", DataType::Float, vec![n as i64], floats(scale)));
+            g.node("DynamicQuantizeMatMul", "com.microsoft", &["x", "w", "w_scale"], &["y"], vec![]);
+        }
+        ProbeWeights::Fp32(w) => {
+            assert_eq!(w.len(), k * n);
+            g.initializers.push(tensor("w", DataType::Float, vec![k as i64, n as i64], floats(w)));
+            g.node("MatMul", "", &["x", "w"], &["y"], vec![]);
+        }
     }
     let model = onnx::ModelProto {
         ir_version: Some(8),

@@ -20,7 +20,7 @@ use ort::value::{Shape, Tensor, TensorRefMut};
 
 pub use cache::{CacheShape, KvDtype, SlotCache};
 pub use pool::{BlockPool, PoolShape};
-pub use precision::Precision;
+pub use precision::{Int8Range, Precision};
 pub use weights::{Gpt2Shape, Weights, WeightsError};
 
 use crate::run::{ForwardError, Logits, SessionOptions};

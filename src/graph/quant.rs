@@ -3,10 +3,18 @@
 //! Every large MatMul weight `W [K, N]` (attention QKV and output
 //! projections, the MLP's two, and optionally the LM head) becomes int8 with
 //! one scale per output column, symmetric (no zero point):
-//! `scale[n] = max_k |W[k, n]| / 127`, `q[k, n] = round(W[k, n] / scale[n])`.
+//! `scale[n] = max_k |W[k, n]| / L`, `q[k, n] = round(W[k, n] / scale[n])`.
 //! The graph runs them with `com.microsoft.DynamicQuantizeMatMul`, which
 //! quantizes the activations per tensor (uint8, asymmetric) at run time and
-//! multiplies in integers (VNNI where the CPU has it). Measured on this
+//! multiplies in integers (VNNI where the CPU has it).
+//!
+//! `L` is 127 on a CPU with VNNI (AVX-512 VNNI or AVX-VNNI), where
+//! `vpdpbusd` adds each uint8 × int8 product into 32 bits. Without VNNI,
+//! ONNX Runtime's x86 kernels multiply with `vpmaddubsw`, which adds each
+//! pair of products into a *saturating* int16: 255 × 127 × 2 = 64770 clips
+//! at 32767, and on random GPT-2 weights top-1 agreement with float32 fell
+//! to 0.73 (CI, an AVX2 machine). There `L` is 63 (ONNX Runtime's
+//! `reduce_range`): 255 × 63 × 2 = 32130 fits, at one bit less precision. Measured on this
 //! machine against `MatMulNBits` (8 bits, blocks of 32 or 128, accuracy
 //! level 4): DynamicQuantizeMatMul is faster at every batch (see
 //! `docs/performance.md`), so it is the one used.
@@ -15,6 +23,7 @@
 //! a transposed copy `[E, V]` with one scale per vocabulary entry, beside the
 //! float32 embedding that the input lookup still reads.
 use super::precision::Precision;
+pub use super::precision::weight_limit;
 use super::weights::{Elem, Gpt2Shape, Slice, Weights};
 
 /// The int8 copy of the LM head (`wte` transposed).
@@ -31,8 +40,10 @@ fn is_matmul(name: &str) -> bool {
         .any(|s| name.strip_suffix(s).is_some_and(|p| p.starts_with("h.")))
 }
 
-/// int8 values and one scale per column of a row-major `[k, n]` matrix.
-pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+/// int8 values in `-limit..=limit` and one scale per column of a row-major
+/// `[k, n]` matrix.
+pub fn quantize_columns(w: &[f32], k: usize, n: usize, limit: i8) -> (Vec<i8>, Vec<f32>) {
+    let l = f32::from(limit);
     assert_eq!(w.len(), k * n);
     let mut max = vec![0f32; n];
     for row in w.chunks_exact(n) {
@@ -40,11 +51,11 @@ pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
             *m = m.max(x.abs());
         }
     }
-    let scale: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
+    let scale: Vec<f32> = max.iter().map(|&m| if m > 0.0 { m / l } else { 1.0 }).collect();
     let inv: Vec<f32> = scale.iter().map(|s| 1.0 / s).collect();
     let mut q = Vec::with_capacity(w.len());
     for row in w.chunks_exact(n) {
-        q.extend(row.iter().zip(&inv).map(|(&x, &i)| (x * i).round().clamp(-127.0, 127.0) as i8));
+        q.extend(row.iter().zip(&inv).map(|(&x, &i)| (x * i).round().clamp(-l, l) as i8));
     }
     (q, scale)
 }
@@ -52,12 +63,13 @@ pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
 /// The int8 form of `wᵀ` for a row-major `[rows, cols]` matrix `w` (the
 /// LM head from the embedding): `[cols, rows]`, one scale per row of `w`.
 /// Works on blocks of rows so that reads stay in cache.
-pub fn quantize_transposed(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+pub fn quantize_transposed(w: &[f32], rows: usize, cols: usize, limit: i8) -> (Vec<i8>, Vec<f32>) {
     assert_eq!(w.len(), rows * cols);
+    let l = f32::from(limit);
     let scale: Vec<f32> = w
         .chunks_exact(cols)
         .map(|row| row.iter().fold(0f32, |m, x| m.max(x.abs())))
-        .map(|m| if m > 0.0 { m / 127.0 } else { 1.0 })
+        .map(|m| if m > 0.0 { m / l } else { 1.0 })
         .collect();
     let inv: Vec<f32> = scale.iter().map(|s| 1.0 / s).collect();
     let mut q = vec![0i8; rows * cols];
@@ -68,7 +80,7 @@ pub fn quantize_transposed(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec
             let out = &mut q[c * rows + r0..c * rows + r1];
             for (j, o) in out.iter_mut().enumerate() {
                 let r = r0 + j;
-                *o = (w[r * cols + c] * inv[r]).round().clamp(-127.0, 127.0) as i8;
+                *o = (w[r * cols + c] * inv[r]).round().clamp(-l, l) as i8;
             }
         }
     }
@@ -82,8 +94,8 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
 impl Weights {
     /// The same weights with the layers' MatMuls (and, for
     /// `Precision::Int8`, the LM head) in int8; at the precision they
-    /// already have, the same buffer.
-    pub fn quantized(&self, shape: &Gpt2Shape, precision: Precision) -> Weights {
+    /// already have, the same buffer. `limit`: [`weight_limit`] for this CPU.
+    pub fn quantized(&self, shape: &Gpt2Shape, precision: Precision, limit: i8) -> Weights {
         if precision == self.precision {
             return self.clone();
         }
@@ -156,8 +168,8 @@ impl Weights {
                 scope.spawn(|| {
                     while let Some((w, dims, q, scale)) = jobs.lock().expect("no panics while held").pop() {
                         let (q8, s) = match dims.as_slice() {
-                            [k, n] => quantize_columns(&floats(w), *k, *n),
-                            _ => quantize_transposed(&floats(w), shape.vocab, shape.width),
+                            [k, n] => quantize_columns(&floats(w), *k, *n, limit),
+                            _ => quantize_transposed(&floats(w), shape.vocab, shape.width, limit),
                         };
                         for (d, x) in q.iter_mut().zip(q8) {
                             *d = x as u8;
@@ -181,7 +193,7 @@ mod tests {
     fn columns_scale_by_their_largest_magnitude() {
         // [k=3, n=2]: column 0 max 2.54, column 1 all zero.
         let w = [1.0, 0.0, -2.54, 0.0, 0.011, 0.0];
-        let (q, s) = quantize_columns(&w, 3, 2);
+        let (q, s) = quantize_columns(&w, 3, 2, 127);
         assert!((s[0] - 0.02).abs() < 1e-7);
         assert_eq!(s[1], 1.0);
         assert_eq!(q, vec![50, 0, -127, 0, 1, 0]);
@@ -189,6 +201,20 @@ mod tests {
         for (i, &x) in w.iter().enumerate() {
             assert!((f32::from(q[i]) * s[i % 2] - x).abs() <= s[i % 2] / 2.0 + 1e-7);
         }
+        // Without VNNI: the same column over 63 steps.
+        let (q, s) = quantize_columns(&w, 3, 2, 63);
+        assert!((s[0] - 2.54 / 63.0).abs() < 1e-7);
+        assert_eq!(q, vec![25, 0, -63, 0, 0, 0]);
+    }
+
+    #[test]
+    fn without_vnni_no_pair_of_products_saturates_int16() {
+        // vpmaddubsw adds a pair of uint8 × int8 products into an int16.
+        let limit = i32::from(weight_limit());
+        let widest = 2 * 255 * limit;
+        let vnni = cfg!(target_arch = "x86_64") && limit == 127;
+        assert!(vnni || widest <= i32::from(i16::MAX), "{widest}");
+        assert!(2 * 255 * 63 <= i32::from(i16::MAX) && 2 * 255 * 127 > i32::from(i16::MAX));
     }
 
     #[test]
@@ -201,7 +227,9 @@ mod tests {
                 t[c * rows + r] = w[r * cols + c];
             }
         }
-        assert_eq!(quantize_transposed(&w, rows, cols), quantize_columns(&t, cols, rows));
+        for limit in [127, 63] {
+            assert_eq!(quantize_transposed(&w, rows, cols, limit), quantize_columns(&t, cols, rows, limit));
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub fn serve_args() -> ServeArgs {
             revision: None,
             graph: graph(),
             weights: batchgen::graph::Precision::Fp32,
+            int8_range: batchgen::graph::Int8Range::Auto,
             kv_dtype: batchgen::graph::KvDtype::Fp32,
             kv_layout: kv_layout(),
             eval_text: None,
