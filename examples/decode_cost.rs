@@ -39,14 +39,28 @@ fn main() {
     time("greedy + top_logprobs 5", &rows, |r| {
         std::hint::black_box(sampling::greedy(r, &[], 5));
     });
+    // What the engine runs for a sampled row: the draw, then its report.
+    let none = Processors::default();
     let sample = |w: Warpers| {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let mut scratch = sampling::Scratch::default();
+        let (none, history) = (&none, &history);
         move |r: &[f32]| {
-            let d = logits::distribution(r, &w);
-            let id = logits::sample(&d, &mut rng);
+            let rng = Some((&w, &mut rng));
+            let row = sampling::Row { raw: r, given: None, processors: none, history, masked: &[], top: 0 };
+            std::hint::black_box(sampling::choose(row, rng, &mut scratch));
+        }
+    };
+    // The candidate list it replaced (still taken for typical_p).
+    let listed = |w: Warpers| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        move |r: &[f32]| {
+            let id = logits::sample(&logits::distribution(r, &w), &mut rng);
             std::hint::black_box(sampling::report(r, id, 0));
         }
     };
+    let top_p = Warpers { temperature: 0.8, top_p: 0.95, ..Default::default() };
+    time("candidate list, temperature 0.8, top_p 0.95", &rows, listed(top_p));
     time("sampling, temperature 0.8 only", &rows, sample(Warpers { temperature: 0.8, ..Default::default() }));
     time(
         "sampling, temperature 0.8, top_p 0.95",

@@ -6,9 +6,11 @@
 //! processed scores; sampling draws from the renormalised warped distribution
 //! with the row's own seeded RNG.
 //!
-//! The warpers work on a candidate list, not the whole vocabulary: top_k and
-//! top_p select with a partial sort, so a step costs O(vocab) per row plus a
-//! sort of the few candidates that survive.
+//! `distribution` works on a candidate list, not the whole vocabulary: top_k
+//! and top_p select with a partial sort, so a step costs O(vocab) per row
+//! plus a sort of the few candidates that survive. The engine draws through
+//! `draw` instead, which keeps the same tokens (tested against this) in
+//! fewer passes; `distribution` stays the reference, and typical_p's path.
 use std::collections::HashMap;
 
 use rand::Rng;

@@ -82,7 +82,7 @@ pub(super) fn choose(
     tok: &Tokenizer,
 ) -> (Vec<(usize, Vec<usize>)>, usize) {
     let at = Instant::now();
-    let mut scratch = Vec::new();
+    let mut scratch = sampling::Scratch::default();
     let mut constrained = Vec::new();
     let mut reorders = Vec::new();
     let mut panics = 0;
@@ -111,7 +111,7 @@ pub(super) fn choose(
             }
             Err(panic) => {
                 panics += 1;
-                scratch = Vec::new();
+                scratch = sampling::Scratch::default();
                 let text = super::panic_text(&panic);
                 tracing::error!(parent: &rows[i].job.span, "choosing a token panicked; failing this request only: {text}");
                 Some(super::EngineError::Panic(text))
@@ -141,7 +141,7 @@ fn choose_run(
     first: usize,
     tok: &Tokenizer,
     at: Instant,
-    scratch: &mut Vec<f32>,
+    scratch: &mut sampling::Scratch,
     constrained: &mut Vec<f32>,
 ) -> Result<(), String> {
     let proposal = row.spec.as_mut().map(|s| std::mem::take(&mut s.proposal)).unwrap_or_default();
@@ -180,7 +180,7 @@ fn choose_one(
     given: Option<Greedy>,
     tok: &Tokenizer,
     at: Instant,
-    scratch: &mut Vec<f32>,
+    scratch: &mut sampling::Scratch,
     constrained: &mut Vec<f32>,
 ) -> Result<(), String> {
     let req = &row.job.request;
@@ -192,7 +192,9 @@ fn choose_one(
         None => {
             let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
             let masked = req.stop.masked(row.generated);
-            (sampling::choose(raw, given, &plan.processors, sampling, &row.history, &masked, top, scratch), None)
+            let choosing =
+                sampling::Row { raw, given, processors: &plan.processors, history: &row.history, masked: &masked, top };
+            (sampling::choose(choosing, sampling, scratch), None)
         }
         Some(mask) => {
             constrained.clear();
@@ -227,7 +229,7 @@ fn choose_constrained(
     constrained: &[f32],
     eos: u32,
     top: usize,
-    scratch: &mut Vec<f32>,
+    scratch: &mut sampling::Scratch,
 ) -> Result<(sampling::Choice, Option<FinishReason>), String> {
     let req = &row.job.request;
     if mask.only(eos) {
@@ -236,8 +238,15 @@ fn choose_constrained(
     let plan = &req.decoding;
     let sampling = plan.sampling.as_ref().zip(row.rng.as_mut()).map(|(s, rng)| (&s.warpers, rng));
     let masked = req.stop.masked(row.generated);
-    let mut choice =
-        sampling::choose(constrained, None, &plan.processors, sampling, &row.history, &masked, top, scratch);
+    let choosing = sampling::Row {
+        raw: constrained,
+        given: None,
+        processors: &plan.processors,
+        history: &row.history,
+        masked: &masked,
+        top,
+    };
+    let mut choice = sampling::choose(choosing, sampling, scratch);
     if !mask.allows(choice.id) {
         choice = sampling::greedy(constrained, &[], top);
         if !mask.allows(choice.id) {
