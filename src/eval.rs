@@ -240,9 +240,10 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
     precisions.extend(args.weights.iter().filter(|&&p| p != Precision::Fp32));
     let mut caches = vec![KvDtype::Fp32];
     caches.extend(args.kv_dtypes.iter().filter(|&&d| d != KvDtype::Fp32));
+    let int8_limit = args.int8_range.limit();
     let (mut rows, mut base, mut continuations) = (Vec::new(), None::<Scored>, Vec::new());
     for (precision, kv) in precisions.into_iter().flat_map(|p| caches.iter().map(move |&d| (p, d))) {
-        let weights = fp32.quantized(&shape, precision, args.int8_range.limit());
+        let weights = fp32.quantized(&shape, precision, int8_limit);
         let weight_bytes = weights.data.len();
         let shared = SharedModel::new(shape.clone(), weights, KvLayout::new(kv));
         let session = std::sync::Arc::new(shared.session(&rt.env, &options).map_err(|e| anyhow::anyhow!("{e:?}"))?);
@@ -283,7 +284,7 @@ pub fn run(args: &crate::config::EvalArgs) -> anyhow::Result<Report> {
         prompt_tokens: prompts.first().map_or(0, |p| p.len()),
         new_tokens: room,
         cpu: cpu(),
-        int8_limit: args.int8_range.limit(),
+        int8_limit,
         rows,
     })
 }

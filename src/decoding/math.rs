@@ -24,6 +24,17 @@ pub fn fast_exp(x: f32) -> f32 {
 
 const LANES: usize = 8;
 
+/// Whether the CPU has AVX2 and FMA, for the callers that run a copy of
+/// their loops compiled for them (`sampling::choose`, `graph::greedy`);
+/// checked once.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2_fma() -> bool {
+    static AVX2_FMA: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    });
+    *AVX2_FMA
+}
+
 /// max(x), with 8 independent lanes so that it vectorises (NaN-free input).
 /// Inlined (as `sum_exp`), so that an AVX2 caller's copy vectorises 8 wide.
 #[inline(always)]

@@ -41,18 +41,13 @@ pub struct Row<'a> {
 /// vectorise 8 wide.
 pub fn choose(row: Row<'_>, sampling: Option<(&Warpers, &mut impl rand::Rng)>, scratch: &mut Scratch) -> Choice {
     #[cfg(target_arch = "x86_64")]
-    if *AVX2 {
+    if super::math::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
         #[allow(unsafe_code)]
         return unsafe { choose_avx2(row, sampling, scratch) };
     }
     choose_with(row, sampling, scratch)
 }
-
-#[cfg(target_arch = "x86_64")]
-static AVX2: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-});
 
 /// `choose_with` compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]

@@ -79,7 +79,7 @@ fn compute(ctx: &ComputeContext) -> ort::Result<()> {
 /// compiled for them (the same operations in the same order: the same bits).
 fn choose(row: &[f32]) -> (u32, f64) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::decoding::math::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { choose_avx2(row) };
     }
